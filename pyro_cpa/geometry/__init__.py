@@ -1,6 +1,6 @@
 """Geometry of the partition of latent space into linear regions of a CPA decoder."""
 from .maps import RegionMaps, region_hyperplanes, region_maps
-from .regions import LinearRegions, RegionEnumeration, linear_regions
+from .regions import LinearRegions, RegionEnumeration, cached_linear_regions, linear_regions
 
-__all__ = ["LinearRegions", "RegionEnumeration", "RegionMaps", "linear_regions", "region_maps",
+__all__ = ["LinearRegions", "RegionEnumeration", "RegionMaps", "linear_regions", "cached_linear_regions", "region_maps",
            "region_hyperplanes"]

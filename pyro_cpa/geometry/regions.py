@@ -168,3 +168,28 @@ def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str 
         raise ValueError(f"max_regions must be a positive integer, got {max_regions}")
     enum, used = enumerate_regions(net, max_regions=max_regions, method=method)
     return LinearRegions(net, enum, method=used)
+
+
+_CACHE: "weakref.WeakKeyDictionary" = None  # type: ignore[assignment]
+
+
+def cached_linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS) -> LinearRegions:
+    """:func:`linear_regions`, memoised per decoder module and parameter state.
+
+    The partition is recomputed as soon as any parameter or buffer of the decoder changes (e.g. after
+    an optimiser step), so a cached partition is never stale.
+    """
+    import weakref
+
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = weakref.WeakKeyDictionary()
+    net = as_cpa_network(decoder)
+    key = net.module
+    version = net.parameters_version()
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == version and hit[1] >= max_regions:
+        return hit[2]
+    regions = linear_regions(net, max_regions=max_regions)
+    _CACHE[key] = (version, max_regions, regions)
+    return regions

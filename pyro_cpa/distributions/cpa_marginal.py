@@ -1,0 +1,245 @@
+r"""The exact marginal distribution of a CPA decoder's output.
+
+    z ~ N(0, diag(prior_scale²)),   x = g(z) + ε,   ε ~ N(0, diag(obs_scale²)),
+
+    log p(x) = logsumexp_ω [ log N(x; b_ω, Σx + A_ω Σz A_ωᵀ) + log P_ω(μ_ω(x), Σ_ω) ]
+
+over the linear regions ω of g (Theorem 1 of Balestriero et al.). See
+:mod:`pyro_cpa.distributions.region_gaussians` for κ_ω, μ_ω, Σ_ω.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch.distributions import constraints
+
+from ..errors import PyroCPAError
+from ..geometry.regions import DEFAULT_MAX_REGIONS, LinearRegions, cached_linear_regions
+from ..integrate import PolytopeMoments, gaussian_polytope_moments, integrate_whitened, log_mass_upper_bound, whiten
+from ..nn.network import as_cpa_network
+from .region_gaussians import region_gaussians
+from .truncated_mixture import TruncatedGaussianMixture
+
+
+def _as_scale(value, size: int, name: str, dim_name: str, dtype, device) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=dtype, device=device) if not isinstance(value, torch.Tensor) else value
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] not in (1, size)):
+        raise PyroCPAError(f"{name} must be a scalar or a vector of length {dim_name}={size}; got shape "
+                           f"{tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+        raise PyroCPAError(f"{name} must be finite and strictly positive; got {t.detach().cpu().tolist()}")
+    return t
+
+
+class CPAMarginal(TorchDistribution):
+    r"""Exact marginal p(x) of x = g(z) + ε for a CPA decoder g (see module docstring).
+
+    Args:
+        decoder: a CPA ``nn.Module`` (see :mod:`pyro_cpa.nn`), latent dim S, output dim D.
+        obs_scale: σx, scalar (isotropic) or (D,) (diagonal).
+        prior_scale: σz, scalar or (S,).
+        max_regions: budget of the region enumeration.
+        prune_tol: (datum, region) pairs whose upper bound log κ + min_j log Φ(d_j) lies more than
+            ``prune_tol`` nats below the running log p(x) are skipped; the relative error this causes
+            is below R·exp(−prune_tol) (≈ 4e-13 for R = 1e5 at the default 40).
+        chunk_size: data processed per batch (memory ∝ chunk_size · R · F).
+        dtype: dtype of all exact computations (float64 by default, whatever the decoder's dtype).
+        mc_kwargs: options of the S >= 4 Monte-Carlo integrator.
+
+    Missing data: NaN entries of ``x`` are missing; ``log_prob`` marginalises them exactly and
+    :meth:`impute` returns their exact conditional mean and covariance.
+
+    Exactness: log_prob, posterior, mean, covariance_matrix, impute are exact to machine precision for
+    S <= 2, to ~1e-10 for S = 3 and Monte-Carlo estimates (with ``log_prob_stderr``) for S >= 4.
+    """
+
+    arg_constraints = {"obs_scale": constraints.positive, "prior_scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, decoder, obs_scale, prior_scale=1.0, *, max_regions: int = DEFAULT_MAX_REGIONS,
+                 prune_tol: float = 40.0, chunk_size: int = 1024, dtype: torch.dtype = torch.float64,
+                 mc_kwargs: dict | None = None, regions: LinearRegions | None = None, validate_args=None):
+        self.network = as_cpa_network(decoder)
+        self.decoder = self.network.module
+        ref = next(iter(self.decoder.parameters()), torch.empty(0))
+        S, D = self.network.in_features, self.network.out_features
+        self.obs_scale = _as_scale(obs_scale, D, "obs_scale", "D", dtype, ref.device)
+        self.prior_scale = _as_scale(prior_scale, S, "prior_scale", "S", dtype, ref.device)
+        self.max_regions, self.prune_tol, self.chunk_size = max_regions, prune_tol, chunk_size
+        self.dtype = dtype
+        self.mc_kwargs = dict(mc_kwargs or {})
+        self._regions = regions
+        super().__init__(torch.Size(), torch.Size((D,)), validate_args=validate_args)
+
+    # ------------------------------------------------------------------ Pyro contract
+    @staticmethod
+    def infer_shapes(**arg_shapes):
+        raise NotImplementedError("CPAMarginal's event shape depends on its decoder; construct it to read shapes")
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(CPAMarginal, _instance)
+        for k in ("network", "decoder", "obs_scale", "prior_scale", "max_regions", "prune_tol", "chunk_size",
+                  "dtype", "mc_kwargs", "_regions"):
+            setattr(new, k, getattr(self, k))
+        super(CPAMarginal, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def latent_dim(self) -> int:
+        return self.network.in_features
+
+    @property
+    def regions(self) -> LinearRegions:
+        """The decoder's linear regions under its current parameters (memoised per parameter state)."""
+        if self._regions is not None and not self._regions.is_stale():
+            return self._regions
+        self._regions = cached_linear_regions(self.decoder, self.max_regions)
+        return self._regions
+
+    def _variances(self) -> tuple[torch.Tensor, torch.Tensor]:
+        S, D = self.network.in_features, self.network.out_features
+        return (self.obs_scale.to(self.dtype) ** 2).expand(D), (self.prior_scale.to(self.dtype) ** 2).expand(S)
+
+    def _region_params(self):
+        regions = self.regions
+        maps = regions.maps(self.dtype)
+        H, c = regions.polytopes(self.dtype, maps=maps)
+        return maps.A, maps.b, H, c
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        D = self.event_shape[0]
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(x)
+        if x.dim() == 0 or x.shape[-1] != D:
+            raise PyroCPAError(f"x must have shape (..., D={D}); got {tuple(x.shape)}")
+        if bool(torch.isinf(x).any()):
+            raise PyroCPAError("x contains infinite entries; use NaN to mark missing coordinates")
+        return x.to(self.dtype)
+
+    # ------------------------------------------------------------------ the exact computation
+    def _pairs(self, x: torch.Tensor, need_moments: bool):
+        """For flat x (N, D): log κ + log P (N, R) and, if asked, the per-pair moments and Gaussians."""
+        A, b, H, c = self._region_params()
+        obs_var, prior_var = self._variances()
+        observed = ~torch.isnan(x)
+        has_missing = not bool(observed.all())
+        out_terms, out_mom, out_rg, out_err = [], [], [], []
+        for start in range(0, x.shape[0], self.chunk_size):
+            xc = x[start:start + self.chunk_size]
+            obs_c = observed[start:start + self.chunk_size] if has_missing else None
+            rg = region_gaussians(A, b, xc, obs_var, prior_var, obs_c)
+            G, d = whiten(rg.loc, rg.scale_tril, H, c, validate=False)
+            bound = rg.log_kappa + log_mass_upper_bound(G, d)
+            active = bound >= bound.max(-1, keepdim=True).values - self.prune_tol
+            mom = integrate_whitened(rg.loc, rg.scale_tril, G, d, active=active, **self.mc_kwargs)
+            terms = rg.log_kappa + mom.log_mass
+            lse = terms.logsumexp(-1, keepdim=True)
+            extra = (~active) & (bound >= lse - self.prune_tol)
+            if bool(extra.any()):
+                mom2 = integrate_whitened(rg.loc, rg.scale_tril, G, d, active=extra, **self.mc_kwargs)
+                pick = lambda a, b2, m: torch.where(m, b2, a)  # noqa: E731
+                e = extra
+                mom = PolytopeMoments(pick(mom.log_mass, mom2.log_mass, e), pick(mom.mean, mom2.mean, e[..., None]),
+                                      pick(mom.covariance, mom2.covariance, e[..., None, None]),
+                                      pick(mom.log_mass_stderr, mom2.log_mass_stderr, e))
+                terms = rg.log_kappa + mom.log_mass
+            out_terms.append(terms)
+            out_err.append(mom.log_mass_stderr)
+            if need_moments:
+                out_mom.append(mom)
+                out_rg.append(rg)
+        terms = torch.cat(out_terms)
+        err = torch.cat(out_err)
+        if not need_moments:
+            return terms, err, None, None, (A, b, H, c)
+        mom = PolytopeMoments(*(torch.cat([getattr(m, f) for m in out_mom]) for f in PolytopeMoments._fields))
+        scale_tril = torch.cat([r.scale_tril.expand(r.loc.shape[:-1] + r.scale_tril.shape[-2:]) for r in out_rg])
+        loc = torch.cat([r.loc for r in out_rg])
+        return terms, err, mom, (loc, scale_tril), (A, b, H, c)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x), shape ``broadcast(value.shape[:-1], batch_shape)``; NaN entries are marginalised."""
+        x = self._check_x(value)
+        flat = x.reshape(-1, x.shape[-1])
+        terms, err, _, _, _ = self._pairs(flat, need_moments=False)
+        lp = terms.logsumexp(-1)
+        w = (terms - lp.unsqueeze(-1)).exp()
+        self.log_prob_stderr = (w.square() * err.square()).sum(-1).sqrt().reshape(x.shape[:-1]).detach()
+        lp = lp.reshape(x.shape[:-1])
+        return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+
+    def posterior(self, value: torch.Tensor) -> TruncatedGaussianMixture:
+        """The exact posterior p(z | x) (NaN entries of x unobserved), batch shape ``value.shape[:-1]``."""
+        x = self._check_x(value)
+        flat = x.reshape(-1, x.shape[-1])
+        terms, _, mom, (loc, scale_tril), (A, b, H, c) = self._pairs(flat, need_moments=True)
+        batch = x.shape[:-1]
+        R, F, S = H.shape
+        return TruncatedGaussianMixture(
+            terms.reshape(batch + (R,)), loc.reshape(batch + (R, S)), scale_tril.reshape(batch + (R, S, S)),
+            H.expand(batch + (R, F, S)), c.expand(batch + (R, F)), tiles=True,
+            component_moments=PolytopeMoments(*(t.reshape(batch + t.shape[1:]) for t in mom)),
+            mc_kwargs=self.mc_kwargs, validate_args=False)
+
+    # ------------------------------------------------------------------ moments, sampling, imputation
+    @staticmethod
+    def _pushforward(weights, A, b, mean, cov, obs_var):
+        """Mean and covariance of x = A_ω z + b_ω + ε with ω ~ weights and z | ω ~ (mean, cov)."""
+        Am = torch.einsum("rds,...rs->...rd", A, mean) + b
+        w = weights.unsqueeze(-1)
+        mu = (w * Am).sum(-2)
+        second = torch.einsum("...r,rds,...rst,ret->...de", weights, A, cov, A) + \
+            torch.einsum("...r,...rd,...re->...de", weights, Am, Am)
+        return mu, second - mu.unsqueeze(-1) * mu.unsqueeze(-2) + torch.diag_embed(obs_var)
+
+    def _prior_moments(self):
+        A, b, H, c = self._region_params()
+        obs_var, prior_var = self._variances()
+        S = self.latent_dim
+        mom = gaussian_polytope_moments(torch.zeros(S, dtype=self.dtype, device=A.device),
+                                        torch.diag(prior_var.sqrt()), H, c, **self.mc_kwargs)
+        return self._pushforward(mom.log_mass.exp(), A, b, mom.mean, mom.covariance, obs_var)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[x] = Σ_ω A_ω E[z 1_ω] + b_ω P_ω (exact)."""
+        return self._prior_moments()[0].expand(self.batch_shape + self.event_shape)
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        """Cov[x] = Σx + Σ_ω E[(A_ω z + b_ω)(A_ω z + b_ω)ᵀ 1_ω] − E[x]E[x]ᵀ (exact)."""
+        return self._prior_moments()[1].expand(self.batch_shape + self.event_shape + self.event_shape)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return torch.diagonal(self.covariance_matrix, dim1=-2, dim2=-1)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = torch.Size(sample_shape) + self.batch_shape
+        with torch.no_grad():
+            obs_var, prior_var = self._variances()
+            z = torch.randn(shape + (self.latent_dim,), dtype=self.dtype) * prior_var.sqrt()
+            x = self.network.preactivations(z)[1].to(self.dtype)
+            return x + torch.randn_like(x) * obs_var.sqrt()
+
+    def impute(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact E[x | x_obs] and Cov[x | x_obs], where NaN entries of ``value`` are the missing ones.
+
+        Returns ``(mean, cov)`` of shapes (..., D) and (..., D, D); observed entries of ``mean`` equal the
+        data and their rows/columns of ``cov`` are zero.
+        """
+        x = self._check_x(value)
+        flat = x.reshape(-1, x.shape[-1])
+        terms, _, mom, _, (A, b, H, c) = self._pairs(flat, need_moments=True)
+        obs_var, _ = self._variances()
+        weights = (terms - terms.logsumexp(-1, keepdim=True)).exp()
+        mu, cov = self._pushforward(weights, A, b, mom.mean, mom.covariance, obs_var)
+        missing = torch.isnan(flat)
+        mu = torch.where(missing, mu, flat)
+        keep = (missing.unsqueeze(-1) & missing.unsqueeze(-2)).to(cov.dtype)
+        cov = cov * keep
+        return mu.reshape(x.shape), cov.reshape(x.shape + x.shape[-1:])
