@@ -1,0 +1,180 @@
+"""pyro-cpa performance table: one run, every row beside a baseline measured in the same process.
+
+Usage: python benchmarks/run.py [--quick] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from pyro_cpa import linear_regions
+from pyro_cpa.distributions import CPAMarginal
+from pyro_cpa.integrate import gaussian_polytope_moments, std_moments, whiten
+
+
+def _timeit(fn, min_time: float = 0.3, max_reps: int = 50) -> float:
+    """Median wall-clock seconds of fn() (repeated until min_time has elapsed)."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 2):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def random_net(widths, seed=0, act=nn.LeakyReLU, slope=0.1):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(act(slope) if act is nn.LeakyReLU else act())
+    return nn.Sequential(*layers).double()
+
+
+def bench_enumeration(rows, quick):
+    cases = [[1, 32, 32, 32], [2, 16, 16], [2, 32, 32, 32], [3, 8, 8] if quick else [3, 16, 16]]
+    for widths in cases:
+        net = random_net(widths)
+        t = _timeit(lambda: linear_regions(net), min_time=0.2, max_reps=3 if widths[0] >= 2 else 20)
+        R = len(linear_regions(net))
+        rows.append(dict(group="enumeration", case=f"{widths}", n=R, seconds=t, rate=R / t, unit="regions/s",
+                         baseline=None, speedup=None))
+
+
+def _polytope_batch(S, n_pairs, seed=0):
+    """Pairs (Gaussian, region) taken from a random decoder's partition, with random means."""
+    widths = {1: [1, 32, 32], 2: [2, 16, 16], 3: [3, 8, 8], 4: [4, 6, 6]}[S]
+    net = random_net(widths, seed=seed)
+    if S <= 3:
+        regions = linear_regions(net)
+        H, c = regions.polytopes()
+    else:  # S=4: cells of a single random layer's arrangement through the data, via sign patterns
+        torch.manual_seed(seed)
+        W = torch.randn(6, 4)
+        v = torch.randn(6) * 0.3
+        signs = torch.tensor([[1 - 2 * ((k >> j) & 1) for j in range(6)] for k in range(64)], dtype=torch.float64)
+        H = signs.unsqueeze(-1) * W
+        c = -signs * v
+    R = H.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(R, (n_pairs,), generator=g)
+    loc = torch.randn(n_pairs, S, generator=g) * 0.7
+    L = torch.linalg.cholesky(torch.eye(S) * 0.5 + 0.1)
+    return loc, L.expand(n_pairs, S, S), H[idx], c[idx]
+
+
+def _scipy_mass(loc, L, H, c):
+    """Baseline: SciPy's multivariate_normal.cdf of H z (an F-dim Gaussian) below c, one call per pair."""
+    from scipy.stats import multivariate_normal
+    out = []
+    for m, l, h, cc in zip(loc.numpy(), L.numpy(), H.numpy(), c.numpy()):
+        keep = np.isfinite(cc)
+        h, cc = h[keep], cc[keep]
+        if len(cc) == 0:
+            out.append(0.0)
+            continue
+        cov = h @ l @ l.T @ h.T
+        out.append(np.log(max(multivariate_normal(mean=h @ m, cov=cov, allow_singular=True).cdf(cc), 1e-300)))
+    return out
+
+
+def bench_integrals(rows, quick):
+    sizes = {1: 200000, 2: 20000, 3: 200 if quick else 1000, 4: 500 if quick else 2000}
+    for S, n in sizes.items():
+        loc, L, H, c = _polytope_batch(S, n)
+        t = _timeit(lambda: gaussian_polytope_moments(loc, L, H, c), min_time=0.3, max_reps=5)
+        k = 10 if S >= 3 else 30
+        t_loop = _timeit(lambda: [gaussian_polytope_moments(loc[i], L[i], H[i], c[i]) for i in range(k)],
+                         min_time=0.1, max_reps=2) / k
+        t_scipy = _timeit(lambda: _scipy_mass(loc[:k], L[:k], H[:k], c[:k]), min_time=0.1, max_reps=2) / k
+        rate = n / t
+        rows.append(dict(group="integrals", case=f"S={S} mass+moments", n=n, seconds=t, rate=rate, unit="pairs/s",
+                         baseline="per-pair Python loop", speedup=rate * t_loop))
+        rows.append(dict(group="integrals", case=f"S={S} mass+moments", n=n, seconds=t, rate=rate, unit="pairs/s",
+                         baseline="scipy mvn.cdf (mass only)", speedup=rate * t_scipy))
+
+
+def _importance_sampling(dist, x, n_samples):
+    """Baseline: log p(x) ≈ log mean_k p(x | z_k), z_k ~ prior (plain Monte-Carlo importance sampling)."""
+    S = dist.latent_dim
+    z = torch.randn(n_samples, S, dtype=torch.float64) * dist.prior_scale
+    with torch.no_grad():
+        g = dist.network(z)
+    sx = dist.obs_scale
+    D = x.shape[-1]
+    lw = (-0.5 * (((x.unsqueeze(1) - g) / sx) ** 2).sum(-1) - D * torch.log(sx * math.sqrt(2 * math.pi)))
+    return lw.logsumexp(-1) - math.log(n_samples)
+
+
+def bench_log_prob(rows, quick):
+    N = 200 if quick else 1000
+    for widths in ([1, 32, 32, 2], [1, 32, 32, 64], [2, 16, 16, 2]):
+        net = random_net(widths)
+        dist = CPAMarginal(net, 0.3)
+        x = dist.sample((N,))
+        dist.regions  # enumerate once (cached by parameter state)
+        t = _timeit(lambda: dist.log_prob(x), min_time=0.3, max_reps=5)
+        exact = dist.log_prob(x)
+        # importance sampling with K samples until the mean absolute error is below 1e-3 nats
+        K, err, t_is = 1000, float("inf"), float("nan")
+        while K <= (2 ** 17 if quick else 2 ** 20):
+            chunks = max(1, (N * K) // 2_000_000)
+            def run():
+                return torch.cat([_importance_sampling(dist, xc, K) for xc in x.chunk(chunks)])
+            t0 = time.perf_counter()
+            est = run()
+            t_is = time.perf_counter() - t0
+            err = (est - exact).abs().mean().item()
+            if err < 1e-3:
+                break
+            K *= 4
+        rows.append(dict(group="log_prob", case=f"{widths} N={N}", n=N, seconds=t, rate=N / t, unit="points/s",
+                         baseline=f"importance sampling K={K} (err {err:.1e} nats)", speedup=t_is / t))
+
+
+def hardware_line():
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+            f"threads {torch.get_num_threads()}, python {platform.python_version()}")
+
+
+def print_table(rows):
+    print(f"{'group':<12} {'case':<28} {'n':>8} {'seconds':>10} {'rate':>12} {'unit':<10} {'vs baseline':>12}  baseline")
+    for r in rows:
+        sp = f"{r['speedup']:.1f}x" if r["speedup"] is not None else "-"
+        print(f"{r['group']:<12} {r['case']:<28} {r['n']:>8} {r['seconds']:>10.4f} {r['rate']:>12.4g} {r['unit']:<10} "
+              f"{sp:>12}  {r['baseline'] or ''}")
+
+
+def main(args):
+    torch.set_default_dtype(torch.float64)
+    rows = []
+    print("hardware:", hardware_line())
+    bench_enumeration(rows, args.quick)
+    bench_integrals(rows, args.quick)
+    bench_log_prob(rows, args.quick)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(hardware=hardware_line(), rows=rows), fh, indent=2)
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    p.add_argument("--json", default=None, help="also write the table as JSON")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,201 @@
+"""Exact region enumeration for a two-dimensional latent space (S = 2) by convex polygon splitting.
+
+Unbounded cells without a bounding box
+--------------------------------------
+The plane is covered by four projective charts, one per closed quadrant ``(sx x >= 0, sy y >= 0)``.
+A point z = ρ (x, y) / w is stored in homogeneous coordinates X = (x, y, w), w >= 0, normalised to
+the chart plane ``sx x + sy y + w = 1``; the quadrant then becomes the triangle with vertices
+(0, 0, 1) (the origin), (sx, 0, 0) and (0, sy, 0) (points at infinity), and its edge ``w = 0`` is the
+line at infinity. An affine function ``t(z) = a·z + b`` becomes the *linear* form
+``G·X = ρ a·(x, y) + b w = w t(z)``, whose sign is that of ``t`` (w > 0 inside). So every cell of the
+arrangement, bounded or not, is a union of at most four ordinary convex polygons, one per chart,
+and polygon clipping by linear forms is exact — nothing beyond any box can be missed. Pieces are
+merged back into regions by their activation pattern (the set of points with a given pattern is
+convex, so a pattern is one region). ρ is a length scale (the 90% quantile of the distances of the
+first layer's lines to the origin, at least 1) so that the interesting part of the plane fills the
+charts.
+
+Algorithm
+---------
+Layer by layer, for each unit of the layer (a Python loop over units), every current polygon is
+split by the unit's linear form on that polygon (which depends only on the activation pattern of
+the earlier layers), all polygons at once with a vectorised Sutherland–Hodgman step in numpy.
+Edges carry the index of the unit that created them (``-2`` for the chart walls, which are
+relabelled to a unit whose line runs along them, ``-3`` for the line at infinity); the facets of a
+region are the labels >= 0 of the edges of its pieces.
+
+Tolerance: a vertex with ``|G·X| <= tol * |G|`` is taken to lie on the line, so a line splits a
+polygon only when it leaves vertices beyond that band on both sides (chart coordinates are O(1)).
+Thinner slivers are merged into the neighbouring cell.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..nn.network import CPANetwork
+from .regions import RegionEnumeration
+
+DEFAULT_TOL = 1e-9
+WALL = -2
+INFINITY = -3
+PAD = -9
+
+
+def _initial_charts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    X, labs = [], []
+    for sx, sy in ((1, 1), (-1, 1), (-1, -1), (1, -1)):
+        X.append([[0.0, 0.0, 1.0], [sx, 0.0, 0.0], [0.0, sy, 0.0]])
+        labs.append([WALL, INFINITY, WALL])
+    return np.array(X), np.full(4, 3, dtype=np.int64), np.array(labs, dtype=np.int64)
+
+
+def _clip(X, cnt, lab, g, label, tol):
+    """Split every polygon cut by the linear form ``g`` (P, 3); returns the new arrays and ``src``.
+
+    ``src`` maps each output polygon to its input polygon. Polygons cut by ``g`` are replaced by
+    their ``g >= 0`` part, their ``g <= 0`` part is appended at the end.
+    """
+    P, V, _ = X.shape
+    s = np.einsum("pvk,pk->pv", X, g)
+    eps = tol * np.sqrt(np.einsum("pk,pk->p", g, g))
+    kk = np.arange(V)
+    valid = kk[None, :] < cnt[:, None]
+    s[(np.abs(s) <= eps[:, None]) | ~valid] = 0.0
+    haspos = (s > 0).any(1)
+    hasneg = (s < 0).any(1)
+    cut = haspos & hasneg
+    nxt = kk[None, :] + 1
+    nxt = np.where(nxt >= cnt[:, None], 0, nxt)
+    sb = np.take_along_axis(s, nxt, 1)
+    # a chart wall along which this unit's line runs becomes a facet of that unit
+    wall = valid & (lab == WALL) & (s == 0) & (sb == 0) & ((haspos | hasneg) & ~cut)[:, None]
+    if wall.any():
+        lab = lab.copy()
+        lab[wall] = label
+    idx = np.nonzero(cut)[0]
+    if idx.size == 0:
+        return X, cnt, lab, np.arange(P)
+    Xc, lc, sc, sbc, vc = X[idx], lab[idx], s[idx], sb[idx], valid[idx]
+    Xb = np.take_along_axis(Xc, nxt[idx][..., None], 1)
+    cross = vc & (sc * sbc < 0)
+    denom = np.where(cross, sbc - sc, 1.0)
+    Xx = (sbc[..., None] * Xc - sc[..., None] * Xb) / denom[..., None]
+    C = idx.size
+    nx = cross.astype(np.int64)
+    sides = []
+    for sig in (1.0, -1.0):
+        sa, sbb = sig * sc, sig * sbc
+        keep_a = vc & (sa >= 0)
+        la = np.where((sbb >= 0) | (sa > 0), lc, label)
+        lx = np.where(sa > 0, label, lc)
+        na = keep_a.astype(np.int64)
+        tot = na + nx
+        start = np.cumsum(tot, 1) - tot
+        sides.append((keep_a, la, lx, na, start, tot.sum(1)))
+    Vn = max(V, int(sides[0][5].max()), int(sides[1][5].max()))
+    Xn = np.zeros((P + C, Vn, 3))
+    Xn[:P, :V] = X
+    Ln = np.full((P + C, Vn), PAD, dtype=np.int64)
+    Ln[:P, :V] = lab
+    cntn = np.concatenate([cnt, np.zeros(C, dtype=np.int64)])
+    rows_out = (idx, P + np.arange(C))
+    cr, ck = np.nonzero(cross)
+    for (keep_a, la, lx, na, start, newcnt), rows in zip(sides, rows_out):
+        Xn[rows] = 0.0
+        Ln[rows] = PAD
+        cntn[rows] = newcnt
+        r, k = np.nonzero(keep_a)
+        pos = start[r, k]
+        Xn[rows[r], pos] = Xc[r, k]
+        Ln[rows[r], pos] = la[r, k]
+        pos = start[cr, ck] + na[cr, ck]
+        Xn[rows[cr], pos] = Xx[cr, ck]
+        Ln[rows[cr], pos] = lx[cr, ck]
+    src = np.concatenate([np.arange(P), idx])
+    return Xn, cntn, Ln, src
+
+
+def _codes_unique(codes: np.ndarray):
+    packed = np.ascontiguousarray(np.packbits(codes, axis=1))
+    if packed.shape[1] == 0:
+        keys = np.zeros(codes.shape[0], dtype=np.uint8)
+    else:
+        keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    return first, inv.ravel()
+
+
+def enumerate_polygons(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
+                       budget_error=None) -> RegionEnumeration:
+    """All linear regions of a CPA network with a two-dimensional latent space (see module docstring)."""
+    if net.in_features != 2:
+        raise ValueError(f"the 'polygons' method needs a two-dimensional latent space, got S={net.in_features}")
+    with torch.no_grad():
+        maps = [(W.detach().to(torch.float64).cpu().numpy(), v.detach().to(torch.float64).cpu().numpy())
+                for W, v in net.affine_maps()]
+    W0, v0 = maps[0]
+    rn = np.linalg.norm(W0, axis=1)
+    dist = np.abs(v0[rn > 0]) / rn[rn > 0]
+    rho = max(1.0, float(np.quantile(dist, 0.9))) if dist.size else 1.0
+
+    X, cnt, lab = _initial_charts()
+    # homogeneous linear forms of the current layer's pre-activations, one set per polygon
+    G = np.concatenate([rho * W0, v0[:, None]], axis=1)[None].repeat(len(X), 0)   # (P, n, 3)
+    pats: list[np.ndarray] = []
+    offset = 0
+    L = len(maps) - 1
+    for l in range(L):
+        n = maps[l][0].shape[0]
+        par = np.arange(len(X))
+        for j in range(n):
+            X, cnt, lab, src = _clip(X, cnt, lab, G[par, j], offset + j, tol)
+            par = par[src]
+            if budget_error is not None and len(X) // 4 > max_regions:
+                raise budget_error(len(X) // 4, l)
+        valid = np.arange(X.shape[1])[None, :] < cnt[:, None]
+        centre = X.sum(1) / cnt[:, None]
+        Gp = G[par]
+        q = np.einsum("pnk,pk->pn", Gp, centre) >= 0
+        pats = [pt[par] for pt in pats] + [q]
+        offset += n
+        if l + 1 < L or True:
+            W, v = maps[l + 1]
+            d = np.where(q, 1.0, net.negative_slopes[l])
+            G = np.einsum("mn,pnk->pmk", W, d[..., None] * Gp)
+            G[:, :, 2] += v
+        del valid
+        if budget_error is not None:
+            first, _ = _codes_unique(np.concatenate(pats, axis=1))
+            if first.size > max_regions:
+                raise budget_error(int(first.size), l + 1)
+
+    codes = np.concatenate(pats, axis=1) if pats else np.zeros((len(X), 0), dtype=bool)
+    first, inv = _codes_unique(codes)
+    R = first.size
+    # interior point: vertex mean of each region's largest piece
+    Vn = X.shape[1]
+    nxt = np.arange(Vn)[None, :] + 1
+    nxt = np.where(nxt >= cnt[:, None], 0, nxt)
+    Xb = np.take_along_axis(X, nxt[..., None], 1)
+    valid = np.arange(Vn)[None, :] < cnt[:, None]
+    area = 0.5 * np.abs(np.where(valid, X[..., 0] * Xb[..., 1] - Xb[..., 0] * X[..., 1], 0.0).sum(1))
+    order = np.argsort(-area, kind="stable")
+    _, pos = np.unique(inv[order], return_index=True)
+    best = order[pos]                                     # (R,) piece per region, regions sorted by id
+    centre = X[best].sum(1) / cnt[best][:, None]
+    interior = rho * centre[:, :2] / centre[:, 2:3]
+    patterns = [torch.from_numpy(np.ascontiguousarray(pt[best])) for pt in pats]
+    # facets: distinct unit labels of the edges of all pieces of a region
+    r, k = np.nonzero(valid & (lab >= 0))
+    U = max(offset, 1)
+    keys = np.unique(inv[r] * U + lab[r, k])
+    reg, unit = keys // U, keys % U
+    nf = np.bincount(reg, minlength=R)
+    F = int(nf.max()) if nf.size else 0
+    facets = np.full((R, F), -1, dtype=np.int64)
+    if keys.size:
+        starts = np.cumsum(nf) - nf
+        facets[reg, np.arange(keys.size) - starts[reg]] = unit
+    return RegionEnumeration(patterns=patterns, facets=torch.from_numpy(facets),
+                             interior_points=torch.from_numpy(np.ascontiguousarray(interior)))
