@@ -196,8 +196,10 @@ class TruncatedGaussianMixture(TorchDistribution):
         t = (v.unsqueeze(-1) - self.loc[..., 0]) / self.scale_tril[..., 0, 0]
         hi = torch.minimum(torch.maximum(t, lower), upper)
         log_part = _log_diff_ndtr(lower, hi)
-        frac = torch.where(hi > lower, (log_part - self.component_log_mass).exp(), torch.zeros_like(log_part))
-        return (self.mixture_log_weights.exp() * frac).sum(-1)
+        lw = self.mixture_log_weights
+        use = (hi > lower) & (lw > -math.inf)
+        log_frac = torch.where(use, log_part - self.component_log_mass, torch.full_like(log_part, -math.inf))
+        return (lw + log_frac).logsumexp(-1).exp()
 
     def entropy(self, num_samples: int = 20000) -> torch.Tensor:
         r"""Differential entropy.

@@ -153,18 +153,15 @@ def enumerate_polygons(net: CPANetwork, max_regions: int, tol: float = DEFAULT_T
             par = par[src]
             if budget_error is not None and len(X) // 4 > max_regions:
                 raise budget_error(len(X) // 4, l)
-        valid = np.arange(X.shape[1])[None, :] < cnt[:, None]
         centre = X.sum(1) / cnt[:, None]
         Gp = G[par]
         q = np.einsum("pnk,pk->pn", Gp, centre) >= 0
         pats = [pt[par] for pt in pats] + [q]
         offset += n
-        if l + 1 < L or True:
-            W, v = maps[l + 1]
-            d = np.where(q, 1.0, net.negative_slopes[l])
-            G = np.einsum("mn,pnk->pmk", W, d[..., None] * Gp)
-            G[:, :, 2] += v
-        del valid
+        W, v = maps[l + 1]
+        d = np.where(q, 1.0, net.negative_slopes[l])
+        G = np.einsum("mn,pnk->pmk", W, d[..., None] * Gp)
+        G[:, :, 2] += v
         if budget_error is not None:
             first, _ = _codes_unique(np.concatenate(pats, axis=1))
             if first.size > max_regions:

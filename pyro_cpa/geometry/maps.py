@@ -74,4 +74,7 @@ def region_hyperplanes(net: CPANetwork, patterns, dtype: torch.dtype | None = No
         sign = 1.0 - 2.0 * q.to(M.dtype)  # -1 active, +1 inactive
         Hs.append(sign.unsqueeze(-1) * M)
         cs.append(-sign * m)
+    if not Hs:  # an affine decoder: one region, no constraints
+        R, S = maps.A.shape[0], maps.A.shape[-1]
+        return maps.A.new_zeros(R, 0, S), maps.A.new_zeros(R, 0)
     return torch.cat(Hs, dim=-2), torch.cat(cs, dim=-1)

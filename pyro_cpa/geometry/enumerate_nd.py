@@ -1,0 +1,142 @@
+"""Exact region enumeration in any latent dimension by layer-wise refinement of polyhedra.
+
+Every region is kept in double description: its non-redundant H-representation ``H z <= c`` (one
+row per facet, labelled by the unit that defines it) and its V-representation (vertices, extreme
+rays and lines, from pycddlib). Unbounded regions need no bounding box: they simply have rays or
+lines.
+
+Layer by layer, on each region of the earlier layers every unit of the next layer has an affine
+pre-activation ``t(z) = a·z + b``; it cuts the region iff ``t`` takes both signs on the generators
+(a vertex value beyond the tolerance band, or a ray/line along which ``t`` grows or falls). This
+test is exact and costs no LP, and is vectorised over the units. The cutting units then split the
+region one after the other; each split builds the H-representation of both halves, computes their
+V-representation with cdd and drops the rows that became redundant: a row is a facet iff its set of
+incident generators is not strictly contained in another row's (rows with equal sets describe the
+same hyperplane, and the one of the earliest unit is kept). The interior point of a region is a
+positive combination of all its generators (vertex mean, moved along the rays for unbounded
+regions), which is strictly inside.
+
+Tolerance: a generator ``x`` is taken on the hyperplane if ``|t(x)| <= tol (|a| |x| + |b| + |a|)``
+(for rays/lines: ``|a·r| <= tol |a|``); a unit cuts a region only if it has generators beyond that
+band on both sides. A split whose halves cdd does not find full-dimensional is cancelled (sliver
+merged). The default ``1e-7`` is cddlib's own floating-point zero tolerance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..nn.network import CPANetwork
+from .polytope import VRep, facet_rows, vrep
+from .regions import RegionEnumeration
+
+DEFAULT_TOL = 1e-7
+
+
+class _Region:
+    __slots__ = ("H", "c", "labels", "v", "bits", "P", "p")
+
+    def __init__(self, H, c, labels, v, bits, P, p):
+        self.H, self.c, self.labels, self.v, self.bits, self.P, self.p = H, c, labels, v, bits, P, p
+
+
+def _sides(v: VRep, M: np.ndarray, m: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """For the affine forms ``t = M z + m`` (n, S), (n,): does t take values > band / < -band?"""
+    an = np.linalg.norm(M, axis=1)
+    vals = v.vertices @ M.T + m                                     # (nv, n)
+    band = tol * (np.linalg.norm(v.vertices, axis=1)[:, None] * an + np.abs(m) + an)
+    pos = (vals > band).any(0)
+    neg = (vals < -band).any(0)
+    if len(v.rays):
+        rv = v.rays @ M.T
+        pos |= (rv > tol * an).any(0)
+        neg |= (rv < -tol * an).any(0)
+    if len(v.lines):
+        lv = np.abs(v.lines @ M.T)
+        both = (lv > tol * an).any(0)
+        pos |= both
+        neg |= both
+    return pos, neg
+
+
+def _child(reg: _Region, row: np.ndarray, rhs: float, label: int):
+    H = np.concatenate([reg.H, row[None]], 0)
+    c = np.append(reg.c, rhs)
+    labels = np.append(reg.labels, label)
+    v = vrep(H, c)
+    if v is None or not v.is_full_dimensional():
+        return None
+    keep = facet_rows(v.incidence, labels)
+    v.incidence = v.incidence[keep]
+    return H[keep], c[keep], labels[keep], v
+
+
+def enumerate_lp(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
+                 budget_error=None) -> RegionEnumeration:
+    """All linear regions of a CPA network with any latent dimension (see module docstring)."""
+    S = net.in_features
+    with torch.no_grad():
+        maps = [(W.detach().to(torch.float64).cpu().numpy(), v.detach().to(torch.float64).cpu().numpy())
+                for W, v in net.affine_maps()]
+    whole = VRep(vertices=np.zeros((1, S)), rays=np.zeros((0, S)), lines=np.eye(S),
+                 incidence=np.zeros((0, S + 1), dtype=bool))
+    regions = [_Region(np.zeros((0, S)), np.zeros(0), np.zeros(0, dtype=np.int64), whole, [],
+                       np.eye(S), np.zeros(S))]
+    offset = 0
+    L = len(maps) - 1
+    for l in range(L):
+        W, b = maps[l]
+        slope = net.negative_slopes[l]
+        out: list[_Region] = []
+        for idx, reg in enumerate(regions):
+            M = W @ reg.P
+            m = W @ reg.p + b
+            pos, neg = _sides(reg.v, M, m, tol)
+            bits = ~neg
+            cutting = np.nonzero(pos & neg)[0]
+            pieces = [(reg.H, reg.c, reg.labels, reg.v, bits)]
+            for j in cutting:
+                a = M[j]
+                nrm = np.linalg.norm(a)
+                a_n, m_n = a / nrm, m[j] / nrm
+                new = []
+                for H, c, labels, v, bts in pieces:
+                    ps, ng = _sides(v, a[None], m[j:j + 1], tol)
+                    if ps[0] and ng[0]:
+                        tmp = _Region(H, c, labels, v, None, None, None)
+                        up = _child(tmp, -a_n, m_n, offset + j)         # t >= 0
+                        dn = _child(tmp, a_n, -m_n, offset + j)         # t <= 0
+                        if up is not None and dn is not None:
+                            b_up, b_dn = bts.copy(), bts.copy()
+                            b_up[j], b_dn[j] = True, False
+                            new.append(up + (b_up,))
+                            new.append(dn + (b_dn,))
+                            continue
+                        bts = bts.copy()
+                        bts[j] = dn is None      # the sliver is merged into the other side
+                    else:
+                        bts = bts.copy()
+                        bts[j] = not ng[0]
+                    new.append((H, c, labels, v, bts))
+                pieces = new
+                if budget_error is not None:
+                    found = len(out) + len(pieces) + len(regions) - idx - 1
+                    if found > max_regions:
+                        raise budget_error(found, l)
+            for H, c, labels, v, bts in pieces:
+                d = np.where(bts, 1.0, slope)
+                out.append(_Region(H, c, labels, v, reg.bits + [bts], d[:, None] * M, d * m))
+        regions = out
+        offset += W.shape[0]
+        if budget_error is not None and len(regions) > max_regions:
+            raise budget_error(len(regions), l + 1)
+
+    R = len(regions)
+    F = max((len(r.labels) for r in regions), default=0)
+    facets = np.full((R, F), -1, dtype=np.int64)
+    for i, r in enumerate(regions):
+        facets[i, :len(r.labels)] = np.sort(r.labels)
+    patterns = [torch.from_numpy(np.stack([r.bits[l] for r in regions])) for l in range(L)]
+    interior = np.stack([r.v.interior_point() for r in regions]) if R else np.zeros((0, S))
+    return RegionEnumeration(patterns=patterns, facets=torch.from_numpy(facets),
+                             interior_points=torch.from_numpy(interior))
