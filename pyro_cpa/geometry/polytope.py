@@ -62,8 +62,6 @@ def vrep(H: np.ndarray, c: np.ndarray) -> VRep | None:
     isr = ~isv & ~lin
     order = np.concatenate([np.nonzero(isv)[0], np.nonzero(isr)[0], np.nonzero(lin)[0]])
     V = G[isv, 1:]
-    if V.shape[0] == 0:
-        return None
     D = G[:, 1:]
     nrm = np.linalg.norm(D, axis=1)
     nrm[nrm == 0] = 1.0
@@ -73,8 +71,14 @@ def vrep(H: np.ndarray, c: np.ndarray) -> VRep | None:
     for i, st in enumerate(inc_sets):
         if st:
             inc[i, list(st)] = True
-    return VRep(vertices=V, rays=D[isr] / nrm[isr, None], lines=D[lin] / nrm[lin, None],
-                incidence=inc[:, order])
+    inc = inc[:, order]
+    if V.shape[0] == 0:
+        # cdd leaves out the apex of a cone when it is the origin
+        if (c < -1e-9 * np.linalg.norm(H, axis=1)).any():
+            return None
+        V = np.zeros((1, S))
+        inc = np.concatenate([(np.abs(c) <= 1e-9 * np.linalg.norm(H, axis=1))[:, None], inc], 1)
+    return VRep(vertices=V, rays=D[isr] / nrm[isr, None], lines=D[lin] / nrm[lin, None], incidence=inc)
 
 
 def facet_rows(incidence: np.ndarray, priority: np.ndarray | None = None) -> np.ndarray:
@@ -107,7 +111,11 @@ def chebyshev_center(H: np.ndarray, c: np.ndarray, max_radius: float = 1.0) -> t
 
     S = H.shape[1]
     nrm = np.linalg.norm(H, axis=1)
-    A = np.concatenate([H, nrm[:, None]], axis=1)
+    keep = nrm > 0
+    if (c[~keep] < 0).any():
+        return np.full(S, np.nan), -np.inf
+    H, c, nrm = H[keep] / nrm[keep, None], c[keep] / nrm[keep], nrm[keep]   # normalised rows
+    A = np.concatenate([H, np.ones((len(c), 1))], axis=1)
     obj = np.zeros(S + 1)
     obj[-1] = -1.0
     bounds = [(None, None)] * S + [(None, max_radius)]

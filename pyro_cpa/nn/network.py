@@ -208,6 +208,44 @@ class CPANetwork:
             maps.append((W, v))
         return maps
 
+    def set_affine_maps(self, maps) -> None:
+        """Write new ``(W_l, v_l)`` into the decoder's modules in place (the inverse of :meth:`affine_maps`).
+
+        Used by closed-form M-steps. Every affine step must consist of exactly one ``nn.Linear`` with a
+        bias (``Identity`` / eval-mode ``Dropout`` around it are fine); the values are copied under
+        ``torch.no_grad()`` into the existing parameters, keeping their dtype and device (so optimisers
+        and the region cache see an in-place change).
+
+        Raises:
+            NotCPAError: wrong number of maps or shapes, an affine step that is not exactly one
+                ``nn.Linear`` (e.g. ``BatchNorm1d`` folded in, or an implicit identity), or a ``Linear``
+                without bias. For such decoders use a gradient M-step instead.
+        """
+        maps = list(maps)
+        if len(maps) != len(self._affine_steps):
+            raise NotCPAError(f"set_affine_maps: expected {len(self._affine_steps)} (W, v) pairs, got {len(maps)}")
+        targets = []
+        for l, (step, (W, v)) in enumerate(zip(self._affine_steps, maps)):
+            linears = [(n, m) for n, m in step.modules if isinstance(m, nn.Linear)]
+            others = [n for n, m in step.modules if not isinstance(m, (nn.Linear, nn.Identity, nn.Dropout))]
+            if len(linears) != 1 or others:
+                what = ", ".join(f"{n} ({type(m).__name__})" for n, m in step.modules) or "an implicit identity"
+                raise NotCPAError(
+                    f"set_affine_maps: affine step {l} is [{what}], not exactly one nn.Linear; a closed-form "
+                    "update cannot be written back into it. Use the gradient M-step (m_step_method='gradient').")
+            name, lin = linears[0]
+            if lin.bias is None:
+                raise NotCPAError(f"set_affine_maps: layer '{name}' has no bias (bias=False); the closed-form "
+                                  "M-step needs one. Use nn.Linear(..., bias=True) or the gradient M-step.")
+            if tuple(W.shape) != tuple(lin.weight.shape) or tuple(v.shape) != tuple(lin.bias.shape):
+                raise NotCPAError(f"set_affine_maps: layer '{name}' has weight {tuple(lin.weight.shape)} and bias "
+                                  f"{tuple(lin.bias.shape)}; got {tuple(W.shape)} and {tuple(v.shape)}")
+            targets.append((lin, W, v))
+        with torch.no_grad():
+            for lin, W, v in targets:
+                lin.weight.copy_(W.detach().to(dtype=lin.weight.dtype, device=lin.weight.device))
+                lin.bias.copy_(v.detach().to(dtype=lin.bias.dtype, device=lin.bias.device))
+
     def parameters_version(self) -> tuple:
         """A key that changes whenever a parameter or buffer of the decoder changes in place."""
         return tuple((p.data_ptr(), p._version) for p in self.module.parameters()) + \

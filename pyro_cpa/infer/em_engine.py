@@ -1,0 +1,278 @@
+r"""One verified, monotone step of exact EM for a CPA decoder (the engine under the Pyro ``EM`` trainer).
+
+:func:`em_step` does
+
+1. **E-step** (:func:`~pyro_cpa.infer.estep.e_step`): exact per-region statistics under θ_old and the
+   exact NLL(θ_old) = −Σ_n log p(x_n; θ_old).
+2. **M-step**: either the closed form (:func:`~pyro_cpa.infer.mstep.m_step`, block coordinate ascent
+   on the frozen-pattern surrogate Q; needs every affine step to be one ``nn.Linear`` with bias) or a
+   *generalised* M-step (``m_step_method="gradient"``): L-BFGS on −Q over all decoder parameters and
+   log σ (E-step statistics detached), which works for any CPA decoder (e.g. with BatchNorm).
+3. **Verification**: Q is a lower bound of the log-likelihood only while the partition is unchanged,
+   so the exact NLL(θ_new) is evaluated (the partition is re-enumerated for the new weights). If
+   NLL(θ_new) > NLL(θ_old) + tol with tol = ``monotone_tol`` · max(1, |NLL(θ_old)|), the step is
+   halved, θ = θ_old + 2^{-k}(θ_new − θ_old) for k = 1 … ``max_backtracks`` (decoder parameters and
+   σx, σz alike); if none is accepted θ_old is restored exactly. Hence the exact NLL never increases
+   by more than tol (``MONOTONE_TOL`` = 1e-12 relative: round-off of the likelihood evaluation).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PyroCPAError, RegionBudgetExceeded
+from ..geometry.regions import DEFAULT_MAX_REGIONS
+from ..nn.network import as_cpa_network
+from .estep import EStepStats, e_step
+from .mstep import DEFAULT_RIDGE, expected_complete_loglik, m_step, update_layer, update_variances
+
+MONOTONE_TOL = 1e-12
+
+
+@dataclass
+class EMStepResult:
+    """Outcome of :func:`em_step`.
+
+    Attributes:
+        nll_before: exact −Σ_n log p(x_n) at θ_old.
+        nll_after: exact −Σ_n log p(x_n) at the parameters kept (= nll_before if rejected).
+        backtracks: number of halvings used (0: the full M-step was accepted).
+        accepted: False if every candidate raised the NLL and θ_old was restored.
+        step_size: 2^{-backtracks} if accepted, else 0.
+        obs_scale, prior_scale: the kept σx (0-dim for isotropic noise, else (D,)) and σz ((S,)).
+        num_regions: number of regions of the E-step's partition.
+        q_gain: increase of the frozen-pattern surrogate Q achieved by the (full) M-step.
+        nll_trials: exact NLL of every candidate tried (full step first).
+    """
+
+    nll_before: float
+    nll_after: float
+    backtracks: int
+    accepted: bool
+    step_size: float
+    obs_scale: torch.Tensor
+    prior_scale: torch.Tensor
+    num_regions: int
+    q_gain: float
+    nll_trials: list = field(default_factory=list)
+
+
+def _gradient_m_step(decoder, net, stats: EStepStats, obs_scale, prior_scale, *, obs_noise, update_prior_scale,
+                     steps: int, lr: float):
+    """Generalised M-step: L-BFGS (strong Wolfe) on −Q/N over the decoder's parameters and log σ."""
+    params = [p for p in decoder.parameters() if p.requires_grad]
+    log_sx = obs_scale.detach().log().clone().requires_grad_(True)
+    log_sz = prior_scale.detach().log().clone().requires_grad_(update_prior_scale)
+    opt_params = params + [log_sx] + ([log_sz] if update_prior_scale else [])
+    opt = torch.optim.LBFGS(opt_params, lr=lr, max_iter=steps, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-15, history_size=20)
+    N = stats.num_data
+
+    def closure():
+        opt.zero_grad()
+        loss = -expected_complete_loglik(net.affine_maps(stats.Z.dtype), net, stats.patterns, stats,
+                                         (2 * log_sx).exp(), (2 * log_sz).exp()) / N
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    sx = log_sx.detach().exp()
+    if obs_noise == "isotropic":
+        sx = sx.reshape(-1)[0]
+    return sx, log_sz.detach().exp()
+
+
+def _snapshot(decoder) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in decoder.parameters()]
+
+
+def _load(decoder, values) -> None:
+    with torch.no_grad():
+        for p, v in zip(decoder.parameters(), values):
+            p.copy_(v)
+
+
+class _Verifier:
+    """Exact NLL (and, on demand, the next E-step) of candidate parameters along a backtracking line."""
+
+    def __init__(self, decoder, x, mkw, max_backtracks, monotone_tol, want_stats):
+        self.decoder, self.x, self.mkw = decoder, x, mkw
+        self.max_backtracks, self.monotone_tol, self.want_stats = max_backtracks, monotone_tol, want_stats
+        self.trials: list[float] = []
+
+    def evaluate(self, sx, sz):
+        from ..distributions import CPAMarginal
+
+        if not (bool((sx > 0).all()) and bool((sz > 0).all())):
+            return math.inf, None
+        try:
+            mg = CPAMarginal(self.decoder, sx, sz, **self.mkw)
+            if self.want_stats:
+                stats = e_step(mg, self.x)
+                nll = float(-stats.loglik.sum())
+            else:
+                stats = None
+                with torch.no_grad():
+                    nll = float(-mg.log_prob(self.x).sum())
+        except (RegionBudgetExceeded, torch.linalg.LinAlgError):
+            return math.inf, None
+        return (nll, stats) if math.isfinite(nll) else (math.inf, None)
+
+    def line_search(self, nll_ref, old, new, sx_old, sx_new, sz_old, sz_new):
+        """First t = 1, 1/2, … with NLL(θ_old + t(θ_new − θ_old)) <= nll_ref + tol; restores θ_old if none."""
+        tol = self.monotone_tol * max(1.0, abs(nll_ref))
+        for k in range(self.max_backtracks + 1):
+            t = 0.5 ** k
+            _load(self.decoder, new if k == 0 else [a + t * (b - a) for a, b in zip(old, new)])
+            sx = sx_new if k == 0 else sx_old + t * (sx_new - sx_old)
+            sz = sz_new if k == 0 else sz_old + t * (sz_new - sz_old)
+            nll, stats = self.evaluate(sx, sz)
+            self.trials.append(nll)
+            if nll <= nll_ref + tol:
+                return True, k, nll, stats, sx, sz
+        _load(self.decoder, old)
+        return False, self.max_backtracks, nll_ref, None, sx_old, sz_old
+
+
+def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str = "isotropic",
+            update_prior_scale: bool = False, m_step_method: str = "closed_form", schedule: str = "layerwise",
+            sweeps: int = 1, order: str = "forward", ridge: float = DEFAULT_RIDGE, gradient_steps: int = 50,
+            gradient_lr: float = 1.0, max_backtracks: int = 10, monotone_tol: float = MONOTONE_TOL,
+            max_regions: int = DEFAULT_MAX_REGIONS, marginal_kwargs: dict | None = None) -> EMStepResult:
+    """One exact EM step on ``decoder`` (modified in place) with guaranteed non-increasing exact NLL.
+
+    Args:
+        decoder: CPA ``nn.Module`` (see :mod:`pyro_cpa.nn`), latent dim S, output dim D.
+        obs_scale: σx, scalar or (D,) tensor; prior_scale: σz, scalar or (S,).
+        x: (N, D) fully observed data.
+        obs_noise: ``"isotropic"`` or ``"diagonal"`` σx.
+        update_prior_scale: also update σz (closed form / jointly in the gradient M-step).
+        m_step_method: ``"closed_form"`` or ``"gradient"`` (generalised EM; any CPA decoder).
+        schedule: closed form only. ``"layerwise"`` (default; expectation–conditional maximisation):
+            one block at a time — each layer in ``order``, then the variances — each preceded by an
+            exact E-step at the current parameters and verified (with backtracking) on its own. Every
+            block direction is then an ascent direction of the exact likelihood (∇Q = ∇ log p at the
+            E-step's parameters and Q is a concave quadratic in one block), so a short enough step is
+            always accepted. ``"joint"``: one E-step, ``sweeps`` sweeps of all blocks on the frozen
+            surrogate, then backtracking along the straight line θ_old → θ_new; cheaper, but that line
+            need not be an ascent direction (the blocks are coupled), and the step is then rejected.
+        sweeps, order, ridge: options of the closed-form :func:`~pyro_cpa.infer.mstep.m_step`
+            (``sweeps`` is ignored by ``"layerwise"``, which does one sweep per call).
+        gradient_steps, gradient_lr: L-BFGS iterations and learning rate of the gradient M-step.
+        max_backtracks: halvings tried before a step is rejected; monotone_tol: relative tolerance
+            of the monotonicity check (module docstring).
+        max_regions, marginal_kwargs: passed to :class:`~pyro_cpa.distributions.CPAMarginal`.
+
+    Returns:
+        :class:`EMStepResult` (the new σx, σz are in ``obs_scale``, ``prior_scale``). With
+        ``"layerwise"``, ``backtracks`` is the total over blocks and ``accepted`` is True if at least one
+        block moved.
+    """
+    from ..distributions import CPAMarginal
+
+    if m_step_method not in ("closed_form", "gradient"):
+        raise PyroCPAError(f"m_step_method must be 'closed_form' or 'gradient', got {m_step_method!r}")
+    if schedule not in ("layerwise", "joint"):
+        raise PyroCPAError(f"schedule must be 'layerwise' or 'joint', got {schedule!r}")
+    if obs_noise not in ("isotropic", "diagonal"):
+        raise PyroCPAError(f"obs_noise must be 'isotropic' or 'diagonal', got {obs_noise!r}")
+    if order not in ("forward", "backward"):
+        raise PyroCPAError(f"order must be 'forward' or 'backward', got {order!r}")
+    if max_backtracks < 0:
+        raise PyroCPAError(f"max_backtracks must be >= 0, got {max_backtracks}")
+    net = as_cpa_network(decoder)
+    mkw = dict(marginal_kwargs or {})
+    mkw.setdefault("max_regions", max_regions)
+    marginal = CPAMarginal(decoder, obs_scale, prior_scale, **mkw)
+    D, S = net.out_features, net.in_features
+    dtype = marginal.dtype
+    sx_old = marginal.obs_scale.detach().to(dtype)
+    sz_old = marginal.prior_scale.detach().to(dtype).expand(S).clone()
+    if obs_noise == "isotropic" and sx_old.dim() == 1 and sx_old.numel() > 1:
+        if not bool((sx_old == sx_old[0]).all()):
+            raise PyroCPAError("obs_noise='isotropic' but obs_scale differs between coordinates; "
+                               "use obs_noise='diagonal'")
+    sx_old = sx_old.reshape(-1)[0].clone() if obs_noise == "isotropic" else sx_old.expand(D).clone()
+
+    stats = e_step(marginal, x)
+    x = marginal._check_x(x).reshape(-1, D)
+    nll_before = float(-stats.loglik.sum())
+    old_params = _snapshot(decoder)
+    num_regions = stats.num_regions
+
+    def Q(st, sx, sz) -> float:
+        with torch.no_grad():
+            return float(expected_complete_loglik(net.affine_maps(dtype), net, st.patterns, st,
+                                                  (sx ** 2).expand(D), sz ** 2))
+
+    def to_scale(var):
+        s = var.sqrt()
+        return s[0].clone() if obs_noise == "isotropic" else s
+
+    if m_step_method == "closed_form" and schedule == "layerwise":
+        ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=True)
+        layers = list(range(net.num_layers))
+        if order == "backward":
+            layers.reverse()
+        nll, sx, sz = nll_before, sx_old, sz_old
+        total_bt, moved, q_gain = 0, False, 0.0
+        for block in layers + ["variances"]:
+            q0 = Q(stats, sx, sz)
+            old = _snapshot(decoder)
+            obs_var, prior_var = (sx ** 2).expand(D), sz ** 2
+            if block == "variances":
+                maps = [(W.detach(), v.detach()) for W, v in net.affine_maps(dtype)]
+                new_ov, new_pv = update_variances(maps, net, stats, obs_var, prior_var, obs_noise=obs_noise,
+                                                  update_prior_scale=update_prior_scale)
+                sx_c, sz_c = to_scale(new_ov), new_pv.sqrt()
+            else:
+                maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps(dtype)]
+                maps[block] = update_layer(maps, block, net, stats, obs_var, ridge=ridge)
+                net.set_affine_maps(maps)
+                sx_c, sz_c = sx, sz
+            q_gain += Q(stats, sx_c, sz_c) - q0
+            new = _snapshot(decoder)
+            ok, k, nll_c, stats_c, sx_k, sz_k = ver.line_search(nll, old, new, sx, sx_c, sz, sz_c)
+            total_bt += k
+            if ok:
+                moved = True
+                nll, sx, sz, stats = nll_c, sx_k, sz_k, stats_c
+        return EMStepResult(nll_before, nll, total_bt, moved, 1.0 if moved else 0.0, sx.clone(), sz.clone(),
+                            num_regions, q_gain, ver.trials)
+
+    obs_var_old = (sx_old ** 2).expand(D)
+    prior_var_old = sz_old ** 2
+    q_old = Q(stats, sx_old, sz_old)
+    if m_step_method == "closed_form":
+        res = m_step(net, stats.patterns, stats, obs_var_old, prior_var_old, obs_noise=obs_noise,
+                     update_prior_scale=update_prior_scale, sweeps=sweeps, order=order, ridge=ridge)
+        net.set_affine_maps(res.maps)  # validates every step before writing anything
+        sx_new, sz_new = to_scale(res.obs_var), res.prior_var.sqrt()
+    else:
+        sx_new, sz_new = _gradient_m_step(decoder, net, stats, sx_old, sz_old, obs_noise=obs_noise,
+                                          update_prior_scale=update_prior_scale, steps=gradient_steps,
+                                          lr=gradient_lr)
+    q_new = Q(stats, sx_new, sz_new)
+    new_params = _snapshot(decoder)
+    ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False)
+    ok, k, nll, _, sx, sz = ver.line_search(nll_before, old_params, new_params, sx_old, sx_new, sz_old, sz_new)
+    return EMStepResult(nll_before, nll, k, ok, 0.5 ** k if ok else 0.0, sx.clone(), sz.clone(), num_regions,
+                        q_new - q_old, ver.trials)
+
+
+def run_em(decoder, obs_scale, prior_scale, x: torch.Tensor, num_steps: int, *, callback=None,
+           **kwargs) -> tuple[torch.Tensor, torch.Tensor, list[EMStepResult]]:
+    """Run :func:`em_step` ``num_steps`` times, threading σx, σz; returns (obs_scale, prior_scale, history).
+
+    ``callback(step, result)`` is called after every step; returning True stops early.
+    """
+    history = []
+    for i in range(num_steps):
+        res = em_step(decoder, obs_scale, prior_scale, x, **kwargs)
+        obs_scale, prior_scale = res.obs_scale, res.prior_scale
+        history.append(res)
+        if callback is not None and callback(i, res):
+            break
+    return obs_scale, prior_scale, history

@@ -1,0 +1,321 @@
+r"""Closed-form M-step of the CPA latent-variable model with frozen activation patterns.
+
+Notation (see :mod:`pyro_cpa.infer.estep` for the statistics Z_ω, X_ω, q_ω). The decoder is
+g = T_L ∘ σ_{L-1} ∘ … ∘ σ_0 ∘ T_0 with T_l(h) = W_l h + v_l. On region ω (activation pattern frozen at
+the E-step's partition), for layer l:
+
+    h_l(z) = P_ω z + p_ω,              h̃ = P̃_ω z̃,   P̃_ω = [[P_ω, p_ω], [0, 1]]
+    t_l(z) = W̃_l h̃ = M^l_ω z + m^l_ω,  W̃_l = [W_l  v_l]
+    g(z)   = F_ω t_l(z) + c_ω,         F_ω = W_L D_{L-1} W_{L-1} ⋯ W_{l+1} D_l  (I for l = L),
+                                       c_ω = b_ω − F_ω m^l_ω.
+
+**Surrogate** (expected complete log-likelihood, the E-step moments held fixed; Ã_ω = [A_ω b_ω]):
+
+    Q(θ) = −½ Σ_d [ N log(2π σx_d²) + r_d / σx_d² ] − ½ Σ_s [ N log(2π σz_s²) + Σ_ω (Z_ω)_ss / σz_s² ],
+    r_d  = Σ_ω q_ωd − 2 ã_ωdᵀ X_ω[d] + ã_ωdᵀ Z_ω ã_ωd.
+
+It equals E_{z|x,θ_old} log p(x, z; θ) only as long as θ keeps the E-step's partition; once the regions
+move it is *not* the likelihood's EM lower bound (hence the verified, backtracking step of
+:func:`pyro_cpa.infer.em_engine.em_step`).
+
+**Layer update.** With Λ = Σx⁻¹, Q is a concave quadratic in W̃_l; its stationary point solves
+
+    Σ_ω (F_ωᵀ Λ F_ω) W̃ M_ω = Σ_ω F_ωᵀ Λ R_ω,   M_ω = P̃_ω Z_ω P̃_ωᵀ,   R_ω = (X_ω − c_ω s_ωᵀ) P̃_ωᵀ,
+
+(s_ω = Z_ω[:, S] = Σ_n E[1_ω z̃]), i.e. with row-major vec, K vec W̃ = vec B,
+K = Σ_ω (F_ωᵀΛF_ω) ⊗ M_ω (size n_out(n_in+1)), assembled by one matrix product over regions. For the
+last layer (F = I) the system decouples: W̃ = (Σ_ω R_ω)(Σ_ω M_ω)⁻¹. The solve is made robust to dead
+units and empty regions (K singular) by a *proximal* ridge, solving (K + λI) w = B + λ w_old with
+λ = ``ridge`` · tr(K)/n (default 1e-12 relative): directions the data do not determine keep their old
+values, the others move by a relative O(λ / eigenvalue). Cholesky is used (ridge raised ×1e3 up to
+three times on failure, then least squares); above ``dense_max`` unknowns, Jacobi-preconditioned
+conjugate gradients on the same system (matrix-free, warm-started at w_old).
+
+**Noise update** (after the layers, with the new Ã_ω): σx_d² = r_d / N (``"diagonal"``) or
+σx² = Σ_d r_d / (N D) (``"isotropic"``), floored at ``min_obs_var``; optionally σz_s² = Σ_ω (Z_ω)_ss / N.
+
+One *sweep* updates every layer once (in ``order``) and then the variances; every block update is an
+exact block maximisation, so Q never decreases. With ``sweeps > 1`` the sweeps are repeated until the
+relative gain of Q is below ``tol`` (block coordinate ascent to a stationary point of Q).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ..errors import PyroCPAError
+from ..geometry.maps import RegionMaps
+from .estep import EStepStats
+
+DEFAULT_RIDGE = 1e-12
+DEFAULT_MIN_OBS_VAR = 1e-12
+DEFAULT_DENSE_MAX = 4096
+
+
+class MStepResult(NamedTuple):
+    """New parameters from :func:`m_step` (unpacks as ``maps, obs_var, prior_var``).
+
+    Attributes:
+        maps: new ``[(W_l, v_l)]`` of every affine step.
+        obs_var: (D,) new σx² (all equal for isotropic noise).
+        prior_var: (S,) new σz² (the input unchanged unless ``update_prior_scale``).
+        q_trace: value of the surrogate Q before the M-step and after each sweep (floats).
+    """
+
+    maps: list
+    obs_var: torch.Tensor
+    prior_var: torch.Tensor
+    q_trace: list
+
+
+# ---------------------------------------------------------------------------------------- region maps
+def frozen_region_maps(maps: Sequence[tuple[torch.Tensor, torch.Tensor]], negative_slopes: Sequence[float],
+                       patterns: Sequence[torch.Tensor]) -> RegionMaps:
+    """:func:`pyro_cpa.geometry.maps.region_maps` for explicit affine maps (differentiable in them).
+
+    The activation patterns are frozen: slopes D_l = diag(q_l + α_l (1 − q_l)) come from ``patterns``,
+    whatever the sign of the new pre-activations.
+    """
+    W0 = maps[0][0]
+    R = patterns[0].shape[0] if len(patterns) else 1
+    S = W0.shape[1]
+    P = torch.eye(S, dtype=W0.dtype, device=W0.device).expand(R, S, S)
+    p = W0.new_zeros(R, S)
+    layer_inputs, pre, slopes = [], [], []
+    for l, (W, v) in enumerate(maps):
+        layer_inputs.append((P, p))
+        M = W @ P
+        m = p @ W.T + v
+        if l == len(maps) - 1:
+            return RegionMaps(layer_inputs, pre, slopes, M, m)
+        pre.append((M, m))
+        q = patterns[l].to(device=W.device, dtype=W.dtype)
+        d = q + negative_slopes[l] * (1.0 - q)
+        slopes.append(d)
+        P = d.unsqueeze(-1) * M
+        p = d * m
+    raise AssertionError("unreachable")
+
+
+def _augmented(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[A b] of shape (R, D, S+1)."""
+    return torch.cat([A, b.unsqueeze(-1)], dim=-1)
+
+
+def expected_sq_residual(A: torch.Tensor, b: torch.Tensor, stats: EStepStats) -> torch.Tensor:
+    """r_d = Σ_n Σ_ω E[1_ω (x_nd − (A_ω z + b_ω)_d)² | x_n] for every coordinate d, shape (D,)."""
+    At = _augmented(A, b)
+    return (stats.q.sum(0) - 2.0 * torch.einsum("rdk,rdk->d", At, stats.X)
+            + torch.einsum("rdk,rkl,rdl->d", At, stats.Z, At))
+
+
+def _as_var(value, size: int, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return t.expand(size) if t.dim() == 0 or t.shape[0] == 1 else t
+
+
+def expected_complete_loglik(params: Sequence[tuple[torch.Tensor, torch.Tensor]], net, patterns,
+                             stats: EStepStats, obs_var, prior_var) -> torch.Tensor:
+    r"""The frozen-pattern surrogate Q(θ) (module docstring), a scalar differentiable in every argument.
+
+    Args:
+        params: ``[(W_l, v_l)]`` of every affine step (e.g. ``net.affine_maps()`` or tensors requiring grad).
+        net: the :class:`~pyro_cpa.nn.CPANetwork` (only its activation slopes are used).
+        patterns: the frozen activation patterns (normally ``stats.patterns``).
+        stats: the E-step statistics.
+        obs_var: σx², scalar or (D,); prior_var: σz², scalar or (S,).
+
+    Up to the (θ-independent) entropy of the E-step posterior, Q(θ_old) = Σ_n log p(x_n; θ_old) and
+    ∇Q(θ_old) = ∇ Σ_n log p(x_n; θ_old) (Fisher's identity).
+    """
+    params = list(params)
+    ref = params[-1][0]
+    rm = frozen_region_maps(params, net.negative_slopes, patterns)
+    D, S = rm.A.shape[1], rm.A.shape[2]
+    sx2 = _as_var(obs_var, D, ref)
+    sz2 = _as_var(prior_var, S, ref)
+    N = stats.num_data
+    r = expected_sq_residual(rm.A, rm.b, stats)
+    zz = torch.diagonal(stats.Z[:, :S, :S], dim1=-2, dim2=-1).sum(0)
+    log2pi = math.log(2.0 * math.pi)
+    return -0.5 * ((N * (log2pi + sx2.log()) + r / sx2).sum() + (N * (log2pi + sz2.log()) + zz / sz2).sum())
+
+
+# ---------------------------------------------------------------------------------------- layer solve
+def _output_jacobians(maps, slopes: list[torch.Tensor], l: int, R: int) -> torch.Tensor:
+    """F_ω (R, D, n_l): linear map from layer l's pre-activation to the output (frozen slopes)."""
+    W_last = maps[-1][0]
+    D = W_last.shape[0]
+    F = torch.eye(D, dtype=W_last.dtype, device=W_last.device).expand(R, D, D)
+    for k in range(len(maps) - 1, l, -1):
+        F = (F @ maps[k][0]) * slopes[k - 1].unsqueeze(-2)
+    return F
+
+
+def _cholesky_prox_solve(K: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve (K + λI) w = B + λ w_old for symmetric PSD K (columns of B / w_old are right-hand sides)."""
+    n = K.shape[-1]
+    K = 0.5 * (K + K.transpose(-1, -2))
+    scale = torch.diagonal(K, dim1=-2, dim2=-1).abs().mean()
+    scale = scale if bool(scale > 0) else K.new_tensor(1.0)
+    eye = torch.eye(n, dtype=K.dtype, device=K.device)
+    lam = ridge * scale
+    for _ in range(4):
+        L, info = torch.linalg.cholesky_ex(K + lam * eye)
+        if int(info) == 0:
+            w = torch.cholesky_solve(B + lam * w_old, L)
+            if bool(torch.isfinite(w).all()):
+                return w
+        lam = lam * 1e3 if bool(lam > 0) else scale * 1e-12
+    return torch.linalg.lstsq(K + lam * eye, B + lam * w_old).solution
+
+
+def _cg_prox_solve(matvec, diag: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor, ridge: float,
+                   max_iter: int = 2000, rtol: float = 1e-13) -> torch.Tensor:
+    """Jacobi-preconditioned CG on (K + λI) w = B + λ w_old, matrix-free (``matvec(w) = K w``)."""
+    lam = ridge * diag.abs().mean().clamp_min(torch.finfo(diag.dtype).tiny)
+    A = lambda w: matvec(w) + lam * w  # noqa: E731
+    rhs = B + lam * w_old
+    Minv = 1.0 / (diag + lam)
+    w = w_old.clone()
+    r = rhs - A(w)
+    zr = Minv * r
+    p = zr.clone()
+    rz = (r * zr).sum()
+    bnorm = rhs.norm().clamp_min(torch.finfo(rhs.dtype).tiny)
+    for _ in range(max_iter):
+        if bool(r.norm() <= rtol * bnorm):
+            break
+        Ap = A(p)
+        alpha = rz / (p * Ap).sum()
+        w = w + alpha * p
+        r = r - alpha * Ap
+        zr = Minv * r
+        rz_new = (r * zr).sum()
+        p = zr + (rz_new / rz) * p
+        rz = rz_new
+    return w
+
+
+def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, *,
+                 ridge: float = DEFAULT_RIDGE, dense_max: int = DEFAULT_DENSE_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact maximiser of Q over layer l's (W_l, v_l), the other layers and σx² fixed (module docstring)."""
+    rm = frozen_region_maps(maps, net.negative_slopes, stats.patterns)
+    W, v = maps[l]
+    n_out, n_in = W.shape
+    R = stats.Z.shape[0]
+    S = stats.Z.shape[-1] - 1
+    P, p = rm.layer_inputs[l]
+    P = P.expand(R, n_in, S)
+    Pt = W.new_zeros(R, n_in + 1, S + 1)
+    Pt[:, :n_in, :S] = P
+    Pt[:, :n_in, S] = p.expand(R, n_in)
+    Pt[:, n_in, S] = 1.0
+    M = Pt @ stats.Z @ Pt.transpose(-1, -2)  # (R, n_in+1, n_in+1)
+    M = 0.5 * (M + M.transpose(-1, -2))
+    Wt_old = torch.cat([W, v.unsqueeze(-1)], dim=-1)  # (n_out, n_in+1)
+    s = stats.Z[:, :, S]  # (R, S+1)
+    lam_x = obs_var.reciprocal()  # (D,)
+    if l == len(maps) - 1:
+        # F = I, c = 0: W̃ ΣM = ΣR (Λ cancels); solve for all rows at once.
+        Rsum = (stats.X @ Pt.transpose(-1, -2)).sum(0)  # (D, n_in+1)
+        Wt = _cholesky_prox_solve(M.sum(0), Rsum.T, Wt_old.T, ridge).T
+        return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
+    F = _output_jacobians(maps, rm.slopes, l, R)  # (R, D, n_out)
+    m_l = rm.preactivations[l][1].expand(R, n_out)
+    c = rm.b - torch.einsum("rdk,rk->rd", F, m_l)  # (R, D)
+    Rw = (stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)) @ Pt.transpose(-1, -2)  # (R, D, n_in+1)
+    FL = F * lam_x.unsqueeze(-1)  # Λ F, (R, D, n_out)
+    G = F.transpose(-1, -2) @ FL  # (R, n_out, n_out)
+    G = 0.5 * (G + G.transpose(-1, -2))
+    B = torch.einsum("rdk,rdj->kj", FL, Rw)  # Σ Fᵀ Λ R, (n_out, n_in+1)
+    a, bdim = n_out, n_in + 1
+    n = a * bdim
+    if n <= dense_max:
+        # K[(i,j),(k,l)] = Σ_ω G[i,k] M[l,j]  (row-major vec of W̃), one matmul over regions.
+        K = (G.reshape(R, a * a).T @ M.reshape(R, bdim * bdim)).reshape(a, a, bdim, bdim)
+        K = K.permute(0, 3, 1, 2).reshape(n, n)
+        w = _cholesky_prox_solve(K, B.reshape(n, 1), Wt_old.reshape(n, 1), ridge)
+        Wt = w.reshape(a, bdim)
+    else:
+        diag = torch.einsum("rii,rjj->ij", G, M).reshape(n)
+        matvec = lambda w: (G @ w.reshape(a, bdim) @ M).sum(0).reshape(n)  # noqa: E731
+        Wt = _cg_prox_solve(matvec, diag, B.reshape(n), Wt_old.reshape(n), ridge).reshape(a, bdim)
+    return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
+
+
+def update_variances(maps, net, stats: EStepStats, obs_var: torch.Tensor, prior_var: torch.Tensor, *,
+                     obs_noise: str = "isotropic", update_prior_scale: bool = False,
+                     min_obs_var: float = DEFAULT_MIN_OBS_VAR) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form σx² (isotropic or diagonal) and, optionally, σz² (module docstring)."""
+    rm = frozen_region_maps(maps, net.negative_slopes, stats.patterns)
+    r = expected_sq_residual(rm.A, rm.b, stats)
+    N = stats.num_data
+    D, S = r.shape[0], stats.Z.shape[-1] - 1
+    if obs_noise == "isotropic":
+        new_obs = (r.sum() / (N * D)).expand(D).clone()
+    elif obs_noise == "diagonal":
+        new_obs = r / N
+    else:
+        raise PyroCPAError(f"obs_noise must be 'isotropic' or 'diagonal', got {obs_noise!r}")
+    new_obs = new_obs.clamp_min(min_obs_var)
+    if update_prior_scale:
+        new_prior = torch.diagonal(stats.Z[:, :S, :S], dim1=-2, dim2=-1).sum(0) / N
+    else:
+        new_prior = prior_var.clone()
+    return new_obs, new_prior
+
+
+def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: str = "isotropic",
+           update_prior_scale: bool = False, sweeps: int = 1, tol: float = 0.0, order: str = "forward",
+           ridge: float = DEFAULT_RIDGE, min_obs_var: float = DEFAULT_MIN_OBS_VAR,
+           dense_max: int = DEFAULT_DENSE_MAX) -> MStepResult:
+    """Closed-form (block coordinate ascent) maximisation of the frozen-pattern surrogate Q.
+
+    Args:
+        net: the decoder's :class:`~pyro_cpa.nn.CPANetwork`; its current maps are the starting point.
+        patterns: frozen activation patterns of the E-step's regions (``stats.patterns``).
+        stats: :class:`~pyro_cpa.infer.estep.EStepStats`.
+        obs_var: current σx² (scalar or (D,)); prior_var: current σz² (scalar or (S,)).
+        obs_noise: ``"isotropic"`` (one σx) or ``"diagonal"`` (one σx per output coordinate).
+        update_prior_scale: also update σz² (note the scale of W_0 and σz are not separately identified).
+        sweeps: maximum number of sweeps (layers in ``order``, then variances).
+        tol: stop early when a sweep raises Q by less than ``tol · (1 + |Q|)``.
+        order: ``"forward"`` (T_0 … T_L) or ``"backward"`` (T_L … T_0).
+        ridge: relative proximal ridge of the linear solves; min_obs_var: floor of σx².
+        dense_max: largest system solved densely (n_out·(n_in+1) unknowns); larger ones use CG.
+
+    Returns:
+        :class:`MStepResult` ``(maps, obs_var, prior_var, q_trace)``; the network is not modified.
+    """
+    if order not in ("forward", "backward"):
+        raise PyroCPAError(f"order must be 'forward' or 'backward', got {order!r}")
+    if sweeps < 1:
+        raise PyroCPAError(f"sweeps must be >= 1, got {sweeps}")
+    patterns = list(patterns)
+    if stats.patterns is not patterns and len(patterns) != len(stats.patterns):
+        raise PyroCPAError("m_step: patterns do not match the E-step statistics")
+    stats = EStepStats(stats.Z, stats.X, stats.q, stats.loglik, patterns, stats.num_data)
+    dtype = stats.Z.dtype
+    with torch.no_grad():
+        maps = [(W.detach().to(dtype).clone(), v.detach().to(dtype).clone()) for W, v in net.affine_maps(dtype)]
+        D, S = maps[-1][0].shape[0], maps[0][0].shape[1]
+        obs_var = _as_var(obs_var, D, stats.Z).clone()
+        prior_var = _as_var(prior_var, S, stats.Z).clone()
+        if obs_noise == "isotropic" and not bool((obs_var == obs_var[0]).all()):
+            raise PyroCPAError("obs_noise='isotropic' but obs_var differs between coordinates")
+        layers = list(range(len(maps)))
+        if order == "backward":
+            layers.reverse()
+        q_trace = [float(expected_complete_loglik(maps, net, patterns, stats, obs_var, prior_var))]
+        for _ in range(sweeps):
+            for l in layers:
+                maps[l] = update_layer(maps, l, net, stats, obs_var, ridge=ridge, dense_max=dense_max)
+            obs_var, prior_var = update_variances(maps, net, stats, obs_var, prior_var, obs_noise=obs_noise,
+                                                  update_prior_scale=update_prior_scale, min_obs_var=min_obs_var)
+            q_trace.append(float(expected_complete_loglik(maps, net, patterns, stats, obs_var, prior_var)))
+            if q_trace[-1] - q_trace[-2] <= tol * (1.0 + abs(q_trace[-1])):
+                break
+    return MStepResult(maps, obs_var, prior_var, q_trace)
