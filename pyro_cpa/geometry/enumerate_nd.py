@@ -59,11 +59,16 @@ def _sides(v: VRep, M: np.ndarray, m: np.ndarray, tol: float) -> tuple[np.ndarra
     return pos, neg
 
 
-def _child(reg: _Region, row: np.ndarray, rhs: float, label: int):
-    H = np.concatenate([reg.H, row[None]], 0)
-    c = np.append(reg.c, rhs)
-    labels = np.append(reg.labels, label)
-    v = vrep(H, c)
+def _child(H, c, labels, row: np.ndarray, rhs: float, label: int):
+    """The region ``{H z <= c, row·z <= rhs}`` in double description, redundant rows removed;
+    ``None`` if cdd does not find it full-dimensional (a sliver below the tolerance)."""
+    H = np.concatenate([H, row[None]], 0)
+    c = np.append(c, rhs)
+    labels = np.append(labels, label)
+    try:
+        v = vrep(H, c)
+    except (RuntimeError, ValueError):   # cddlib gave up (numerically hopeless sliver)
+        return None
     if v is None or not v.is_full_dimensional():
         return None
     keep = facet_rows(v.incidence, labels)
@@ -103,9 +108,8 @@ def enumerate_lp(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
                 for H, c, labels, v, bts in pieces:
                     ps, ng = _sides(v, a[None], m[j:j + 1], tol)
                     if ps[0] and ng[0]:
-                        tmp = _Region(H, c, labels, v, None, None, None)
-                        up = _child(tmp, -a_n, m_n, offset + j)         # t >= 0
-                        dn = _child(tmp, a_n, -m_n, offset + j)         # t <= 0
+                        up = _child(H, c, labels, -a_n, m_n, offset + j)       # t >= 0
+                        dn = _child(H, c, labels, a_n, -m_n, offset + j)       # t <= 0
                         if up is not None and dn is not None:
                             b_up, b_dn = bts.copy(), bts.copy()
                             b_up[j], b_dn[j] = True, False

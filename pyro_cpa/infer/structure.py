@@ -117,13 +117,30 @@ def trace_model(model, *args, subsample: dict | None = None, **kwargs) -> poutin
 
 
 def full_data_structure(model, *args, **kwargs) -> CPAModelStructure:
-    """The model's structure with every subsampled plate forced to its full size (all data)."""
+    """The model's structure with the observations of *all* data, even if its data plate subsamples.
+
+    A subsampled plate is run over consecutive chunks of its own subsample size (the last chunk padded
+    with earlier indices) and the observations are gathered by index.
+    """
     proto = trace_model(model, *args, **kwargs)
-    full = {}
-    for name, site in proto.nodes.items():
-        if site["type"] == "sample" and isinstance(site["fn"], _Subsample):
-            size = site["fn"].size
-            if site["fn"].subsample_size < size:
-                full[name] = torch.arange(size, device=site["value"].device)
-    tr = trace_model(model, *args, subsample=full, **kwargs) if full else proto
-    return read_structure(tr)
+    subsampled = [(name, site) for name, site in proto.nodes.items()
+                  if site["type"] == "sample" and isinstance(site["fn"], _Subsample)
+                  and site["value"].shape[0] < site["fn"].size]
+    structure = read_structure(proto)
+    if not subsampled:
+        return structure
+    if len(subsampled) > 1:
+        raise PyroCPAError(f"only one subsampled plate is supported; found {[n for n, _ in subsampled]}")
+    name, site = subsampled[0]
+    size, batch = site["fn"].size, site["value"].shape[0]
+    device = site["value"].device
+    x_full = None
+    for start in range(0, size, batch):
+        idx = torch.arange(start, start + batch, device=device) % size
+        chunk = read_structure(trace_model(model, *args, subsample={name: idx}, **kwargs))
+        if x_full is None:
+            x_full = chunk.x.new_empty((size,) + chunk.x.shape[1:])
+        x_full[idx] = chunk.x
+        structure = chunk
+    structure.x = x_full
+    return structure
