@@ -87,6 +87,11 @@ def std_moments(G: torch.Tensor, d: torch.Tensor, **kwargs) -> StandardMoments:
     ``kwargs`` are passed to the S >= 4 Monte-Carlo method (e.g. ``num_samples``, ``generator``).
     """
     S = G.shape[-1]
+    if G.shape[-2] == 0:  # no constraint: the whole space
+        batch = G.shape[:-2]
+        eye = torch.eye(S, dtype=G.dtype, device=G.device)
+        return StandardMoments(G.new_zeros(batch), G.new_zeros(batch + (S,)), eye.expand(batch + (S, S)),
+                               G.new_zeros(batch))
     if S == 1:
         from .univariate import std_moments_1d
         return std_moments_1d(G, d)

@@ -251,3 +251,40 @@ def test_pyro_contract_expand_pickle_shapes():
     post2 = pickle.loads(pickle.dumps(post))
     z = post.sample()
     torch.testing.assert_close(post2.log_prob(z), post.log_prob(z))
+
+
+def _grid_reference_2d(decoder, x, sx, half_width=7.0, n=1201):
+    """log p(x), posterior mean and covariance by a fine tensor-product Simpson rule over z in R^2."""
+    g = torch.linspace(-half_width, half_width, n)
+    w1 = torch.ones(n)
+    w1[1:-1:2], w1[2:-1:2] = 4.0, 2.0
+    w1 *= (g[1] - g[0]) / 3
+    Z1, Z2 = torch.meshgrid(g, g, indexing="ij")
+    z = torch.stack([Z1, Z2], -1).reshape(-1, 2)
+    W = (w1[:, None] * w1[None, :]).reshape(-1)
+    with torch.no_grad():
+        out = decoder(z)
+    D = out.shape[-1]
+    log_joint = (-0.5 * ((x - out) ** 2).sum(-1) / sx ** 2 - D * math.log(sx * math.sqrt(2 * math.pi))
+                 - 0.5 * (z ** 2).sum(-1) - math.log(2 * math.pi))
+    lw = log_joint + W.log()
+    lp = lw.logsumexp(0)
+    p = (lw - lp).exp()
+    mean = (p[:, None] * z).sum(0)
+    cov = (p[:, None, None] * (z - mean)[:, :, None] * (z - mean)[:, None, :]).sum(0)
+    return lp, mean, cov
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, Abs])
+def test_s2_log_prob_and_posterior_moments_match_grid_quadrature(act):
+    dec = _net([2, 6, 3], act, seed=11)
+    sx = 0.4
+    dist = CPAMarginal(dec, sx)
+    for x in [torch.tensor([0.2, -0.1, 0.3]), torch.tensor([1.0, 0.5, -0.5])]:
+        lp_ref, mean_ref, cov_ref = _grid_reference_2d(dec, x, sx)
+        with torch.no_grad():
+            lp = dist.log_prob(x)
+            post = dist.posterior(x)
+        assert abs(lp - lp_ref) < 1e-7
+        torch.testing.assert_close(post.mean, mean_ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(post.covariance_matrix, cov_ref, atol=1e-6, rtol=0)
