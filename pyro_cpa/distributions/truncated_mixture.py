@@ -155,8 +155,11 @@ class TruncatedGaussianMixture(TorchDistribution):
         return (slack >= -self.boundary_tol * scale).all(-1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        if self._validate_args:  # shape and NaN only: outside the support log_prob is -inf, not an error
+            if value.shape[-1:] != self.event_shape:
+                raise ValueError(f"value must have shape (..., {self.event_shape[0]}); got {tuple(value.shape)}")
+            if bool(torch.isnan(value).any()):
+                raise ValueError("value contains NaN")
         v = value.unsqueeze(-2)  # (..., 1, S)
         diff = v - self.loc
         sol = torch.linalg.solve_triangular(self.scale_tril, diff.unsqueeze(-1), upper=False).squeeze(-1)

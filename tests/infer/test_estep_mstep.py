@@ -284,7 +284,7 @@ def test_m_step_converged_sweeps_are_a_stationary_point(S, widths, noise):
     finite differences in random directions), and Q never decreases over the sweeps."""
     dec, net, x, st = _setup(S, widths, N=40)
     D = widths[-1]
-    res = m_step(net, st.patterns, st, torch.tensor(0.3), 1.0, obs_noise=noise, sweeps=3000, tol=1e-15)
+    res = m_step(net, st.patterns, st, torch.tensor(0.3), 1.0, obs_noise=noise, sweeps=300, tol=1e-15)
     assert all(b >= a - 1e-9 * abs(a) for a, b in zip(res.q_trace, res.q_trace[1:]))
     maps0 = net.affine_maps()
     _, g0, _ = _grads(maps0, net, st, torch.full((D,), 0.3), 1.0)
