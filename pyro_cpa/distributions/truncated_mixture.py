@@ -235,26 +235,38 @@ class TruncatedGaussianMixture(TorchDistribution):
 
     # ------------------------------------------------------------------ sampling
     def sample(self, sample_shape=torch.Size(), generator: torch.Generator | None = None) -> torch.Tensor:
-        """Exact i.i.d. draws: a component k ~ Categorical(π), then z ~ N(μ_k, Σ_k) truncated to ω_k."""
-        shape = self._extended_shape(sample_shape)
+        """Exact i.i.d. draws: a component k ~ Categorical(π), then z ~ N(μ_k, Σ_k) truncated to ω_k.
+
+        S = 1 inverts each draw's truncated CDF. For S >= 2 the minimax-tilting proposal is solved once per
+        distinct (batch element, component) pair actually drawn, and each pair gets as many exact
+        accept–reject draws as were assigned to it.
+        """
+        sample_shape = torch.Size(sample_shape)
         with torch.no_grad():
             K, S = self.loc.shape[-2:]
             F = self.H.shape[-2]
-            lw = self.mixture_log_weights.expand(self.batch_shape + (K,))
-            probs = lw.exp()
-            flat_probs = probs.reshape(-1, K)
-            n = int(torch.Size(sample_shape).numel())
-            k = torch.multinomial(flat_probs, n, replacement=True, generator=generator)  # (B, n)
-            k = k.T.reshape(torch.Size(sample_shape) + self.batch_shape)
-            def pick(t, tail):
-                t = t.expand(self.batch_shape + (K,) + tail).expand(torch.Size(sample_shape) + self.batch_shape
-                                                                     + (K,) + tail)
-                idx = k.reshape(k.shape + (1,) + (1,) * len(tail)).expand(k.shape + (1,) + tail)
-                return t.gather(len(k.shape), idx).squeeze(len(k.shape))
-            loc = pick(self.loc, (S,))
-            L = pick(self.scale_tril, (S, S))
-            H = pick(self.H, (F, S))
-            c = pick(self.c, (F,))
-            G, d = whiten(loc, L, H, c)
-            u = sample_std_polytope(G, d, generator=generator)
-            return (loc + (L @ u.unsqueeze(-1)).squeeze(-1)).reshape(shape)
+            B = torch.Size(self.batch_shape).numel()
+            n = sample_shape.numel()
+            probs = self.mixture_log_weights.expand(self.batch_shape + (K,)).exp().reshape(B, K)
+            k = torch.multinomial(probs, n, replacement=True, generator=generator).T  # (n, B)
+            pair = (torch.arange(B, device=k.device) * K + k).reshape(-1)  # flat (batch, component) index
+            loc = self.loc.expand(self.batch_shape + (K, S)).reshape(B * K, S)
+            L = self.scale_tril.expand(self.batch_shape + (K, S, S)).reshape(B * K, S, S)
+            H = self.H.expand(self.batch_shape + (K, F, S)).reshape(B * K, F, S)
+            c = self.c.expand(self.batch_shape + (K, F)).reshape(B * K, F)
+            if S == 1:
+                G, d = whiten(loc[pair], L[pair], H[pair], c[pair])
+                u = sample_std_polytope(G, d, generator=generator)
+            else:
+                uniq, inv = torch.unique(pair, return_inverse=True)
+                counts = torch.bincount(inv, minlength=len(uniq))
+                order = torch.argsort(inv, stable=True)
+                first = torch.cumsum(counts, 0) - counts
+                rank = torch.empty_like(inv)
+                rank[order] = torch.arange(len(inv), device=inv.device) - first[inv[order]]
+                G, d = whiten(loc[uniq], L[uniq], H[uniq], c[uniq])
+                from ..integrate.tilting import sample_truncated_std
+                draws = sample_truncated_std(G, d, (int(counts.max()),), generator=generator)  # (m, U, S)
+                u = draws[rank, inv]
+            z = loc[pair] + (L[pair] @ u.unsqueeze(-1)).squeeze(-1)
+            return z.reshape(sample_shape + self.batch_shape + (S,))

@@ -26,7 +26,7 @@ from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..geometry.regions import DEFAULT_MAX_REGIONS
 from ..nn.network import as_cpa_network
 from .estep import EStepStats, e_step
-from .mstep import DEFAULT_RIDGE, expected_complete_loglik, m_step, update_layer, update_variances
+from .mstep import DEFAULT_RIDGE, expected_complete_loglik, m_step, prior_expansion, update_layer, update_variances
 
 MONOTONE_TOL = 1e-12
 
@@ -138,7 +138,7 @@ class _Verifier:
 
 def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str = "isotropic",
             update_prior_scale: bool = False, m_step_method: str = "closed_form", schedule: str = "layerwise",
-            sweeps: int = 1, order: str = "forward", ridge: float = DEFAULT_RIDGE, gradient_steps: int = 50,
+            px: bool = True, sweeps: int = 1, order: str = "forward", ridge: float = DEFAULT_RIDGE, gradient_steps: int = 50,
             gradient_lr: float = 1.0, max_backtracks: int = 10, monotone_tol: float = MONOTONE_TOL,
             max_regions: int = DEFAULT_MAX_REGIONS, marginal_kwargs: dict | None = None) -> EMStepResult:
     """One exact EM step on ``decoder`` (modified in place) with guaranteed non-increasing exact NLL.
@@ -158,6 +158,10 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             always accepted. ``"joint"``: one E-step, ``sweeps`` sweeps of all blocks on the frozen
             surrogate, then backtracking along the straight line θ_old → θ_new; cheaper, but that line
             need not be an ascent direction (the blocks are coupled), and the step is then rejected.
+        px: layerwise schedule only: start the sweep with the parameter-expanded block
+            (:func:`~pyro_cpa.infer.mstep.prior_expansion`), which re-centres and re-scales the latent
+            space through the first layer (an exact EM step that never lowers the likelihood; it makes
+            e.g. the output mean converge fast). Needs the first affine step to be one ``nn.Linear``.
         sweeps, order, ridge: options of the closed-form :func:`~pyro_cpa.infer.mstep.m_step`
             (``sweeps`` is ignored by ``"layerwise"``, which does one sweep per call).
         gradient_steps, gradient_lr: L-BFGS iterations and learning rate of the gradient M-step.
@@ -218,7 +222,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             layers.reverse()
         nll, sx, sz = nll_before, sx_old, sz_old
         total_bt, moved, q_gain = 0, False, 0.0
-        for block in layers + ["variances"]:
+        for block in (["px"] if px else []) + layers + ["variances"]:
             q0 = Q(stats, sx, sz)
             old = _snapshot(decoder)
             obs_var, prior_var = (sx ** 2).expand(D), sz ** 2
@@ -227,12 +231,17 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                 new_ov, new_pv = update_variances(maps, net, stats, obs_var, prior_var, obs_noise=obs_noise,
                                                   update_prior_scale=update_prior_scale)
                 sx_c, sz_c = to_scale(new_ov), new_pv.sqrt()
+            elif block == "px":
+                maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps(dtype)]
+                net.set_affine_maps(prior_expansion(maps, stats, prior_var))
+                sx_c, sz_c = sx, sz
             else:
                 maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps(dtype)]
                 maps[block] = update_layer(maps, block, net, stats, obs_var, ridge=ridge)
                 net.set_affine_maps(maps)
                 sx_c, sz_c = sx, sz
-            q_gain += Q(stats, sx_c, sz_c) - q0
+            if block != "px":  # the reduction re-labels z: the frozen-E-step Q is not comparable
+                q_gain += Q(stats, sx_c, sz_c) - q0
             new = _snapshot(decoder)
             ok, k, nll_c, stats_c, sx_k, sz_k = ver.line_search(nll, old, new, sx, sx_c, sz, sz_c)
             total_bt += k

@@ -274,12 +274,13 @@ def _structure(G: Tensor, d: Tensor, real: Tensor, Q: Tensor, rank_tol: float):
     return Cfull[..., : S - 1].contiguous(), o, lower, upper
 
 
-def _limits_smooth(T: Tensor, lower: Tensor, upper: Tensor, C: Tensor, tau: float, hess: bool):
+def _limits_smooth(T: Tensor, lower: Tensor, upper: Tensor, C: Tensor, tau: Tensor, hess: bool):
     """Smoothed (interval-widening) limits L_k, U_k (B,S), their x-gradients (B,S,m) and Hessians."""
     ninf = torch.tensor(-math.inf, dtype=T.dtype, device=T.device)
     out = []
+    tau = tau.unsqueeze(-1)                                               # (B, 1), one τ per polytope
     for mask, sgn in ((lower, 1.0), (upper, -1.0)):
-        Z = torch.where(mask, (sgn / tau) * T.unsqueeze(-2), ninf)      # (B,S,F)
+        Z = torch.where(mask, (sgn / tau.unsqueeze(-1)) * T.unsqueeze(-2), ninf)      # (B,S,F)
         lse = torch.logsumexp(Z, -1)
         n = mask.sum(-1)
         has = n > 0
@@ -292,13 +293,13 @@ def _limits_smooth(T: Tensor, lower: Tensor, upper: Tensor, C: Tensor, tau: floa
         if hess:
             # d²(sgn τ LSE(sgn T/τ)) = sgn/τ · Cov_w(C)  (convex for lower, concave for upper)
             CC = (C.unsqueeze(-1) * C.unsqueeze(-2)).flatten(-2)          # (B,F,m*m)
-            H = (sgn / tau) * ((w @ CC).unflatten(-1, (C.shape[-1], C.shape[-1]))
+            H = (sgn / tau.view(-1, 1, 1, 1)) * ((w @ CC).unflatten(-1, (C.shape[-1], C.shape[-1]))
                                - grad.unsqueeze(-1) * grad.unsqueeze(-2))
         out.append((lim, grad, H))
     return out
 
 
-def _psi_parts(x: Tensor, mu: Tensor, P, tau: float, hess: bool):
+def _psi_parts(x: Tensor, mu: Tensor, P, tau: Tensor, hess: bool):
     """Smoothed ψ_τ(x; μ), gradient wrt z = (x, μ) and (optionally) Hessian, batched (B,)."""
     C, o, lower, upper = P
     B, F, m = C.shape
@@ -340,21 +341,30 @@ def _sub(P, idx):
 
 def _saddle(P, x0: Tensor, mu0: Tensor, active: Tensor, tau0: float, tau_min: float, iters: int, tol: float,
             ls_steps: int):
-    """Damped Newton on ∇ψ_τ = 0 (merit ‖∇ψ_τ‖²) with τ decreasing to tau_min. Returns (x, mu, converged)."""
+    """Damped Newton on ∇ψ_τ = 0 (merit ‖∇ψ_τ‖²) with a per-polytope τ shrinking geometrically to tau_min.
+
+    τ is only decreased where the current point stays in the domain of ψ at the smaller τ (the relaxed
+    domain shrinks with τ); where it cannot, the saddle point of the larger τ is kept, which still gives a
+    valid (looser) bound. Returns (x, mu, tau, converged)."""
     B, m = x0.shape
     x, mu = x0.clone(), mu0.clone()
+    tau = x0.new_full((B,), tau0)
     conv = torch.zeros(B, dtype=torch.bool, device=x0.device)
     act = active.clone()
     for it in range(iters):
-        tau = max(tau_min, tau0 * 0.2 ** it)
         idx = act.nonzero().squeeze(-1)
         if idx.numel() == 0:
             break
         Ps = _sub(P, idx)
-        xs, ms = x[idx], mu[idx]
-        val, g, ok, H = _psi_parts(xs, ms, Ps, tau, True)
+        xs, ms, ts = x[idx], mu[idx], tau[idx]
+        at_min = ts <= tau_min
+        tt = (0.2 * ts).clamp(min=tau_min)
+        _, _, okt, _ = _psi_parts(xs, ms, Ps, tt, False)
+        ts = torch.where(okt, tt, ts)
+        final = (ts <= tau_min) | (~okt & ~at_min)                        # τ cannot shrink further
+        val, g, ok, H = _psi_parts(xs, ms, Ps, ts, True)
         gn = g.abs().amax(-1) if m else torch.zeros_like(val)
-        done = ok & (gn < tol) & (tau == tau_min)
+        done = ok & (gn < tol) & final
         conv[idx] = done
         bad = ~ok | ~torch.isfinite(gn)
         step, info = torch.linalg.solve_ex(H, -g)
@@ -362,30 +372,32 @@ def _saddle(P, x0: Tensor, mu0: Tensor, active: Tensor, tau0: float, tau_min: fl
         m0 = (g * g).sum(-1)
         t = torch.ones_like(val)
         pending = ~done & ~bad
-        for _ in range(ls_steps):
+        for ls in range(ls_steps):
             if not bool(pending.any()):
                 break
             zx = xs + t.unsqueeze(-1) * step[:, :m]
             zm = ms + t.unsqueeze(-1) * step[:, m:]
-            v2, g2, ok2, _ = _psi_parts(zx, zm, Ps, tau, False)
+            v2, g2, ok2, _ = _psi_parts(zx, zm, Ps, ts, False)
             m2 = (g2 * g2).sum(-1)
             acc = pending & ok2 & torch.isfinite(m2) & (m2 <= (1.0 - 1e-4 * t) * m0)
+            if ls == ls_steps - 1:  # line search failed (typically at a kink): take the short step anyway
+                acc = pending & ok2 & torch.isfinite(m2)
             xs = torch.where(acc.unsqueeze(-1), zx, xs)
             ms = torch.where(acc.unsqueeze(-1), zm, ms)
             pending = pending & ~acc
             t = torch.where(pending, 0.5 * t, t)
-        x[idx], mu[idx] = xs, ms
-        act[idx] = ~done & ~bad & (~pending | (tau > tau_min))  # a stalled line search ends it at tau_min
-    return x, mu, conv
+        x[idx], mu[idx], tau[idx] = xs, ms, ts
+        act[idx] = ~done & ~bad
+    return x, mu, tau, conv
 
 
-def _maximise_x(P, x: Tensor, mu: Tensor, tau: float, iters: int, skip: Tensor):
+def _maximise_x(P, x: Tensor, mu: Tensor, tau: Tensor, iters: int, skip: Tensor):
     """Concave Newton ascent of ψ_τ(·; μ) with backtracking (not where ``skip``);
     returns (x, ψ_τ(x), Newton decrement ½ gᵀ(−H)⁻¹g)."""
     B, m = x.shape
     todo = (~skip).nonzero().squeeze(-1)
     if todo.numel():
-        xs = _ascent(_sub(P, todo), x[todo], mu[todo], tau, iters)
+        xs = _ascent(_sub(P, todo), x[todo], mu[todo], tau[todo], iters)
         x = x.index_copy(0, todo, xs)
     val, g, ok, H = _psi_parts(x, mu, P, tau, True)
     gx, Hxx = g[:, :m], H[:, :m, :m]
@@ -397,7 +409,7 @@ def _maximise_x(P, x: Tensor, mu: Tensor, tau: float, iters: int, skip: Tensor):
     return x, val, dec
 
 
-def _ascent(P, x: Tensor, mu: Tensor, tau: float, iters: int) -> Tensor:
+def _ascent(P, x: Tensor, mu: Tensor, tau: Tensor, iters: int) -> Tensor:
     B, m = x.shape
     for _ in range(iters):
         val, g, ok, H = _psi_parts(x, mu, P, tau, True)
@@ -437,7 +449,7 @@ def _flatten(G: Tensor, d: Tensor):
 def tilting_proposal(G: Tensor, d: Tensor, *, tau0: float = 0.1, tau_min: float = 1e-3,
                      newton_iters: int = 60, newton_tol: float = 1e-9, line_search_steps: int = 12,
                      polish_iters: int = 6, bound_slack: float = 1e-8, rank_tol: float = 1e-10,
-                     pivot_tol: float = 1e-6, ipm_iters: int = 60, ipm_gap: float = 1e-4):
+                     pivot_tol: float = 1e-6, ipm_iters: int = 60, ipm_gap: float = 1e-2):
     """Build the minimax-tilting proposal for a *flattened* batch G (B, F, S), d (B, F).
 
     Keyword args:
@@ -471,13 +483,13 @@ def tilting_proposal(G: Tensor, d: Tensor, *, tau0: float = 0.1, tau_min: float 
     if m == 0:
         x = mu = G.new_zeros(B, 0)
         conv = torch.ones(B, dtype=torch.bool, device=G.device)
-        val, _, _, _ = _psi_parts(x, mu, P, tau_min, False)
+        val, _, _, _ = _psi_parts(x, mu, P, G.new_full((B,), tau_min), False)
         psi_star = torch.where(feasible, val, torch.zeros_like(val))
         return TiltingProposal(Q, C, o, lower, upper, mu, x, psi_star, conv, feasible)
-    x, mu, conv = _saddle(P, x0, torch.zeros_like(x0), feasible, tau0, tau_min, newton_iters, newton_tol,
-                          line_search_steps)
+    x, mu, tau, conv = _saddle(P, x0, torch.zeros_like(x0), feasible, tau0, tau_min, newton_iters, newton_tol,
+                               line_search_steps)
     # certify ψ* = max_x ψ_τ(x; μ) (concave); where that fails fall back to μ = 0, ψ* = 0 (ψ(x; 0) <= 0)
-    x, val, dec = _maximise_x(P, x, mu, tau_min, polish_iters, conv)
+    x, val, dec = _maximise_x(P, x, mu, tau, polish_iters, conv)
     good = feasible & torch.isfinite(val) & (dec < 1e-6)
     mu = torch.where(good.unsqueeze(-1), mu, torch.zeros_like(mu))
     psi_star = torch.where(good, val + dec + bound_slack, torch.zeros_like(val))

@@ -11,7 +11,8 @@ enumerated in torch. With v1 = w·u and an orthonormal basis Q of w⊥,
 
 by Gauss–Legendre (``num_nodes`` per piece) on pieces split at the vertices' v1 (P₂ is analytic
 between them), where a plane's in-slice distance crosses ``levels`` (planes nearly parallel to the
-slices) and at v1 = sqrt(r² + 2s), s in ``s_cuts`` (bounded fall of the Gaussian weight per piece;
+slices), where a ridge's point in the slice is nearest to / at distance ``ridge_levels`` from the
+slice origin (ridges nearly parallel to the slices), and at v1 = sqrt(r² + 2s), s in ``s_cuts`` (bounded fall of the Gaussian weight per piece;
 truncation at s = 50). Each slice is exact in log space (:func:`~pyro_cpa.integrate.bivariate.log_mass_2d`)
 and the sum is a logsumexp, so far-out polytopes keep their relative accuracy.
 
@@ -40,6 +41,7 @@ __all__ = ["std_moments_3d", "log_mass_3d", "DEFAULT_NUM_NODES_3D", "DEFAULT_FEA
 
 DEFAULT_NUM_NODES_3D = 16
 DEFAULT_FEAS_TOL = 1e-10
+DEFAULT_RIDGE_LEVELS = (2.0, 5.0, 8.0)
 
 
 def _basis(g: torch.Tensor) -> torch.Tensor:
@@ -123,9 +125,47 @@ def _nearest_point(Gs, ds, real, tol):
     return p, r, inside, nonempty, verts, vok
 
 
+def _ridge_cuts(Gs, ds, real, w, Q, lo, ridge_levels):
+    """v1 where each ridge line's point in the slice is closest to the slice origin and at distance L.
+
+    A ridge nearly parallel to the slices makes the slice polygon's vertex run away fast (a steep,
+    Gaussian-like fall of P₂); cutting there keeps each piece's integrand resolvable.
+    """
+    B, F, _ = Gs.shape
+    if F < 2:
+        return lo.new_zeros(B, 0)
+    pr = torch.tensor(list(itertools.combinations(range(F), 2)), device=ds.device)
+    gi, gj = Gs[:, pr[:, 0]], Gs[:, pr[:, 1]]
+    di, dj = ds[:, pr[:, 0]], ds[:, pr[:, 1]]
+    c = (gi * gj).sum(-1)
+    den = 1.0 - c * c
+    ok = real[:, pr[:, 0]] & real[:, pr[:, 1]] & (den > 1e-12)
+    dens = torch.where(ok, den, torch.ones_like(den))
+    x0 = ((di - c * dj) / dens).unsqueeze(-1) * gi + ((dj - c * di) / dens).unsqueeze(-1) * gj
+    t = torch.cross(gi, gj, dim=-1)
+    t = t / torch.where(ok, t.norm(dim=-1), torch.ones_like(den)).unsqueeze(-1)
+    wt = (t * w.unsqueeze(-2)).sum(-1)
+    v0 = (x0 * w.unsqueeze(-2)).sum(-1)
+    y0 = (x0.unsqueeze(-1) * Q.unsqueeze(-3)).sum(-2)
+    tq = (t.unsqueeze(-1) * Q.unsqueeze(-3)).sum(-2)
+    slanted = ok & (wt.abs() > 1e-12)
+    wts = torch.where(slanted, wt, torch.ones_like(wt))
+    m = tq / wts.unsqueeze(-1)
+    mm = torch.where(slanted, (m * m).sum(-1), torch.ones_like(wt))
+    vstar = v0 - torch.where(slanted, (y0 * m).sum(-1) / mm, torch.zeros_like(wt))
+    ystar2 = ((y0 + (vstar - v0).unsqueeze(-1) * m) ** 2).sum(-1)
+    L = torch.tensor(ridge_levels, dtype=ds.dtype, device=ds.device)
+    off = torch.sqrt(torch.clamp(L * L - ystar2.unsqueeze(-1), min=0.0) / mm.unsqueeze(-1))
+    off = torch.where(slanted.unsqueeze(-1), off, torch.zeros_like(off))
+    cuts = torch.cat([vstar.unsqueeze(-1), vstar.unsqueeze(-1) - off, vstar.unsqueeze(-1) + off], dim=-1)
+    cuts = torch.where(ok.unsqueeze(-1), cuts, lo[:, None, None])
+    return cuts.reshape(B, -1)
+
+
 def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NUM_NODES_3D,
                 s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
-                switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D) -> torch.Tensor:
+                switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
+                ridge_levels=DEFAULT_RIDGE_LEVELS) -> torch.Tensor:
     """log P(u ∈ {G u <= d}) for u ~ N(0, I_3) (see module doc); -inf for empty polytopes."""
     batch = d.shape[:-1]
     F = d.shape[-1]
@@ -161,7 +201,8 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     al_s = torch.where(al_ok, al, torch.ones_like(al))
     lcut = (ds.unsqueeze(-1) - nq.unsqueeze(-1) * lev) / al_s.unsqueeze(-1)
     lcut = torch.where(al_ok.unsqueeze(-1), lcut, lo[:, None, None]).reshape(B, -1)
-    cuts = torch.cat([vv, decay, lcut], dim=-1)
+    rcut = _ridge_cuts(Gs, ds, real, w, Q, lo, ridge_levels)
+    cuts = torch.cat([vv, decay, lcut, rcut], dim=-1)
     cuts = torch.minimum(torch.maximum(cuts, lo.unsqueeze(-1)), vmax.unsqueeze(-1))
     cuts = torch.sort(cuts, dim=-1).values
     a0, a1 = cuts[..., :-1], cuts[..., 1:]
@@ -196,13 +237,13 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
 def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NUM_NODES_3D,
                    s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
                    switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
-                   facet_tie_tol: float = 1e-12) -> StandardMoments:
+                   facet_tie_tol: float = 1e-12, ridge_levels=DEFAULT_RIDGE_LEVELS) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_3) on {u : G u <= d} (see module doc).
 
     Args:
         G: (..., F, 3) unit outward normals (padding rows 0). d: (..., F) offsets (padding +inf).
         num_nodes: Gauss–Legendre nodes per piece along the slicing axis.
-        s_cuts, levels: extra cuts of the slicing axis (Gaussian decay; planes nearly parallel to slices).
+        s_cuts, levels, ridge_levels: extra cuts of the slicing axis (Gaussian decay; planes nearly parallel to slices).
         feas_tol: relative tolerance of the feasibility test of candidate nearest points / vertices.
         switch_mass, num_nodes_2d: options of the 2-D polygon masses (slices and facets).
         facet_tie_tol: duplicated facets (same plane twice) are counted once.
@@ -214,7 +255,7 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
     batch = d.shape[:-1]
     F = d.shape[-1]
     logP = log_mass_3d(G, d, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels, feas_tol=feas_tol,
-                       switch_mass=switch_mass, num_nodes_2d=num_nodes_2d)
+                       switch_mass=switch_mass, num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels)
     norm = G.norm(dim=-1)
     real = (norm > 0) & (d < float("inf"))
     Gs = torch.where(real.unsqueeze(-1), G, torch.zeros_like(G))

@@ -288,3 +288,25 @@ def test_s2_log_prob_and_posterior_moments_match_grid_quadrature(act):
         assert abs(lp - lp_ref) < 1e-7
         torch.testing.assert_close(post.mean, mean_ref, atol=1e-6, rtol=0)
         torch.testing.assert_close(post.covariance_matrix, cov_ref, atol=1e-6, rtol=0)
+
+
+def test_s2_posterior_samples_region_frequencies_and_moments():
+    from scipy.stats import chisquare
+
+    dec = _net([2, 5, 5, 2], Abs, seed=12)
+    dist = CPAMarginal(dec, 0.3)
+    n = 20000
+    with torch.no_grad():
+        post = dist.posterior(torch.tensor([0.4, -0.3]))
+        s = post.sample((n,))
+    # which region each draw falls in must follow the mixture weights (chi-square test)
+    counts = torch.bincount(dist.regions.locate(s), minlength=len(dist.regions)).double()
+    w = post.mixture_log_weights.exp()
+    keep = w * n > 5
+    expected = torch.cat([w[keep] * n, (w[~keep].sum() * n).reshape(1)])
+    observed = torch.cat([counts[keep], counts[~keep].sum().reshape(1)])
+    expected = expected * observed.sum() / expected.sum()
+    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+    se = post.variance.sqrt() / math.sqrt(n)
+    assert ((s.mean(0) - post.mean).abs() < 5 * se).all()
+    torch.testing.assert_close(torch.cov(s.T), post.covariance_matrix, atol=0.05, rtol=0.05)

@@ -1,0 +1,153 @@
+r"""Amortised (VAE-style) Gaussian guide for CPA models: an encoder maps x to q(z | x) = N(μ(x), Σ(x)).
+
+Pyro's own :class:`~pyro.infer.autoguide.AutoNormal`, :class:`~pyro.infer.autoguide.AutoMultivariateNormal`
+and :class:`~pyro.infer.autoguide.AutoDelta` work unchanged on CPA models; :class:`AmortizedNormal` adds
+the encoder guide of a VAE. Its exact ELBO and KL to the true posterior are given by
+:func:`pyro_cpa.infer.exact_elbo` / :func:`pyro_cpa.infer.posterior_kl`.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.autoguide import AutoGuide
+from torch import nn
+from torch.nn.functional import softplus
+
+from ..errors import PyroCPAError
+from ..infer.structure import read_structure, trace_model
+
+__all__ = ["AmortizedNormal", "mlp_encoder"]
+
+
+def _tril_size(S: int) -> int:
+    return S * (S + 1) // 2
+
+
+def _lower_triangular(raw: torch.Tensor, S: int, min_scale: float) -> torch.Tensor:
+    """(..., S(S+1)/2) raw entries → (..., S, S) lower-triangular with a softplus(·) + min_scale diagonal."""
+    rows, cols = torch.tril_indices(S, S, device=raw.device)
+    L = _scatter_tril(raw.new_zeros(raw.shape[:-1] + (S, S)), raw, rows, cols)
+    diag = torch.diagonal(L, dim1=-2, dim2=-1)
+    return L - torch.diag_embed(diag) + torch.diag_embed(softplus(diag) + min_scale)
+
+
+def _scatter_tril(L, raw, rows, cols):
+    flat = L.reshape(L.shape[:-2] + (-1,))
+    index = (rows * L.shape[-1] + cols).expand(raw.shape)
+    return flat.scatter(-1, index, raw).reshape(L.shape)
+
+
+def mlp_encoder(in_features: int, hidden, out_features: int, dtype=None) -> nn.Module:
+    """The default encoder: Linear → ReLU → … → Linear."""
+    layers, width = [], in_features
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        width = int(h)
+    layers.append(nn.Linear(width, out_features))
+    net = nn.Sequential(*layers)
+    return net.to(dtype) if dtype is not None else net
+
+
+class _AmortizedGuide(AutoGuide):
+    """Shared plumbing of the amortised guides: read S, D, site names; read x for the current subsample."""
+
+    min_scale = 1e-6
+
+    def __init__(self, model, encoder=None, hidden=(64, 64), *, create_plates=None):
+        super().__init__(model, create_plates=create_plates)
+        self.hidden = tuple(int(h) for h in hidden)
+        if encoder is not None:
+            if not isinstance(encoder, nn.Module):
+                raise PyroCPAError(f"encoder must be an nn.Module (its parameters are registered with "
+                                   f"pyro.module); got {type(encoder).__name__}")
+            self.encoder = encoder
+
+    def _output_size(self, S: int) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _distribution(self, out):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        structure = read_structure(trace_model(self.model, *args, **kwargs))
+        if structure.latent is None:
+            raise PyroCPAError(f"{type(self).__name__} needs a model with a latent site")
+        self._latent, self._observed = structure.latent, structure.observed
+        self.latent_dim = int(structure.prior_scale.shape[-1])
+        self.data_dim = int(structure.x.shape[-1])
+        site = self.prototype_trace.nodes[self._latent]
+        self._latent_frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+        if getattr(self, "encoder", None) is None:
+            self.encoder = mlp_encoder(self.data_dim, self.hidden, self._output_size(self.latent_dim),
+                                       dtype=structure.x.dtype)
+
+    def _current_plates_and_x(self, *args, **kwargs):
+        plates = self._create_plates(*args, **kwargs)
+        subsample = {f.name: plates[f.name].indices for f in self._latent_frames
+                     if plates[f.name].subsample_size < plates[f.name].size}
+        tr = trace_model(self.model, *args, subsample=subsample or None, **kwargs)
+        return plates, tr.nodes[self._observed]["value"]
+
+    def encode(self, x: torch.Tensor):
+        """The guide's distribution q(z | x) for observations x (..., D), batch shape x.shape[:-1]."""
+        return self._distribution(self.encoder(x))
+
+    def forward(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates, x = self._current_plates_and_x(*args, **kwargs)
+        pyro.module(f"{self._pyro_name}.encoder", self.encoder)
+        fn = self.encode(x.detach())
+        with ExitStack() as stack:
+            for frame in self._latent_frames:
+                stack.enter_context(plates[frame.name])
+            z = pyro.sample(self._latent, fn)
+        return {self._latent: z}
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs):
+        """The mean of q(z | x) for the data of the current plate."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        _, x = self._current_plates_and_x(*args, **kwargs)
+        return {self._latent: self.encode(x).mean}
+
+
+class AmortizedNormal(_AmortizedGuide):
+    r"""VAE-style encoder guide: q(z | x) = N(μ(x), diag σ(x)²), or N(μ(x), L(x) L(x)ᵀ) if ``full_covariance``.
+
+    Args:
+        model: a CPA model (S, D and the observed site are read from its trace).
+        encoder: an ``nn.Module`` mapping x (..., D) to either a tensor (..., 2S) — means, then raw scales
+            (softplus) — or (..., S + S(S+1)/2) with ``full_covariance`` — means, then the raw
+            lower-triangular entries (row-major, diagonal through softplus); or to a tuple ``(loc, scale)``
+            / ``(loc, scale_tril)``. Default: an MLP with ``hidden`` ReLU layers.
+        hidden: widths of the default MLP.
+        full_covariance: a full covariance through a Cholesky factor instead of a diagonal one.
+
+    The encoder is registered with ``pyro.module`` at every call, so ``SVI`` trains it. With a subsampled
+    data plate the guide reads the observations of the current indices from a model trace.
+    """
+
+    def __init__(self, model, encoder=None, hidden=(64, 64), full_covariance: bool = False, *, create_plates=None):
+        self.full_covariance = bool(full_covariance)
+        super().__init__(model, encoder=encoder, hidden=hidden, create_plates=create_plates)
+
+    def _output_size(self, S: int) -> int:
+        return S + (_tril_size(S) if self.full_covariance else S)
+
+    def _distribution(self, out):
+        S = self.latent_dim
+        if isinstance(out, (tuple, list)):
+            loc, scale = out
+        else:
+            loc, raw = out[..., :S], out[..., S:]
+            scale = _lower_triangular(raw, S, self.min_scale) if self.full_covariance \
+                else softplus(raw) + self.min_scale
+        if self.full_covariance:
+            return dist.MultivariateNormal(loc, scale_tril=scale)
+        return dist.Normal(loc, scale).to_event(1)
