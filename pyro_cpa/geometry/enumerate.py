@@ -20,7 +20,9 @@ coordinates are not reported). Defaults: ``1e-9`` for ``"breakpoints"`` and ``"p
 """
 from __future__ import annotations
 
-from ..errors import RegionBudgetExceeded
+import torch
+
+from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..nn.network import CPANetwork
 from .regions import DEFAULT_MAX_REGIONS, RegionEnumeration
 
@@ -68,6 +70,11 @@ def enumerate_regions(net: CPANetwork, max_regions: int = DEFAULT_MAX_REGIONS, m
     """
     S = net.in_features
     used = resolve_method(method, S)
+    with torch.no_grad():
+        for l, (W, v) in enumerate(net.affine_maps()):
+            if not (torch.isfinite(W).all() and torch.isfinite(v).all()):
+                raise PyroCPAError(f"the decoder's affine map T_{l} has NaN or infinite weights; "
+                                   "cannot enumerate its linear regions")
     err = _budget_error(net, max_regions)
     if used == "breakpoints":
         from .enumerate_1d import DEFAULT_TOL, enumerate_breakpoints

@@ -104,11 +104,21 @@ def facet_rows(incidence: np.ndarray, priority: np.ndarray | None = None) -> np.
     return np.nonzero(~redundant)[0]
 
 
+def linprog_robust(cost, A_ub, b_ub, bounds):
+    """``scipy.optimize.linprog`` with HiGHS; when the dual simplex ends in HiGHS's "model status
+    unknown" (it happens on degenerate LPs whose optimal face is unbounded), retry with the
+    interior-point solver."""
+    from scipy.optimize import linprog
+
+    res = linprog(cost, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs")
+    if res.status == 4:
+        res = linprog(cost, A_ub=A_ub, b_ub=b_ub, bounds=bounds, method="highs-ipm")
+    return res
+
+
 def chebyshev_center(H: np.ndarray, c: np.ndarray, max_radius: float = 1.0) -> tuple[np.ndarray, float]:
     """Centre and radius of the largest ball (radius capped at ``max_radius``, so the LP is bounded
     also for unbounded polyhedra) inside ``{z : H z <= c}``; radius <= 0 means no interior."""
-    from scipy.optimize import linprog
-
     S = H.shape[1]
     nrm = np.linalg.norm(H, axis=1)
     keep = nrm > 0
@@ -119,7 +129,7 @@ def chebyshev_center(H: np.ndarray, c: np.ndarray, max_radius: float = 1.0) -> t
     obj = np.zeros(S + 1)
     obj[-1] = -1.0
     bounds = [(None, None)] * S + [(None, max_radius)]
-    res = linprog(obj, A_ub=A, b_ub=c, bounds=bounds, method="highs")
+    res = linprog_robust(obj, A, c, bounds)
     if res.status != 0:
         return np.full(S, np.nan), -np.inf
     return res.x[:S], float(res.x[-1])

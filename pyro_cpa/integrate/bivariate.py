@@ -158,7 +158,8 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     vmax = torch.sqrt(r * r + 2.0 * smax)
     lo = torch.where(inside, -vmax, r)
     vert = torch.where(vfin, vert, lo.unsqueeze(-1))
-    decay = torch.sqrt(r.unsqueeze(-1) ** 2 + 2.0 * sc)
+    r_in = torch.where(inside, torch.ones_like(r), r)          # no sqrt(0) in the unused branch
+    decay = torch.sqrt(r_in.unsqueeze(-1) ** 2 + 2.0 * sc)
     sym = torch.sqrt(2.0 * sc[1::2])
     decay = torch.where(inside.unsqueeze(-1), torch.cat([-sym, sym]), decay) if len(s_cuts) % 2 == 0 else \
         torch.cat([decay, torch.where(inside.unsqueeze(-1), -decay, decay)], dim=-1)

@@ -340,7 +340,7 @@ def _sub(P, idx):
 
 
 def _saddle(P, x0: Tensor, mu0: Tensor, active: Tensor, tau0: float, tau_min: float, iters: int, tol: float,
-            ls_steps: int):
+            ls_steps: int, max_step: float = 2.0):
     """Damped Newton on ∇ψ_τ = 0 (merit ‖∇ψ_τ‖²) with a per-polytope τ shrinking geometrically to tau_min.
 
     τ is only decreased where the current point stays in the domain of ψ at the smaller τ (the relaxed
@@ -369,6 +369,8 @@ def _saddle(P, x0: Tensor, mu0: Tensor, active: Tensor, tau0: float, tau_min: fl
         bad = ~ok | ~torch.isfinite(gn)
         step, info = torch.linalg.solve_ex(H, -g)
         step = torch.where((info != 0).unsqueeze(-1) | ~torch.isfinite(step), -g, step)
+        smax = step.abs().amax(-1, keepdim=True) if m else step.new_zeros(step.shape[0], 1)
+        step = step * (max_step / smax.clamp(min=max_step))                # trust region ‖Δ‖∞ <= max_step
         m0 = (g * g).sum(-1)
         t = torch.ones_like(val)
         pending = ~done & ~bad
@@ -414,6 +416,8 @@ def _ascent(P, x: Tensor, mu: Tensor, tau: Tensor, iters: int) -> Tensor:
     for _ in range(iters):
         val, g, ok, H = _psi_parts(x, mu, P, tau, True)
         gx, Hxx = g[:, :m], H[:, :m, :m]
+        if not bool((ok & (gx.abs().amax(-1) > 1e-11)).any()):
+            break
         negH = -Hxx + 1e-12 * torch.eye(m, dtype=x.dtype, device=x.device)
         L, info = torch.linalg.cholesky_ex(negH)
         step = torch.cholesky_solve(gx.unsqueeze(-1), L).squeeze(-1)
@@ -447,8 +451,8 @@ def _flatten(G: Tensor, d: Tensor):
 
 
 def tilting_proposal(G: Tensor, d: Tensor, *, tau0: float = 0.1, tau_min: float = 1e-3,
-                     newton_iters: int = 60, newton_tol: float = 1e-9, line_search_steps: int = 12,
-                     polish_iters: int = 6, bound_slack: float = 1e-8, rank_tol: float = 1e-10,
+                     newton_iters: int = 60, newton_tol: float = 1e-9, line_search_steps: int = 20,
+                     polish_iters: int = 40, bound_slack: float = 1e-8, rank_tol: float = 1e-10,
                      pivot_tol: float = 1e-6, ipm_iters: int = 60, ipm_gap: float = 1e-2):
     """Build the minimax-tilting proposal for a *flattened* batch G (B, F, S), d (B, F).
 

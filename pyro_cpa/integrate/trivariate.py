@@ -155,7 +155,9 @@ def _ridge_cuts(Gs, ds, real, w, Q, lo, ridge_levels):
     vstar = v0 - torch.where(slanted, (y0 * m).sum(-1) / mm, torch.zeros_like(wt))
     ystar2 = ((y0 + (vstar - v0).unsqueeze(-1) * m) ** 2).sum(-1)
     L = torch.tensor(ridge_levels, dtype=ds.dtype, device=ds.device)
-    off = torch.sqrt(torch.clamp(L * L - ystar2.unsqueeze(-1), min=0.0) / mm.unsqueeze(-1))
+    arg = (L * L - ystar2.unsqueeze(-1)) / mm.unsqueeze(-1)
+    pos = arg > 0
+    off = torch.where(pos, torch.sqrt(torch.where(pos, arg, torch.ones_like(arg))), torch.zeros_like(arg))
     off = torch.where(slanted.unsqueeze(-1), off, torch.zeros_like(off))
     cuts = torch.cat([vstar.unsqueeze(-1), vstar.unsqueeze(-1) - off, vstar.unsqueeze(-1) + off], dim=-1)
     cuts = torch.where(ok.unsqueeze(-1), cuts, lo[:, None, None])
@@ -191,7 +193,8 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     lo = torch.where(inside, -vmax, r)
     vv = (verts * w.unsqueeze(-2)).sum(-1)
     vv = torch.where(vok, vv, lo.unsqueeze(-1))
-    decay = torch.sqrt(r.unsqueeze(-1) ** 2 + 2.0 * sc)
+    r_in = torch.where(inside, torch.ones_like(r), r)          # no sqrt(0) in the unused branch
+    decay = torch.sqrt(r_in.unsqueeze(-1) ** 2 + 2.0 * sc)
     sym = torch.sqrt(2.0 * sc[1::2])
     decay = torch.where(inside.unsqueeze(-1), torch.cat([-sym, sym]), decay) if len(s_cuts) % 2 == 0 else \
         torch.cat([decay, torch.where(inside.unsqueeze(-1), -decay, decay)], dim=-1)

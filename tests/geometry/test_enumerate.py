@@ -15,7 +15,6 @@ The checks are designed to be exact rather than statistical:
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linprog
 from scipy.spatial import ConvexHull
 from torch import nn
 
@@ -23,7 +22,7 @@ from pyro_cpa import Abs
 from pyro_cpa.errors import RegionBudgetExceeded
 from pyro_cpa.geometry import linear_regions, region_hyperplanes
 from pyro_cpa.geometry.enumerate import enumerate_regions
-from pyro_cpa.geometry.polytope import chebyshev_center, facet_rows, vrep
+from pyro_cpa.geometry.polytope import chebyshev_center, facet_rows, linprog_robust, vrep
 from pyro_cpa.nn import as_cpa_network
 
 ACTS = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.2), "leakyneg": lambda: nn.LeakyReLU(-0.5), "abs": Abs}
@@ -91,7 +90,7 @@ def check_facets_nonredundant(regions, max_regions=40):
             others = np.delete(np.arange(len(cr)), i)
             A = np.concatenate([Hr[others], Hr[i:i + 1]])
             b = np.concatenate([cr[others], [cr[i] + 1.0]])
-            res = linprog(-Hr[i], A_ub=A, b_ub=b, bounds=[(None, None)] * Hr.shape[1], method="highs")
+            res = linprog_robust(-Hr[i], A, b, [(None, None)] * Hr.shape[1])
             assert res.status == 0
             assert -res.fun > cr[i] + 1e-7, (r, i)
 
@@ -348,6 +347,25 @@ def test_tolerance_merges_slivers():
         assert enum.interior_points.shape[0] == 2
         enum, _ = enumerate_regions(net, tol=0.0)
         assert enum.interior_points.shape[0] == 3
+
+
+def test_tolerance_merges_slivers_lp():
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, -1.0], [1.0, 2.0, -1.0]]))
+        lin.bias.copy_(torch.tensor([0.5, 0.5 + 1e-12]))
+    net = as_cpa_network(nn.Sequential(lin, nn.ReLU(), nn.Linear(2, 1)))
+    enum, used = enumerate_regions(net)
+    assert used == "lp" and enum.interior_points.shape[0] == 2
+    assert (enum.facets >= 0).sum() == 2       # one facet each: the duplicated hyperplane listed once
+
+
+def test_non_finite_weights_rejected():
+    dec = mlp([2, 4])
+    with torch.no_grad():
+        dec[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        linear_regions(dec)
 
 
 def test_polytope_helpers():

@@ -8,7 +8,12 @@ import torch
 from pyro_cpa.integrate.univariate import interval_moments, log1mexp, log_ndtr_diff, ndtr, std_moments_1d
 
 INF = float("inf")
-mp.mp.dps = 50
+
+
+@pytest.fixture(autouse=True)
+def _mp_precision():
+    with mp.workdps(50):
+        yield
 
 
 def _ref_interval(a, b):
