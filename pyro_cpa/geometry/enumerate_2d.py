@@ -26,7 +26,8 @@ region are the labels >= 0 of the edges of its pieces.
 
 Tolerance: a vertex with ``|G·X| <= tol * |G|`` is taken to lie on the line, so a line splits a
 polygon only when it leaves vertices beyond that band on both sides (chart coordinates are O(1)).
-Thinner slivers are merged into the neighbouring cell.
+Thinner slivers are merged into the neighbouring cell. Chart coordinates shrink like ρ/|z| far from
+the origin, so a cell at distance r ≫ ρ is resolved down to a size of about ``tol r² / ρ``.
 """
 from __future__ import annotations
 

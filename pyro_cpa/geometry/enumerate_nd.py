@@ -18,8 +18,9 @@ regions), which is strictly inside.
 
 Tolerance: a generator ``x`` is taken on the hyperplane if ``|t(x)| <= tol (|a| |x| + |b| + |a|)``
 (for rays/lines: ``|a·r| <= tol |a|``); a unit cuts a region only if it has generators beyond that
-band on both sides. A split whose halves cdd does not find full-dimensional is cancelled (sliver
-merged). The default ``1e-7`` is cddlib's own floating-point zero tolerance.
+band on both sides. A split is cancelled (the sliver merged into the other side) when a half is
+not full-dimensional in cdd's result, i.e. when the positive combination of its generators is not
+strictly inside all its rows. The default ``1e-7`` is cddlib's own floating-point zero tolerance.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ..nn.network import CPANetwork
-from .polytope import VRep, facet_rows, vrep
+from .polytope import VRep, facet_masks, vrep
 from .regions import RegionEnumeration
 
 DEFAULT_TOL = 1e-7
@@ -69,10 +70,15 @@ def _child(H, c, labels, row: np.ndarray, rhs: float, label: int):
         v = vrep(H, c)
     except (RuntimeError, ValueError):   # cddlib gave up (numerically hopeless sliver)
         return None
-    if v is None or not v.is_full_dimensional():
+    if v is None:
         return None
-    keep = facet_rows(v.incidence, labels)
-    v.incidence = v.incidence[keep]
+    # full-dimensional iff the point inside (a positive combination of all generators) is strictly
+    # inside every row: a lower-dimensional result would make some row an implicit equality
+    x = v.interior_point()
+    if not (c - H @ x > 1e-9 * (1.0 + np.abs(x).max())).all():
+        return None
+    keep = facet_masks(v.masks, labels.tolist())
+    v.masks = [v.masks[i] for i in keep]
     return H[keep], c[keep], labels[keep], v
 
 
@@ -83,8 +89,8 @@ def enumerate_lp(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
     with torch.no_grad():
         maps = [(W.detach().to(torch.float64).cpu().numpy(), v.detach().to(torch.float64).cpu().numpy())
                 for W, v in net.affine_maps()]
-    whole = VRep(vertices=np.zeros((1, S)), rays=np.zeros((0, S)), lines=np.eye(S),
-                 incidence=np.zeros((0, S + 1), dtype=bool))
+    whole = VRep(vertices=np.zeros((1, S)), rays=np.zeros((0, S)), lines=np.eye(S), masks=[],
+                 bits=list(range(S + 1)))
     regions = [_Region(np.zeros((0, S)), np.zeros(0), np.zeros(0, dtype=np.int64), whole, [],
                        np.eye(S), np.zeros(S))]
     offset = 0

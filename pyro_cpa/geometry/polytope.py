@@ -13,14 +13,28 @@ import numpy as np
 
 @dataclass
 class VRep:
+    """V-representation of ``{z : H z <= c}`` with the incidence of its rows.
+
+    ``masks[i]`` is the set of generators on the hyperplane of row i, as an integer bit mask
+    (bit ``bits[g]`` for the g-th generator in the order vertices, rays, lines).
+    """
+
     vertices: np.ndarray   # (nv, S)
     rays: np.ndarray       # (nr, S), unit norm
     lines: np.ndarray      # (nl, S), unit norm
-    incidence: np.ndarray  # (k, nv + nr + nl) bool: generator g lies on the hyperplane of row i
+    masks: list            # per row, int bit mask of incident generators
+    bits: list             # bit position of each generator (vertices, rays, lines order)
 
     @property
     def bounded(self) -> bool:
         return self.rays.shape[0] == 0 and self.lines.shape[0] == 0
+
+    @property
+    def incidence(self) -> np.ndarray:
+        """(k, nv + nr + nl) bool: generator g lies on the hyperplane of row i."""
+        b = np.array(self.bits, dtype=object)
+        return np.array([[(m >> int(x)) & 1 for x in b] for m in self.masks], dtype=bool).reshape(
+            len(self.masks), len(self.bits))
 
     def homogeneous(self) -> np.ndarray:
         """Generators as rows ``[1, v]``, ``[0, r]``, ``[0, l]`` (same order as ``incidence``)."""
@@ -31,6 +45,7 @@ class VRep:
         return np.concatenate([top, rest])
 
     def is_full_dimensional(self, rtol: float = 1e-9) -> bool:
+        """Whether the homogeneous generators span R^(S+1) (SVD)."""
         Hg = self.homogeneous()
         if len(self.vertices) == 0:
             return False
@@ -50,6 +65,7 @@ class VRep:
 def vrep(H: np.ndarray, c: np.ndarray) -> VRep | None:
     """V-representation of ``{z : H z <= c}`` (rows should be normalised); ``None`` if empty."""
     S = H.shape[1]
+    k = H.shape[0]
     arr = np.concatenate([c[:, None], -H], axis=1)
     poly = cdd.polyhedron_from_matrix(cdd.matrix_from_array(arr, rep_type=cdd.RepType.INEQUALITY))
     gen = cdd.copy_generators(poly)
@@ -60,48 +76,57 @@ def vrep(H: np.ndarray, c: np.ndarray) -> VRep | None:
     lin[list(gen.lin_set)] = True
     isv = (G[:, 0] > 0.5) & ~lin
     isr = ~isv & ~lin
-    order = np.concatenate([np.nonzero(isv)[0], np.nonzero(isr)[0], np.nonzero(lin)[0]])
+    order = np.concatenate([np.nonzero(isv)[0], np.nonzero(isr)[0], np.nonzero(lin)[0]]).tolist()
     V = G[isv, 1:]
     D = G[:, 1:]
     nrm = np.linalg.norm(D, axis=1)
     nrm[nrm == 0] = 1.0
     # cdd appends an artificial row (the hyperplane at infinity) for unbounded polyhedra: drop it
-    inc_sets = cdd.copy_input_incidence(poly)[:H.shape[0]]
-    inc = np.zeros((H.shape[0], G.shape[0]), dtype=bool)
-    for i, st in enumerate(inc_sets):
-        if st:
-            inc[i, list(st)] = True
-    inc = inc[:, order]
+    masks = [sum(1 << g for g in st) for st in cdd.copy_input_incidence(poly)[:k]]
+    masks += [0] * (k - len(masks))
     if V.shape[0] == 0:
         # cdd leaves out the apex of a cone when it is the origin
-        if (c < -1e-9 * np.linalg.norm(H, axis=1)).any():
+        rn = np.linalg.norm(H, axis=1)
+        if (c < -1e-9 * rn).any():
             return None
         V = np.zeros((1, S))
-        inc = np.concatenate([(np.abs(c) <= 1e-9 * np.linalg.norm(H, axis=1))[:, None], inc], 1)
-    return VRep(vertices=V, rays=D[isr] / nrm[isr, None], lines=D[lin] / nrm[lin, None], incidence=inc)
+        apex = G.shape[0]
+        on = np.abs(c) <= 1e-9 * rn
+        masks = [m | (1 << apex) if o else m for m, o in zip(masks, on.tolist())]
+        order = [apex] + order
+    return VRep(vertices=V, rays=D[isr] / nrm[isr, None], lines=D[lin] / nrm[lin, None], masks=masks, bits=order)
 
 
-def facet_rows(incidence: np.ndarray, priority: np.ndarray | None = None) -> np.ndarray:
-    """Indices of the non-redundant rows of a full-dimensional polyhedron, from the incidence.
+def facet_masks(masks: list, priority) -> list:
+    """Indices of the non-redundant rows of a full-dimensional polyhedron, from incidence bit masks.
 
     A row defines a facet iff the set of generators on its hyperplane is not strictly contained in
-    another row's set; rows with the same set define the same facet and only the one with the
-    smallest ``priority`` (default: row index) is kept.
+    another row's set (for minimal generators, a face's generators determine it); rows with the
+    same set define the same facet and only the one with the smallest ``priority`` is kept.
     """
-    T = incidence
-    k = T.shape[0]
-    if k == 0:
-        return np.zeros(0, dtype=np.int64)
-    prio = np.arange(k) if priority is None else np.asarray(priority)
-    not_sub = (T[:, None, :] & ~T[None, :, :]).any(-1)     # [i, j]: T_i not a subset of T_j
-    sub = ~not_sub
-    np.fill_diagonal(sub, False)
-    strict = sub & not_sub.T
-    equal = sub & sub.T
-    earlier = (prio[None, :] < prio[:, None]) | ((prio[None, :] == prio[:, None]) &
-                                                 (np.arange(k)[None, :] < np.arange(k)[:, None]))
-    redundant = strict.any(1) | (equal & earlier).any(1) | ~T.any(1)
-    return np.nonzero(~redundant)[0]
+    k = len(masks)
+    keep = []
+    for i in range(k):
+        mi = masks[i]
+        if mi == 0:
+            continue
+        pi = (priority[i], i)
+        for j in range(k):
+            if j != i:
+                mj = masks[j]
+                if mi & mj == mi and (mi != mj or (priority[j], j) < pi):
+                    break
+        else:
+            keep.append(i)
+    return keep
+
+
+def facet_rows(incidence: np.ndarray, priority=None) -> np.ndarray:
+    """:func:`facet_masks` for a boolean incidence matrix (k rows, generators as columns)."""
+    T = np.asarray(incidence, dtype=bool)
+    masks = [sum(1 << int(g) for g in np.nonzero(row)[0]) for row in T]
+    prio = list(range(len(masks))) if priority is None else [int(p) for p in priority]
+    return np.array(facet_masks(masks, prio), dtype=np.int64)
 
 
 def linprog_robust(cost, A_ub, b_ub, bounds):

@@ -105,8 +105,11 @@ class _AmortizedGuide(AutoGuide):
         with ExitStack() as stack:
             for frame in self._latent_frames:
                 stack.enter_context(plates[frame.name])
-            z = pyro.sample(self._latent, fn)
+            z = self._sample_latent(fn)
         return {self._latent: z}
+
+    def _sample_latent(self, fn):
+        return pyro.sample(self._latent, fn)
 
     @torch.no_grad()
     def median(self, *args, **kwargs):

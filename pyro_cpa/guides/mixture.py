@@ -1,18 +1,26 @@
 r"""Multimodal guides: per-datum and amortised mixtures of full-covariance Gaussians.
 
-Both guides put a :class:`GaussianMixture` on the latent site,
+Both guides use q(z) = Σ_k π_k N(z; m_k, L_k L_kᵀ), π = softmax(logits), and make every particle of
+Pyro's ``Trace_ELBO`` an unbiased estimate of the *true* evidence lower bound and of its gradient,
 
-    q(z) = Σ_k π_k N(z; m_k, L_k L_kᵀ),      π = softmax(logits),
+    ELBO(q) = E_q[log p(x, z) − log q(z)] = Σ_k π_k E_{q_k}[f(z)] <= log p(x),   f(z) = log p(x, z) − log q(z),
 
-whose ``log_prob`` is the exact log-density of the *mixture marginal* and whose ``rsample`` is fully
-reparameterised, including the mixture weights (see :class:`GaussianMixture`). With it, every
-particle of Pyro's ``Trace_ELBO`` is an unbiased estimate of the true evidence lower bound
+where log q(z) is always the mixture's *marginal* log-density (never log q(k) + log q(z | k), which would
+bound the joint of (k, z) and be looser by E_q[H(q(k | z))]). Two estimators (``estimator=``):
 
-    ELBO(q) = E_q[log p(x, z) − log q(z)] = Σ_k π_k E_{q_k}[log p(x, z) − log q(z)] <= log p(x),
+``"score"`` (default). The guide samples an auxiliary index k ~ Categorical(π) with
+:class:`MixtureComponentIndex` — log-prob 0, score function log π_k — and then z = m_k + L_k ε with
+:class:`MixtureComponentDraw`, whose log-prob is the marginal log q(z). Trace_ELBO's particle value is
+log p(x, z) − 0 − log q(z) = f(z), with (k, z) an exact draw of q, so its mean is ELBO(q). Its surrogate
+gradient is ∇_θ f(z(θ, ε)) |_k + f(z)·∇log π_k (Pyro's reward log_r = log p − log q(z) = f, per datum),
+and E[∇f(z_k(θ, ε))] = Σ_k π_k ∇E_{q_k}[f] with π held fixed, E[f ∇log π_k] = Σ_k (∇π_k) E_{q_k}[f]; their
+sum is ∇Σ_k π_k E_{q_k}[f] = ∇ELBO (product rule), so the gradient is unbiased, including the weights.
 
-and its surrogate gradient is an unbiased estimate of ∇ELBO with respect to the logits, means and
-Cholesky factors. No component index is sampled as a guide site and no log q(k) + log q(z | k) is
-scored (that would bound the *joint* ELBO of (k, z), which is looser by E_q[H(q(k | z))]).
+``"implicit"``. A single site :class:`GaussianMixture` with a fully reparameterised ``rsample``
+(implicit reparameterisation of the distributional transform; proof in its docstring). Also unbiased,
+but the weights' gradient is carried by samples crossing the low-density gap between separated
+components, so its variance explodes there (measured: the weights barely move on a bimodal posterior);
+use it for overlapping components only.
 """
 from __future__ import annotations
 
@@ -20,8 +28,10 @@ import math
 from contextlib import ExitStack
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution
+from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import broadcast_shape
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.utils import deep_setattr
@@ -33,7 +43,7 @@ from ..errors import PyroCPAError
 from ..infer.structure import read_structure, trace_model
 from .amortized import _AmortizedGuide, _lower_triangular, _tril_size
 
-__all__ = ["GaussianMixture", "AutoMixture", "AmortizedMixture"]
+__all__ = ["GaussianMixture", "MixtureComponentIndex", "MixtureComponentDraw", "AutoMixture", "AmortizedMixture"]
 
 
 def _pick(t: torch.Tensor, k: torch.Tensor, tail: tuple) -> torch.Tensor:
@@ -81,6 +91,10 @@ class GaussianMixture(TorchDistribution):
     log p(x, z̃) − log q(z̃) and differentiates it pathwise), every particle is an unbiased estimate
     of ELBO(q) and of its gradient with respect to logits, loc and scale_tril — including the weights,
     which a plain "sample k, then z" scheme would not differentiate.
+
+    *Caveat.* Between well-separated components q is tiny while ∇_θF is not, so the weights' gradient
+    comes from rare samples in the gap with huge ∂z/∂θ: unbiased, but heavy-tailed. The mixture guides
+    therefore default to the ``"score"`` estimator (see :mod:`pyro_cpa.guides.mixture`).
     """
 
     arg_constraints = {
@@ -202,7 +216,7 @@ class GaussianMixture(TorchDistribution):
             z0 = z.detach().requires_grad_()
             F0 = self.conditional_cdfs(z0, *detached)
             rows = [torch.autograd.grad(F0[..., d].sum(), z0, retain_graph=d + 1 < S)[0] for d in range(S)]
-        J = torch.stack(rows, -2).tril()  # ∂F_d/∂z_j, lower triangular
+        J = torch.stack(rows, -2)  # ∂F_d/∂z_j, lower triangular (F_d depends on z_{<=d} only)
         F = self.conditional_cdfs(z, *params)
         delta = torch.linalg.solve_triangular(J, (F - F.detach()).unsqueeze(-1), upper=False).squeeze(-1)
         return z - delta
@@ -210,6 +224,92 @@ class GaussianMixture(TorchDistribution):
     def entropy(self):
         raise NotImplementedError("a Gaussian mixture has no closed-form entropy; see "
                                   "pyro_cpa.infer.evaluation.gaussian_mixture_entropy")
+
+
+class MixtureComponentIndex(TorchDistribution):
+    r"""The auxiliary component index k ~ Categorical(π) of the ``"score"`` estimator.
+
+    Its ``log_prob`` is 0 (the index is a sampling device, not part of q: nothing of log q(k) enters the
+    ELBO) while its ``score_parts`` carry the score function ∇log π_k, so that Pyro's ``Trace_ELBO`` adds
+    the REINFORCE term (log p(x, z) − log q(z))·∇log π_k for the choice of component.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        self.logits = logits
+        super().__init__(logits.shape[:-1], torch.Size(), validate_args=validate_args)
+
+    @constraints.dependent_property
+    def support(self):
+        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return MixtureComponentIndex(self.logits.expand(batch_shape + self.logits.shape[-1:]), validate_args=False)
+
+    def sample(self, sample_shape=torch.Size()):
+        return dist.Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
+
+    def _log_weight(self, value):
+        log_w = self.logits - self.logits.logsumexp(-1, keepdim=True)
+        log_w = log_w.expand(value.shape + log_w.shape[-1:])
+        return log_w.gather(-1, value.long().unsqueeze(-1)).squeeze(-1)
+
+    def log_prob(self, value):
+        return torch.zeros_like(self._log_weight(value))
+
+    def score_parts(self, value):
+        log_w = self._log_weight(value)
+        return ScoreParts(log_prob=torch.zeros_like(log_w), score_function=log_w, entropy_term=0)
+
+
+class MixtureComponentDraw(TorchDistribution):
+    r"""z | k for the ``"score"`` estimator: z = loc_k + L_k ε (reparameterised), scored by the *marginal* log q(z).
+
+    Together with :class:`MixtureComponentIndex` (log-prob 0) the guide's log-density is exactly the
+    mixture's marginal log q(z), so the ELBO is the true one (not the joint (k, z) bound).
+    """
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, mixture: GaussianMixture, component: torch.Tensor, validate_args=None):
+        batch_shape = broadcast_shape(mixture.batch_shape, component.shape)
+        self.mixture = mixture.expand(batch_shape)
+        self.component = component.expand(batch_shape)
+        super().__init__(batch_shape, mixture.event_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return MixtureComponentDraw(self.mixture.expand(batch_shape), self.component.expand(batch_shape),
+                                    validate_args=False)
+
+    def rsample(self, sample_shape=torch.Size()):
+        if torch.Size(sample_shape):
+            raise ValueError("MixtureComponentDraw draws one z per sampled component; use an empty sample_shape")
+        S = self.event_shape[0]
+        loc = _pick(self.mixture.loc, self.component, (S,))
+        L = _pick(self.mixture.scale_tril, self.component, (S, S))
+        eps = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device)
+        return loc + (L @ eps.unsqueeze(-1)).squeeze(-1)
+
+    def log_prob(self, value):
+        return self.mixture.log_prob(value)
+
+
+def _sample_mixture_site(name: str, fn: GaussianMixture, estimator: str):
+    if estimator == "implicit":
+        return pyro.sample(name, fn)
+    k = pyro.sample(f"{name}_component", MixtureComponentIndex(fn.logits), infer={"is_auxiliary": True})
+    return pyro.sample(name, MixtureComponentDraw(fn, k))
+
+
+def _check_estimator(estimator: str) -> str:
+    if estimator not in ("implicit", "score"):
+        raise PyroCPAError(f"estimator must be 'implicit' or 'score', got {estimator!r}")
+    return estimator
 
 
 # ---------------------------------------------------------------------- per-datum mixture guide
@@ -220,24 +320,26 @@ class AutoMixture(AutoGuide):
     ``(N, K)``, ``(N, K, S)``, ``(N, K, S, S)`` for logits, locs and Cholesky factors, N the full size of
     the data plate) and are indexed by the plate's subsample indices, so subsampled plates work. The
     latent site's distribution is a :class:`GaussianMixture`, whose log-density is the mixture's
-    marginal and whose samples are fully reparameterised; ``Trace_ELBO`` is then an unbiased estimate of
-    the true ELBO and of its gradient (proof in :class:`GaussianMixture`).
+    marginal; ``Trace_ELBO`` is then an unbiased estimate of the true ELBO and of its gradient (estimators and
+    proofs in the module docstring).
 
     Args:
         model: a CPA model.
         num_components: K.
+        estimator: ``"score"`` (default) or ``"implicit"``, see the module docstring.
         init_scale: initial standard deviation of every component (Cholesky factor init_scale·I).
         init_spread: the component means start at N(0, init_spread²) draws (symmetry breaking).
     """
 
     def __init__(self, model, num_components: int, *, init_scale: float = 0.1, init_spread: float = 1.0,
-                 create_plates=None):
+                 estimator: str = "score", create_plates=None):
         if int(num_components) < 1:
             raise PyroCPAError(f"num_components must be a positive integer, got {num_components}")
         if not init_scale > 0:
             raise PyroCPAError(f"init_scale must be positive, got {init_scale}")
         super().__init__(model, create_plates=create_plates)
         self.num_components = int(num_components)
+        self.estimator = _check_estimator(estimator)
         self._init_scale, self._init_spread = float(init_scale), float(init_spread)
 
     def _setup_prototype(self, *args, **kwargs):
@@ -270,7 +372,7 @@ class AutoMixture(AutoGuide):
             for frame in self._latent_frames:
                 stack.enter_context(plates[frame.name])
             fn = GaussianMixture(self.logits, self.locs, self.scale_trils)
-            z = pyro.sample(self._latent, fn)
+            z = _sample_mixture_site(self._latent, fn, self.estimator)
         return {self._latent: z}
 
     @torch.no_grad()
@@ -286,15 +388,17 @@ class AmortizedMixture(_AmortizedGuide):
     The default encoder is an MLP D → hidden → K·(1 + S + S(S+1)/2) with ReLU activations. A custom
     ``encoder`` must map x (..., D) to either a tensor of that size (per component: 1 logit, S means,
     S(S+1)/2 raw lower-triangular entries whose diagonal goes through softplus) or a tuple
-    ``(logits (..., K), loc (..., K, S), scale_tril (..., K, S, S))``. The latent site's distribution is a
-    :class:`GaussianMixture` (true ELBO, unbiased reparameterised gradients). Subsampled plates work:
+    ``(logits (..., K), loc (..., K, S), scale_tril (..., K, S, S))``. The latent site's density is the
+    mixture's marginal (true ELBO; ``estimator`` as for :class:`AutoMixture`). Subsampled plates work:
     the observations of the current indices are read from a model trace.
     """
 
-    def __init__(self, model, num_components: int, encoder=None, hidden=(64, 64), *, create_plates=None):
+    def __init__(self, model, num_components: int, encoder=None, hidden=(64, 64), *, estimator: str = "score",
+                 create_plates=None):
         if int(num_components) < 1:
             raise PyroCPAError(f"num_components must be a positive integer, got {num_components}")
         self.num_components = int(num_components)
+        self.estimator = _check_estimator(estimator)
         super().__init__(model, encoder=encoder, hidden=hidden, create_plates=create_plates)
 
     def _output_size(self, S: int) -> int:
@@ -309,3 +413,6 @@ class AmortizedMixture(_AmortizedGuide):
             logits, loc, raw = out[..., 0], out[..., 1:1 + S], out[..., 1 + S:]
             scale_tril = _lower_triangular(raw, S, self.min_scale)
         return GaussianMixture(logits, loc, scale_tril)
+
+    def _sample_latent(self, fn):
+        return _sample_mixture_site(self._latent, fn, self.estimator)

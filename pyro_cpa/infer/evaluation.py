@@ -280,6 +280,8 @@ def _classify(fn, tr, latent):
             fn = aux["fn"]
         else:
             return "delta", fn
+    if isinstance(getattr(fn, "mixture", None), GaussianMixture):  # the "score" estimator's z | k site
+        fn = fn.mixture
     base = _unwrap(fn)
     if isinstance(base, (dist.Normal, dist.MultivariateNormal)):
         return "gaussian", fn

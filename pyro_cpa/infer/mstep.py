@@ -247,9 +247,9 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
 
 
 def update_variances(maps, net, stats: EStepStats, obs_var: torch.Tensor, prior_var: torch.Tensor, *,
-                     obs_noise: str = "isotropic", update_prior_scale: bool = False,
+                     obs_noise: str = "isotropic", update_prior_scale: bool = False, update_obs_scale: bool = True,
                      min_obs_var: float = DEFAULT_MIN_OBS_VAR) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form σx² (isotropic or diagonal) and, optionally, σz² (module docstring)."""
+    """Closed-form σx² (isotropic or diagonal; kept if not ``update_obs_scale``) and, optionally, σz²."""
     rm = frozen_region_maps(maps, net.negative_slopes, stats.patterns)
     r = expected_sq_residual(rm.A, rm.b, stats)
     N = stats.num_data
@@ -260,7 +260,7 @@ def update_variances(maps, net, stats: EStepStats, obs_var: torch.Tensor, prior_
         new_obs = r / N
     else:
         raise PyroCPAError(f"obs_noise must be 'isotropic' or 'diagonal', got {obs_noise!r}")
-    new_obs = new_obs.clamp_min(min_obs_var)
+    new_obs = new_obs.clamp_min(min_obs_var) if update_obs_scale else obs_var.clone()
     if update_prior_scale:
         new_prior = torch.diagonal(stats.Z[:, :S, :S], dim1=-2, dim2=-1).sum(0) / N
     else:
@@ -298,8 +298,8 @@ def prior_expansion(maps, stats: EStepStats, prior_var) -> list:
 
 
 def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: str = "isotropic",
-           update_prior_scale: bool = False, sweeps: int = 1, tol: float = 0.0, order: str = "forward",
-           ridge: float = DEFAULT_RIDGE, min_obs_var: float = DEFAULT_MIN_OBS_VAR,
+           update_prior_scale: bool = False, update_obs_scale: bool = True, sweeps: int = 1, tol: float = 0.0,
+           order: str = "forward", ridge: float = DEFAULT_RIDGE, min_obs_var: float = DEFAULT_MIN_OBS_VAR,
            dense_max: int = DEFAULT_DENSE_MAX) -> MStepResult:
     """Closed-form (block coordinate ascent) maximisation of the frozen-pattern surrogate Q.
 
@@ -309,6 +309,7 @@ def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: s
         stats: :class:`~pyro_cpa.infer.estep.EStepStats`.
         obs_var: current σx² (scalar or (D,)); prior_var: current σz² (scalar or (S,)).
         obs_noise: ``"isotropic"`` (one σx) or ``"diagonal"`` (one σx per output coordinate).
+        update_obs_scale: update σx² (else it is kept fixed).
         update_prior_scale: also update σz² (note the scale of W_0 and σz are not separately identified).
         sweeps: maximum number of sweeps (layers in ``order``, then variances).
         tol: stop early when a sweep raises Q by less than ``tol · (1 + |Q|)``.
@@ -343,7 +344,8 @@ def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: s
             for l in layers:
                 maps[l] = update_layer(maps, l, net, stats, obs_var, ridge=ridge, dense_max=dense_max)
             obs_var, prior_var = update_variances(maps, net, stats, obs_var, prior_var, obs_noise=obs_noise,
-                                                  update_prior_scale=update_prior_scale, min_obs_var=min_obs_var)
+                                                  update_prior_scale=update_prior_scale,
+                                                  update_obs_scale=update_obs_scale, min_obs_var=min_obs_var)
             q_trace.append(float(expected_complete_loglik(maps, net, patterns, stats, obs_var, prior_var)))
             if q_trace[-1] - q_trace[-2] <= tol * (1.0 + abs(q_trace[-1])):
                 break

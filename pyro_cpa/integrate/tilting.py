@@ -606,8 +606,8 @@ def _rep_stats(prop: TiltingProposal, base: Tensor, generator, chunk_elems: int)
     return torch.cat(logP_r), torch.cat(lw_tot), torch.cat(mean_w), torch.cat(cov_w)
 
 
-def std_moments_tilting(G: Tensor, d: Tensor, *, num_samples: int = 512, num_replicates: int = 8,
-                        rtol: float = 1e-3, max_samples: int = 2 ** 16, generator: torch.Generator | None = None,
+def std_moments_tilting(G: Tensor, d: Tensor, *, num_samples: int = 256, num_replicates: int = 8,
+                        rtol: float = 1e-3, max_samples: int = 2 ** 15, generator: torch.Generator | None = None,
                         chunk_elems: int = 2 ** 22, **proposal_kwargs) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_S) on {u : G u <= d} by minimax-tilting RQMC.
 

@@ -145,6 +145,18 @@ def test_diagonal_noise_and_prior_scale_update():
     assert stop == [0]
 
 
+@pytest.mark.parametrize("kw", [{}, {"schedule": "joint"}, {"m_step_method": "gradient", "gradient_steps": 5}])
+def test_fixed_obs_scale_is_kept_and_steps_stay_monotone(kw):
+    x = _circle(80, seed=5)
+    dec = _circle_decoder(seed=5)
+    sx = torch.tensor(0.2)
+    for _ in range(3):
+        r = em_step(dec, sx, 1.0, x, update_obs_scale=False, **kw)
+        assert torch.equal(r.obs_scale, sx)
+        assert r.nll_after <= r.nll_before + 1e-9
+        assert abs(_nll(dec, sx, 1.0, x) - r.nll_after) < 1e-9 * abs(r.nll_after)
+
+
 def test_gradient_m_step_is_monotone_and_handles_batchnorm():
     x = _circle(100, seed=4)
     torch.manual_seed(4)

@@ -78,7 +78,8 @@ def test_set_affine_maps_roundtrip_and_errors():
     nobias = nn.Sequential(nn.Linear(1, 3, bias=False), nn.ReLU(), nn.Linear(3, 2)).double()
     before = [p.detach().clone() for p in nobias.parameters()]
     with pytest.raises(NotCPAError, match="no bias"):
-        as_cpa_network(nobias).set_affine_maps([(torch.randn(3, 1), torch.randn(3)), (torch.randn(2, 3), torch.randn(2))])
+        as_cpa_network(nobias).set_affine_maps([(torch.randn(3, 1), torch.randn(3)),
+                                                (torch.randn(2, 3), torch.randn(2))])
     assert all(torch.equal(a, b) for a, b in zip(before, nobias.parameters()))  # nothing written
     implicit = nn.Sequential(nn.ReLU(), nn.Linear(1, 2)).double()  # T_0 = identity, no Linear
     with pytest.raises(NotCPAError, match="not exactly one nn.Linear"):
