@@ -148,7 +148,8 @@ class LinearRegions:
                 f"method='{self.method}')")
 
 
-def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str = "auto") -> LinearRegions:
+def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str = "auto",
+                   tol: float | None = None) -> LinearRegions:
     """Enumerate the linear regions of a CPA ``decoder`` over the whole latent space R^S.
 
     Args:
@@ -157,6 +158,8 @@ def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str 
             (reporting how far it got) once more regions than this are found.
         method: ``"auto"`` (breakpoints for S=1, polygon splitting for S=2, LP refinement for S>=3),
             or one of ``"breakpoints"``, ``"polygons"``, ``"lp"``.
+        tol: relative tolerance deciding whether a hyperplane cuts a region (default 1e-9 for S <= 2,
+            1e-7 for the LP method); cells thinner than this are merged into a neighbour.
 
     The enumeration is exact: every region of positive volume is found once.
     """
@@ -166,7 +169,7 @@ def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str 
     net.check_eval_mode()
     if max_regions < 1:
         raise ValueError(f"max_regions must be a positive integer, got {max_regions}")
-    enum, used = enumerate_regions(net, max_regions=max_regions, method=method)
+    enum, used = enumerate_regions(net, max_regions=max_regions, method=method, tol=tol)
     return LinearRegions(net, enum, method=used)
 
 

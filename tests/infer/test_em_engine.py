@@ -44,20 +44,22 @@ def _ppca_mle(x, S):
     return mu, WWt, s2, ll
 
 
-@pytest.mark.parametrize("S,D", [(1, 3), (2, 4)])
-def test_linear_decoder_converges_to_ppca_mle(S, D):
+@pytest.mark.parametrize("S,D,w_scale,noise,px", [(1, 3, 1.0, 0.7, False), (2, 4, 2.0, 0.4, True)])
+def test_linear_decoder_converges_to_ppca_mle(S, D, w_scale, noise, px):
+    """Plain EM (well-conditioned data) and PX-EM (eigenvalues 12.6, 3.0 vs σ² = 0.15, where plain EM's
+    mean converges at rate ≈ 0.99) reach the closed-form PPCA maximum-likelihood solution."""
     g = torch.Generator().manual_seed(3)
     N = 400
-    W_true = torch.randn(D, S, generator=g) * 2.0
+    W_true = torch.randn(D, S, generator=g) * w_scale
     x = torch.randn(N, S, generator=g) @ W_true.T + torch.tensor([1.0, -2.0, 0.5, 3.0][:D]) \
-        + 0.4 * torch.randn(N, D, generator=g)
+        + noise * torch.randn(N, D, generator=g)
     mu, WWt, s2, ll_ref = _ppca_mle(x, S)
     torch.manual_seed(0)
     dec = nn.Sequential(nn.Linear(S, D)).double()
     sx, sz = torch.tensor(1.0), torch.tensor(1.0)
     prev = math.inf
     for _ in range(60):
-        r = em_step(dec, sx, sz, x)
+        r = em_step(dec, sx, sz, x, px=px)
         assert r.accepted and r.nll_after <= r.nll_before + 1e-9 and r.nll_before <= prev + 1e-9
         prev = r.nll_after
         sx, sz = r.obs_scale, r.prior_scale
@@ -88,6 +90,24 @@ def test_circle_exact_nll_never_increases_and_decreases_substantially():
     assert all(b <= a + 1e-9 for a, b in zip(nlls, nlls[1:]))
     assert nlls[-1] / 200 < 0.5 < nlls[0] / 200  # from ≈2.4 nats/sample to well below 0.5
     assert sx.dim() == 0 and float(sx) < 0.1
+
+
+def test_prior_expansion_block_never_lowers_the_exact_likelihood():
+    """The PX block is an exact EM step of the expanded model followed by an exact reparametrisation."""
+    from pyro_cpa.infer.estep import e_step
+    from pyro_cpa.infer.mstep import prior_expansion
+    from pyro_cpa.nn import as_cpa_network
+    x = _circle(100, seed=6)
+    for seed in range(3):
+        dec = _circle_decoder(seed=seed)
+        net = as_cpa_network(dec)
+        st = e_step(CPAMarginal(dec, 0.3, 1.5), x)
+        before = -float(st.loglik.sum())
+        maps = prior_expansion([(W.detach(), v.detach()) for W, v in net.affine_maps()], st, 1.5 ** 2)
+        net.set_affine_maps(maps)
+        assert _nll(dec, 0.3, 1.5, x) <= before + 1e-9
+    r = em_step(dec, 0.3, 1.5, x, px=True)
+    assert r.accepted and r.nll_after <= r.nll_before + 1e-9
 
 
 def test_joint_schedule_is_monotone_and_restores_rejected_steps_exactly():
