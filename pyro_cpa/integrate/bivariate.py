@@ -57,6 +57,11 @@ DEFAULT_LEVELS = (-4.0, 0.0, 4.0)
 _TWO_PI = 2.0 * math.pi
 _LOG_2PI = math.log(_TWO_PI)
 _TIE_TOL = 1e-12
+DEFAULT_FLUX_NODES = 10
+DEFAULT_FLUX_Z_CUTS = (0.5, 2.0, 5.0, 10.0, 18.0, 30.0, 45.0)
+DEFAULT_FLUX_H_RATIO = 3.0
+DEFAULT_FLUX_H_LEVELS = 9
+DEFAULT_FLUX_MAX_AMP = 1e3
 
 
 def polygon_edges(G: torch.Tensor, d: torch.Tensor):
@@ -201,22 +206,110 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     return torch.logsumexp(integrand, dim=-1)
 
 
+def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z_cuts=DEFAULT_FLUX_Z_CUTS,
+                   h_ratio=DEFAULT_FLUX_H_RATIO, h_levels=DEFAULT_FLUX_H_LEVELS, max_amp=DEFAULT_FLUX_MAX_AMP):
+    r"""log P by the flux (divergence) formula with relative-accurate edge integrals (flat batch (B, F)).
+
+    Returns ``(log_mass, ok)``; ``ok`` is False where the result is not trusted (origin on the boundary,
+    an unresolved near-origin edge, or cancellation amplifying the rounding error by more than ``max_amp``).
+    """
+    B, F = ds.shape
+    dtype, device = ds.dtype, ds.device
+    h = ds.abs()
+    edge = exists & (h > 0)
+    # origin on the (closed) boundary: an existing edge through it
+    on_bnd = (exists & (h == 0) & (t_lo <= 0) & (t_hi >= 0)).any(-1)
+    inside = ((ds > 0) | ~real).all(-1)
+    # half intervals 0 <= p < q <= inf of each edge (t >= 0 and the mirror of t <= 0)
+    p = torch.stack([t_lo.clamp(min=0), (-t_hi).clamp(min=0)], -1)       # (B, F, 2)
+    q = torch.stack([t_hi.clamp(min=0), (-t_lo).clamp(min=0)], -1)
+    valid = edge.unsqueeze(-1) & (q > p)
+    idx = valid.reshape(-1).nonzero().squeeze(-1)
+    pi = p.reshape(-1).index_select(0, idx)
+    qi = q.reshape(-1).index_select(0, idx)
+    bi = torch.div(idx, 2 * F, rounding_mode="floor")
+    fi = torch.div(idx, 2, rounding_mode="floor")
+    hi = h.reshape(-1).index_select(0, fi)
+    si = -torch.sign(ds.reshape(-1).index_select(0, fi))
+    # pieces: the Gaussian factor exp(-(t^2 - p^2)/2) falls by a bounded factor per piece; the Lorentzian
+    # factor h/(h^2 + t^2) is cut geometrically (t = h·ratio^k < 1) so its poles ±ih stay far from each piece
+    Z = torch.tensor(z_cuts, dtype=dtype, device=device)
+    HC = torch.tensor([h_ratio ** k for k in range(h_levels)], dtype=dtype, device=device)
+    cz = torch.sqrt((pi * pi).unsqueeze(-1) + 2.0 * Z)
+    ch = hi.unsqueeze(-1) * HC
+    ch = torch.where(ch < 1.0, ch, pi.unsqueeze(-1))
+    unres = (hi * HC[-1] * h_ratio < 1.0) & (pi < 1.0)
+    top = torch.minimum(qi, cz[:, -1]).unsqueeze(-1)
+    cuts = torch.cat([pi.unsqueeze(-1), cz, ch], -1)
+    cuts = torch.minimum(torch.maximum(cuts, pi.unsqueeze(-1)), top).sort(-1).values
+    a0 = cuts[:, :-1]
+    half = 0.5 * (cuts[:, 1:] - a0)
+    K = half.shape[1]
+    nz = (half > 0).reshape(-1).nonzero().squeeze(-1)
+    a0f = a0.reshape(-1).index_select(0, nz)
+    hf = half.reshape(-1).index_select(0, nz)
+    owner = torch.div(nz, K, rounding_mode="floor")
+    x, w = _gl_nodes(num_nodes, dtype, device)
+    t = (a0f + hf).unsqueeze(-1) + hf.unsqueeze(-1) * x
+    hh = hi.index_select(0, owner).unsqueeze(-1)
+    pp = pi.index_select(0, owner).unsqueeze(-1)
+    f = torch.exp(-0.5 * (t - pp) * (t + pp)) * hh / (hh * hh + t * t)
+    val = (f @ w) * hf
+    integral = torch.zeros_like(pi).index_add(0, owner, val)
+    lD = -0.5 * (hi * hi + pi * pi) + torch.log(integral) - _LOG_2PI
+    # P = 1[0 in ω] + Σ -sign(d_i) D_i, combined relative to the largest term
+    ninf = torch.full((B,), float("-inf"), dtype=dtype, device=device)
+    m = ninf.scatter_reduce(0, bi, lD, "amax")
+    m = torch.where(inside, torch.clamp(m, min=0.0), m)
+    m_ok = torch.isfinite(m)
+    m = torch.where(m_ok, m, torch.zeros_like(m))
+    e = torch.exp(lD - m.index_select(0, bi))
+    one = torch.where(inside, torch.exp(-m), torch.zeros_like(m))
+    S = one.index_add(0, bi, si * e)
+    A = one.index_add(0, bi, e)
+    bad = torch.zeros(B, dtype=dtype, device=device).index_add(0, bi, unres.to(dtype)) > 0
+    ok = m_ok & (S > 0) & (A <= max_amp * S) & ~bad & ~on_bnd
+    return m + torch.log(torch.where(ok, S, torch.ones_like(S))), ok
+
+
 def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAULT_SWITCH_MASS,
                 num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
                 owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS, _edges=None) -> torch.Tensor:
-    """log P(u ∈ {G u <= d}) for u ~ N(0, I_2), batched (see module doc). -inf for empty polygons."""
+    """log P(u ∈ {G u <= d}) for u ~ N(0, I_2), batched (see module doc). -inf for empty polygons.
+
+    The flux formula is used where it is well conditioned; the other (rare) polygons use the Owen's-T
+    formula where its P >= ``switch_mass`` and the log-space slicing otherwise (``switch_mass > 1``
+    forces the slicing quadrature everywhere).
+    """
     Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d) if _edges is None else _edges
-    P = _mass_owens(ds, e, t_lo, t_hi, exists, whole, owens_nodes)
-    far = ~empty & ~whole & ~(P >= switch_mass)
-    logP = torch.log(torch.clamp(P, min=switch_mass))
     batch = ds.shape[:-1]
-    idx = far.reshape(-1).nonzero().squeeze(-1)
+    F = ds.shape[-1]
+    live = ~empty & ~whole
+    flat = (Gs.reshape(-1, F, 2), ds.reshape(-1, F), e.reshape(-1, F, 2), t_lo.reshape(-1, F),
+            t_hi.reshape(-1, F), exists.reshape(-1, F))
+    real = flat[0].abs().sum(-1) > 0
+    logP = ds.new_zeros(live.numel())
+    if switch_mass <= 1.0:
+        logP, ok = _log_mass_flux(flat[1], flat[3], flat[4], flat[5], real)
+        rest = live.reshape(-1) & ~ok
+    else:
+        rest = live.reshape(-1)
+    idx = rest.nonzero().squeeze(-1)
     if idx.numel():
-        def sel(x):
-            return x.reshape((-1,) + x.shape[len(batch):]).index_select(0, idx)
-        vals = _log_mass_slices(sel(Gs), sel(ds), sel(e), sel(t_lo), sel(t_hi), sel(exists), num_nodes, s_cuts,
-                                levels)
-        logP = logP.reshape(-1).index_put((idx,), vals).reshape(batch)
+        Gs_, ds_, e_, tl_, th_, ex_ = (x.index_select(0, idx) for x in flat)
+        vals = ds_.new_full(idx.shape, float("nan"))
+        need = torch.ones(idx.shape, dtype=torch.bool, device=ds.device)
+        if switch_mass <= 1.0:
+            P = _mass_owens(ds_, e_, tl_, th_, ex_, torch.zeros_like(need), owens_nodes)
+            need = ~(P >= switch_mass)
+            vals = torch.log(torch.clamp(P, min=switch_mass))
+        sub = need.nonzero().squeeze(-1)
+        if sub.numel():
+            sl = _log_mass_slices(*(x.index_select(0, sub) for x in (Gs_, ds_, e_, tl_, th_, ex_)),
+                                  num_nodes, s_cuts, levels)
+            vals = vals.index_put((sub,), sl)
+        logP = logP.index_put((idx,), vals)
+    logP = logP.reshape(batch)
     logP = torch.where(whole, torch.zeros_like(logP), logP)
     return torch.where(empty, torch.full_like(logP, float("-inf")), logP)
 

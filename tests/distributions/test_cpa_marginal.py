@@ -310,3 +310,42 @@ def test_s2_posterior_samples_region_frequencies_and_moments():
     se = post.variance.sqrt() / math.sqrt(n)
     assert ((s.mean(0) - post.mean).abs() < 5 * se).all()
     torch.testing.assert_close(torch.cov(s.T), post.covariance_matrix, atol=0.05, rtol=0.05)
+
+
+def _qmc_log_evidence(decoder, x, sx, S, n=2 ** 18, seed=0):
+    """Reference: scrambled-Sobol' estimate of log ∫ p(x|z) p(z) dz (z from the prior) with a standard error."""
+    from scipy.stats import norm, qmc
+
+    reps = []
+    for r in range(8):
+        u = qmc.Sobol(S, scramble=True, seed=seed + r).random(n // 8)
+        z = torch.as_tensor(norm.ppf(u))
+        with torch.no_grad():
+            g = decoder(z)
+        D = g.shape[-1]
+        lw = -0.5 * ((x - g) ** 2).sum(-1) / sx ** 2 - D * math.log(sx * math.sqrt(2 * math.pi))
+        reps.append((lw.logsumexp(0) - math.log(len(lw))).item())
+    reps = torch.tensor(reps)
+    p = reps.exp()
+    return math.log(p.mean().item()), (p.std() / math.sqrt(len(p)) / p.mean()).item()
+
+
+@pytest.mark.slow
+def test_s3_log_prob_matches_qmc():
+    dec = _net([3, 4, 2], nn.ReLU, seed=13)
+    dist = CPAMarginal(dec, 0.8)
+    x = torch.tensor([0.3, -0.2])
+    lp = dist.log_prob(x).item()
+    ref, rel_se = _qmc_log_evidence(dec, x, 0.8, 3)
+    assert abs(lp - ref) < 4 * rel_se + 1e-6
+
+
+def test_s4_log_prob_within_reported_error_of_qmc():
+    dec = _net([4, 3, 2], nn.ReLU, seed=14)
+    dist = CPAMarginal(dec, 0.8)
+    x = torch.tensor([0.3, -0.2])
+    lp = dist.log_prob(x).item()
+    se = dist.log_prob_stderr.item()
+    assert 0 < se < 0.05
+    ref, rel_se = _qmc_log_evidence(dec, x, 0.8, 4)
+    assert abs(lp - ref) < 4 * math.hypot(se, rel_se)
