@@ -302,133 +302,153 @@ def _edges_2d(H, c):
 
 
 def _newton_2d(fam, x, A, b, iters=_NEWTON_ITERS):
-    """Unconstrained maximiser of g(z) = Σ log p(x | A z + b) − ½‖z‖² (strongly concave) by damped Newton."""
-    N, R = x.shape[0], A.shape[0]
-    z = torch.zeros(N, R, 2, dtype=_DT)
+    """Unconstrained maximiser of g(z) = Σ log p(x | A z + b) − ½‖z‖² (strongly concave) by damped Newton.
+
+    Pair-batched: x (P, D), A (P, D, 2), b (P, D). Returns z (P, 2) and g(z) without the prior constant.
+    """
+    P = x.shape[0]
+    z = torch.zeros(P, 2, dtype=_DT)
     phi = fam.dispersion.to(_DT)
     steps = 2.0 ** -torch.arange(0, 30, dtype=_DT)
 
-    def val(zz):  # zz (N, R, K, 2)
-        th = torch.einsum("rds,nrks->nrkd", A, zz) + b.unsqueeze(0).unsqueeze(2)
-        return fam.log_prob(x.unsqueeze(1).unsqueeze(2), th).sum(-1) - 0.5 * (zz ** 2).sum(-1)
+    def val(zz):  # zz (P, K, 2)
+        th = torch.einsum("pds,pks->pkd", A, zz) + b.unsqueeze(1)
+        return fam.log_prob(x.unsqueeze(1), th).sum(-1) - 0.5 * (zz ** 2).sum(-1)
 
+    cur = val(z.unsqueeze(1)).squeeze(1)
     for _ in range(iters):
-        th = torch.einsum("rds,nrs->nrd", A, z) + b
-        res = (x.unsqueeze(1) - fam.mean(th)) / phi
-        grad = torch.einsum("nrd,rds->nrs", res, A) - z
+        th = torch.einsum("pds,ps->pd", A, z) + b
+        res = (x - fam.mean(th)) / phi
+        grad = torch.einsum("pd,pds->ps", res, A) - z
         w = fam.variance_function(th) / phi
-        hess = torch.einsum("nrd,rds,rdt->nrst", w, A, A) + torch.eye(2, dtype=_DT)
+        hess = torch.einsum("pd,pds,pdt->pst", w, A, A) + torch.eye(2, dtype=_DT)
         step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
-        cands = z.unsqueeze(2) + steps.view(1, 1, -1, 1) * step.unsqueeze(2)
+        cands = z.unsqueeze(1) + steps.view(1, -1, 1) * step.unsqueeze(1)
         vals = val(cands)
         vals = torch.where(torch.isfinite(vals), vals, torch.full_like(vals, -math.inf))
-        best = vals.argmax(-1)
-        z_new = torch.gather(cands, 2, best.view(N, R, 1, 1).expand(N, R, 1, 2)).squeeze(2)
-        cur = val(z.unsqueeze(2)).squeeze(2)
-        z_new = torch.where((vals.amax(-1) >= cur).unsqueeze(-1), z_new, z)
+        best_val, best = vals.max(-1)
+        z_new = torch.gather(cands, 1, best.view(P, 1, 1).expand(P, 1, 2)).squeeze(1)
+        better = best_val >= cur
+        z_new = torch.where(better.unsqueeze(-1), z_new, z)
+        cur = torch.where(better, best_val, cur)
         if bool(((z_new - z).abs() <= 1e-14 * (1 + z.abs())).all()):
             z = z_new
             break
         z = z_new
-    return z, val(z.unsqueeze(2)).squeeze(2)
+    return z, cur
 
 
 def _vertical_lines(fam, x, A, b, z1):
-    """Lines z = (z1, t) for pairs (N, R) and outer nodes z1 (N, R, Q)."""
-    N, R, Q = z1.shape
-    alpha = A[..., 0].view(1, R, 1, -1) * z1.unsqueeze(-1) + b.view(1, R, 1, -1)
-    gamma = A[..., 1].view(1, R, 1, -1).expand(N, R, Q, -1)
-    xx = x.view(N, 1, 1, -1).expand(N, R, Q, x.shape[1])
+    """Lines z = (z1, t) for pairs P and outer nodes z1 (P, Q)."""
+    P, Q = z1.shape
+    alpha = A[..., 0].unsqueeze(1) * z1.unsqueeze(-1) + b.unsqueeze(1)
+    gamma = A[..., 1].unsqueeze(1).expand(P, Q, -1)
+    xx = x.unsqueeze(1).expand(P, Q, x.shape[1])
     const = torch.full_like(z1, -math.log(2 * math.pi))
     return _Lines(fam, xx, alpha, gamma, z1 ** 2, torch.zeros_like(z1), torch.ones_like(z1), const)
 
 
 def _chords(H, c, z1):
-    """Chord [lo, hi] of polygons r at z1 (N, R, Q); empty chords get lo > hi."""
-    h1, h2 = H[..., 0].view(1, H.shape[0], 1, -1), H[..., 1].view(1, H.shape[0], 1, -1)
-    cc = c.view(1, H.shape[0], 1, -1)
+    """Chord [lo, hi] of polygons (P, F, 2) at z1 (P, Q); empty chords get lo = 0 = hi and ``empty``."""
+    h1, h2 = H[..., 0].unsqueeze(1), H[..., 1].unsqueeze(1)
+    cc = c.unsqueeze(1)
     rhs = cc - h1 * z1.unsqueeze(-1)
     tol = 1e-14
-    hi = torch.where(h2 > tol, rhs / torch.where(h2 > tol, h2, torch.ones_like(h2)), torch.full_like(rhs, math.inf)).amin(-1)
+    hi = torch.where(h2 > tol, rhs / torch.where(h2 > tol, h2, torch.ones_like(h2)),
+                     torch.full_like(rhs, math.inf)).amin(-1)
     lo = torch.where(h2 < -tol, rhs / torch.where(h2 < -tol, h2, -torch.ones_like(h2)),
                      torch.full_like(rhs, -math.inf)).amax(-1)
-    bad = ((h2.abs() <= tol) & (rhs < -1e-12 * (1 + cc.abs().nan_to_num(posinf=0.0)))).any(-1)
+    bad = ((h2.abs() <= tol) & (rhs < -1e-12 * (1 + torch.nan_to_num(cc.abs(), posinf=0.0)))).any(-1)
     empty = bad | ~(lo <= hi)
-    lo = torch.where(empty, torch.ones_like(lo), lo)
+    lo = torch.where(empty, torch.zeros_like(lo), lo)
     hi = torch.where(empty, torch.zeros_like(hi), hi)
     return lo, hi, empty
 
 
 def _profile(fam, x, A, b, H, c, z1):
-    """P(z1) = max over the chord of g (−inf on empty chords)."""
+    """P(z1) = max over the chord of g (−inf on empty chords); z1 (P, Q)."""
     lines = _vertical_lines(fam, x, A, b, z1)
     lo, hi, empty = _chords(H, c, z1)
-    lo2 = torch.where(empty, torch.zeros_like(lo), lo)
-    hi2 = torch.where(empty, torch.zeros_like(hi), hi)
-    _, G = _line_max(lines, lo2, hi2)
+    _, G = _line_max(lines, lo, hi)
     return torch.where(empty, torch.full_like(G, -math.inf), G)
 
 
-def _integrate_s2(fam, x, A, b, H, c, n, panels, level):
-    N, R = x.shape[0], A.shape[0]
-    # 1. constrained maximum per pair: unconstrained Newton point if feasible, else the best edge maximum
+def _constrained_max_2d(fam, x, A, b, H, c):
+    """Maximum G and maximiser m (P, 2) of g over polygons: the Newton point if feasible, else the best edge."""
+    P, F = x.shape[0], H.shape[1]
     zs, gs = _newton_2d(fam, x, A, b)
-    feas = (torch.einsum("rfs,nrs->nrf", H, zs) <= c.unsqueeze(0) + 1e-12).all(-1)
-    p, e, tlo, thi, valid = _edges_2d(H, c)
-    F = H.shape[1]
-    xx = x.view(N, 1, 1, -1).expand(N, R, F, x.shape[1])
-    alpha = (torch.einsum("rds,rfs->rfd", A, p) + b.unsqueeze(1)).unsqueeze(0).expand(N, R, F, -1)
-    gamma = torch.einsum("rds,rfs->rfd", A, e).unsqueeze(0).expand(N, R, F, -1)
-    pp = (p ** 2).sum(-1).expand(N, R, F)
-    pe = (p * e).sum(-1).expand(N, R, F)
-    edge_lines = _Lines(fam, xx, alpha, gamma, pp, pe, torch.ones(N, R, F, dtype=_DT),
-                        torch.full((N, R, F), -math.log(2 * math.pi), dtype=_DT))
-    tm, Ge = _line_max(edge_lines, tlo.expand(N, R, F), thi.expand(N, R, F))
-    Ge = torch.where(valid.expand(N, R, F), Ge, torch.full_like(Ge, -math.inf))
-    best_edge = Ge.argmax(-1)
-    Gedge = Ge.amax(-1)
-    m_edge = torch.gather(p.expand(N, R, F, 2) + tm.unsqueeze(-1) * e.expand(N, R, F, 2), 2,
-                          best_edge.view(N, R, 1, 1).expand(N, R, 1, 2)).squeeze(2)
     gs = gs - math.log(2 * math.pi)
+    feas = (torch.einsum("pfs,ps->pf", H, zs) <= c + 1e-12).all(-1)
+    p, e, tlo, thi, valid = _edges_2d(H, c)
+    xx = x.unsqueeze(1).expand(P, F, x.shape[1])
+    alpha = torch.einsum("pds,pfs->pfd", A, p) + b.unsqueeze(1)
+    gamma = torch.einsum("pds,pfs->pfd", A, e)
+    edge_lines = _Lines(fam, xx, alpha, gamma, (p ** 2).sum(-1), (p * e).sum(-1), torch.ones(P, F, dtype=_DT),
+                        torch.full((P, F), -math.log(2 * math.pi), dtype=_DT))
+    tm, Ge = _line_max(edge_lines, torch.where(valid, tlo, torch.zeros_like(tlo)),
+                       torch.where(valid, thi, torch.zeros_like(thi)))
+    Ge = torch.where(valid, Ge, torch.full_like(Ge, -math.inf))
+    Gedge, best_edge = Ge.max(-1)
+    pts = p + tm.unsqueeze(-1) * e
+    m_edge = torch.gather(pts, 1, best_edge.view(P, 1, 1).expand(P, 1, 2)).squeeze(1)
     G = torch.where(feas, gs, Gedge)
     m = torch.where(feas.unsqueeze(-1), zs, m_edge)
-    lvl = G.amax(-1, keepdim=True) - level
-    live = G > lvl
+    return G, m, (p, e, tlo, thi, valid)
+
+
+def _integrate_s2(fam, x, A, b, H, c, n, panels, level):
+    N, R, D = x.shape[0], A.shape[0], x.shape[1]
+    F = H.shape[1]
+    xp = x.unsqueeze(1).expand(N, R, D).reshape(-1, D)
+    Ap = A.unsqueeze(0).expand(N, R, D, 2).reshape(-1, D, 2)
+    bp = b.unsqueeze(0).expand(N, R, D).reshape(-1, D)
+    Hp = H.unsqueeze(0).expand(N, R, F, 2).reshape(-1, F, 2)
+    cp = c.unsqueeze(0).expand(N, R, F).reshape(-1, F)
+    # 1. constrained maximum of every (datum, region) pair; the datum's level; keep the live pairs only
+    G, m, _ = _constrained_max_2d(fam, xp, Ap, bp, Hp, cp)
+    G = G.view(N, R)
+    lvl_nr = (G.amax(-1, keepdim=True) - level).expand(N, R)
+    live_nr = G > lvl_nr
+    idx = live_nr.reshape(-1).nonzero().squeeze(-1)
+    xp, Ap, bp, Hp, cp = xp[idx], Ap[idx], bp[idx], Hp[idx], cp[idx]
+    Gl, ml, lvl = G.reshape(-1)[idx], m[idx], lvl_nr.reshape(-1)[idx]
+    p, e, tlo, thi, valid = _edges_2d(Hp, cp)
     # 2. outer range: level set of the profile, by bisection from m1 (P(z1) <= G − ½(z1 − m1)²)
-    Gl = torch.where(live, G, lvl + 1.0)
     rad = torch.sqrt(2 * (Gl - lvl))
-    m1 = m[..., 0]
+    m1 = ml[:, 0]
     ends = []
     for direction in (-1.0, 1.0):
         inner, outer = m1.clone(), m1 + direction * rad
         for _ in range(_BISECT_ITERS):
             mid = 0.5 * (inner + outer)
-            above = _profile(fam, x, A, b, H, c, mid.unsqueeze(-1)).squeeze(-1) > lvl
+            above = _profile(fam, xp, Ap, bp, Hp, cp, mid.unsqueeze(-1)).squeeze(-1) > lvl
             inner = torch.where(above, mid, inner)
             outer = torch.where(above, outer, mid)
+            if bool(((outer - inner).abs() <= 1e-10 * (1 + rad)).all()):
+                break
         ends.append(outer)
     a1, b1 = ends
     # 3. outer panels split at vertex z1 coordinates (finite edge end points) and at m1
-    vx = torch.cat([(p[..., 0] + tlo * e[..., 0]), (p[..., 0] + thi * e[..., 0])], -1)  # (R, 2F)
+    vx = torch.cat([(p[..., 0] + tlo * e[..., 0]), (p[..., 0] + thi * e[..., 0])], -1)  # (P, 2F)
     vmask = torch.cat([valid & torch.isfinite(tlo), valid & torch.isfinite(thi)], -1)
-    vx = torch.where(vmask, vx, torch.full_like(vx, -math.inf)).unsqueeze(0).expand(N, R, -1)
+    vx = torch.where(vmask, vx, a1.unsqueeze(-1).expand_as(vx))
     inner_pts = torch.cat([vx, m1.unsqueeze(-1)], -1)
     inner_pts = torch.maximum(torch.minimum(inner_pts, b1.unsqueeze(-1)), a1.unsqueeze(-1))
     edges = torch.cat([a1.unsqueeze(-1), inner_pts, b1.unsqueeze(-1)], -1).sort(-1).values
-    nodes, weights = _panel_nodes(edges, n)  # (N, R, Q)
-    lines = _vertical_lines(fam, x, A, b, nodes)
-    lo, hi, empty = _chords(H, c, nodes)
-    Q = nodes.shape[-1]
-    lvlQ = lvl.unsqueeze(-1).expand(N, R, Q)
-    logI, tails, _ = _line_integral(lines, torch.where(empty, torch.zeros_like(lo), lo),
-                                    torch.where(empty, torch.zeros_like(hi), hi), lvlQ, n, panels)
+    nodes, weights = _panel_nodes(edges, n)  # (P, Q)
+    lines = _vertical_lines(fam, xp, Ap, bp, nodes)
+    lo, hi, empty = _chords(Hp, cp, nodes)
+    lvlQ = lvl.unsqueeze(-1).expand_as(nodes)
+    logI, tails, _ = _line_integral(lines, lo, hi, lvlQ, n, panels)
     logI = torch.where(empty, torch.full_like(logI, -math.inf), logI)
-    Gs = torch.where(live, G, torch.zeros_like(G))
-    s = (weights * torch.exp(logI - Gs.unsqueeze(-1))).sum(-1)
-    logJ = torch.where(live & (s > 0), Gs + torch.log(s.clamp(min=1e-300)), torch.full_like(G, -math.inf))
-    tail_pair = torch.where(live, (weights * torch.where(empty, torch.zeros_like(tails), tails)).sum(-1),
-                            torch.zeros_like(G))
-    # outer cut: P(z1) <= lvl beyond [a1, b1]; inner integrals there are <= e^{lvl} sqrt(2π) and the outer
-    # tail of the profile decays at least like a Gaussian: bound by e^{lvl} · 2π per side.
-    tail_pair = tail_pair + torch.where(live, 2 * torch.exp(lvl).expand(N, R) * 2 * math.pi, torch.zeros_like(G))
-    return _combine(logJ, tail_pair, G, ~live, lvl, 2)
+    s = (weights * torch.exp(logI - Gl.unsqueeze(-1))).sum(-1)
+    logJ = torch.where(s > 0, Gl + torch.log(s.clamp(min=1e-300)), torch.full_like(Gl, -math.inf))
+    tail = (weights * torch.where(empty, torch.zeros_like(tails), tails)).sum(-1)
+    # beyond [a1, b1] the profile is <= lvl − ½ (distance)² (strong concavity) and each chord integral is
+    # <= e^{P} sqrt(2π): the cut outer tails hold at most 2 · e^{lvl} · π.
+    tail = tail + 2 * math.pi * torch.exp(lvl)
+    logJ_nr = torch.full((N * R,), -math.inf, dtype=_DT)
+    logJ_nr[idx] = logJ
+    tail_nr = torch.zeros(N * R, dtype=_DT)
+    tail_nr[idx] = tail
+    return _combine(logJ_nr.view(N, R), tail_nr.view(N, R), G, ~live_nr, lvl_nr, 2)

@@ -75,12 +75,13 @@ class EM:
         if self.obs_noise == "diagonal" and obs_scale.numel() == 1:
             raise PyroCPAError("obs_noise='diagonal' needs a length-D obs_scale param in the model")
         result = em_step(structure.network.module, obs_scale, structure.prior_scale, structure.x.detach(),
-                         obs_noise=self.obs_noise, m_step_method=self.m_step, **self.em_kwargs)
+                         obs_noise=self.obs_noise, m_step_method=self.m_step,
+                         update_obs_scale=self.update_obs_scale, **self.em_kwargs)
         if self.update_obs_scale:
             store = pyro.get_param_store()
             old = store[structure.obs_scale_param]
-            new = result.obs_scale.detach().to(dtype=old.dtype, device=old.device).reshape(old.shape) \
-                if result.obs_scale.numel() == old.numel() else result.obs_scale.detach().to(old.dtype).expand(old.shape)
+            new = result.obs_scale.detach().to(dtype=old.dtype, device=old.device)
+            new = new.reshape(old.shape) if new.numel() == old.numel() else new.expand(old.shape)
             store[structure.obs_scale_param] = new.clone()
         self.history.append(result)
         return float(result.nll_after)
