@@ -1,6 +1,12 @@
-"""Test configuration: every test runs in float64 with a fixed seed."""
+"""Test configuration: every test runs in float64 with a fixed seed, on one intra-op thread.
+
+One thread: the tests use many tiny tensors, for which intra-op threading only adds contention on the
+2-core CI machine.
+"""
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
