@@ -73,6 +73,8 @@ def run_kappa(kappa, x_train, x_test, args):
 
 def main(args) -> dict:
     torch.set_default_dtype(torch.float64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     x = make_data(args.n, args.d, args.seed)
     n_train = int(round(0.67 * args.n))
     x_train, x_test = x[:n_train], x[n_train:]
@@ -101,10 +103,11 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--d", type=int, default=200)
     p.add_argument("--kappas", type=int, nargs="+", default=[2, 5])
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--log-every", type=int, default=600)
+    p.add_argument("--log-every", type=int, default=300)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's default)")
     p.add_argument("--eval-samples", type=int, default=4)
     p.add_argument("--activation", default="sigmoid", choices=["sigmoid", "tanh"])
     p.add_argument("--seed", type=int, default=0)

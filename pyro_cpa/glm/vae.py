@@ -76,6 +76,10 @@ class BetaVAE(nn.Module):
     @torch.no_grad()
     def elbo(self, x: torch.Tensor, beta: float = 1.0, num_samples: int = 16, per_datum: bool = False):
         r"""E_q[log p(x|z)] − β KL(q ‖ N(0, I)): analytic KL, Monte-Carlo reconstruction term (``num_samples``)."""
+        return self.differentiable_elbo(x, beta, num_samples, per_datum)
+
+    def differentiable_elbo(self, x: torch.Tensor, beta: float = 1.0, num_samples: int = 1, per_datum: bool = False):
+        """Reparameterised estimate of the β-ELBO (the objective of SVI with TraceMeanField_ELBO), with gradients."""
         loc, scale = self.encoder(x)
         kl = 0.5 * (loc ** 2 + scale ** 2 - 1.0 - 2 * torch.log(scale)).sum(-1)
         eps = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
@@ -85,16 +89,38 @@ class BetaVAE(nn.Module):
 
 
 def train_svi(vae: BetaVAE, x: torch.Tensor, beta: float = 1.0, num_steps: int = 1000, batch_size: int | None = 100,
-              lr: float = 1e-3, log_every: int = 100, callback: Callable[[int], dict] | None = None) -> list[dict]:
-    """Train with ``SVI(TraceMeanField_ELBO)`` (analytic KL) and Adam; returns the logged history.
+              lr: float = 1e-3, log_every: int = 100, callback: Callable[[int], dict] | None = None,
+              engine: str = "svi") -> list[dict]:
+    """Train with Adam on the β-ELBO; returns the logged history.
 
+    ``engine="svi"``: Pyro ``SVI(vae.model, vae.guide, TraceMeanField_ELBO())`` (analytic KL);
+    ``engine="torch"``: the same objective and estimator (:meth:`BetaVAE.differentiable_elbo`, one
+    reparameterised sample, analytic KL) with ``torch.optim.Adam`` — without Pyro's per-step overhead.
     At steps 0, ``log_every``, 2·``log_every``, … (and the last) the history gets ``{"step": s, "loss": …}``
     updated with ``callback(s)`` (e.g. train / test ELBO). Clears Pyro's param store first.
     """
     if num_steps < 0 or log_every < 1:
         raise PyroCPAError("num_steps must be >= 0 and log_every >= 1")
+    if engine not in ("svi", "torch"):
+        raise PyroCPAError(f"engine must be 'svi' or 'torch'; got {engine!r}")
     pyro.clear_param_store()
-    svi = SVI(vae.model, vae.guide, Adam({"lr": lr}), loss=TraceMeanField_ELBO())
+    if engine == "svi":
+        svi = SVI(vae.model, vae.guide, Adam({"lr": lr}), loss=TraceMeanField_ELBO())
+    else:
+        opt = torch.optim.Adam(vae.parameters(), lr=lr)
+        N = x.shape[0]
+
+        class _TorchStep:
+            @staticmethod
+            def step(xx, bb, bs):
+                idx = torch.randperm(N)[:bs] if bs else torch.arange(N)
+                opt.zero_grad()
+                loss = -vae.differentiable_elbo(xx[idx], bb, 1, per_datum=True).sum()
+                loss.backward()
+                opt.step()
+                return float(loss) * N / len(idx)
+
+        svi = _TorchStep()
     history = []
     loss = float("nan")
     for step in range(num_steps + 1):
@@ -104,7 +130,7 @@ def train_svi(vae: BetaVAE, x: torch.Tensor, beta: float = 1.0, num_steps: int =
                 rec.update(callback(step))
             history.append(rec)
         if step < num_steps:
-            loss = svi.step(x, beta, batch_size) / (batch_size or x.shape[0])
+            loss = svi.step(x, beta, batch_size) / x.shape[0]  # per-datum negative β-ELBO estimate
             if not math.isfinite(loss):
                 raise PyroCPAError(f"training diverged at step {step} (loss {loss}); lower the learning rate")
     return history
