@@ -95,12 +95,12 @@ def fig_curves(results, path, key: str, ylabel: str, title: str, only_variationa
         hist = getattr(r, key)
         if not hist or (only_variational and r.final_kl in (None, 0.0)):
             continue
-        steps = [max(h[0], 1) for h in hist]
+        steps = [h[0] + 1 for h in hist]
         secs = [h[1] for h in hist]
         vals = [h[2] for h in hist]
         a0.plot(steps, vals, label=r.name, color=f"C{i}")
         a1.plot(secs, vals, label=r.name, color=f"C{i}")
-    a0.set(xscale="log", xlabel="training step", ylabel=ylabel, title=title + " vs steps")
+    a0.set(xscale="log", xlabel="training step + 1", ylabel=ylabel, title=title + " vs steps")
     a1.set(xlabel="training wall-clock (s)", ylabel=ylabel, title=title + " vs time")
     if key == "kl_history":
         a0.set_yscale("log")
