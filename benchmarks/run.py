@@ -142,6 +142,69 @@ def bench_log_prob(rows, quick):
                          baseline=f"importance sampling K={K} (err {err:.1e} nats)", speedup=t_is / t))
 
 
+def _circle_model(seed=0):
+    from pyro_cpa.demo.circle import make_decoder, make_model
+
+    decoder = make_decoder(seed)
+    return decoder, make_model(decoder)
+
+
+def bench_em(rows, quick):
+    """E-step throughput, one EM step vs one SVI step, and time to reach a target exact NLL."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_cpa.datasets import noisy_circle
+    from pyro_cpa.guides import AmortizedNormal, ExactPosterior
+    from pyro_cpa.infer import EM, collapse, empty_guide
+    from pyro_cpa.infer.estep import e_step
+
+    N = 200 if quick else 1000
+    for widths in ([1, 8, 8, 2], [2, 16, 16, 2]):
+        net = random_net(widths)
+        dist = CPAMarginal(net, 0.3)
+        x = dist.sample((N,))
+        R = len(dist.regions)
+        t = _timeit(lambda: e_step(dist, x), min_time=0.3, max_reps=5)
+        rows.append(dict(group="E-step", case=f"{widths} N={N}", n=N * R, seconds=t, rate=N * R / t,
+                         unit="pairs/s", baseline=None, speedup=None))
+    x = noisy_circle(N if not quick else 200)
+    pyro.clear_param_store()
+    decoder, model = _circle_model()
+    em = EM(model, ExactPosterior(model))
+    em.step(x)
+    t_em = _timeit(lambda: em.step(x), min_time=0.5, max_reps=5)
+    pyro.clear_param_store()
+    decoder, model = _circle_model()
+    svi = SVI(model, AmortizedNormal(model, hidden=(32, 32)), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step(x)
+    t_svi = _timeit(lambda: svi.step(x), min_time=0.3, max_reps=50)
+    rows.append(dict(group="EM vs SVI", case=f"one step, circle N={len(x)}", n=1, seconds=t_em, rate=1 / t_em,
+                     unit="steps/s", baseline="VAE SVI step", speedup=t_svi / t_em))
+    # time to reach a target exact NLL per sample: EM vs exact-MLE SVI (Adam 1e-2) on the same model
+    target, budget = (2.0, 20.0) if quick else (0.6, 120.0)
+    def time_to_target(step_fn):
+        t0 = time.perf_counter()
+        steps = 0
+        while time.perf_counter() - t0 < budget:
+            nll = step_fn() / len(x)
+            steps += 1
+            if nll <= target:
+                return time.perf_counter() - t0, steps
+        return float("inf"), steps
+    pyro.clear_param_store()
+    decoder, model = _circle_model()
+    em = EM(model, ExactPosterior(model))
+    t_em_target, s_em = time_to_target(lambda: em.step(x))
+    pyro.clear_param_store()
+    decoder, model = _circle_model()
+    mle = SVI(collapse(model), empty_guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    t_mle_target, s_mle = time_to_target(lambda: mle.step(x))
+    rows.append(dict(group="EM vs SVI", case=f"time to NLL<={target} ({s_em} EM steps)", n=s_em,
+                     seconds=t_em_target, rate=float("nan"), unit="s",
+                     baseline=f"exact-MLE SVI ({s_mle} steps, {t_mle_target:.1f}s)", speedup=t_mle_target / t_em_target))
+
+
 def hardware_line():
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
             f"threads {torch.get_num_threads()}, python {platform.python_version()}")
@@ -162,6 +225,7 @@ def main(args):
     bench_enumeration(rows, args.quick)
     bench_integrals(rows, args.quick)
     bench_log_prob(rows, args.quick)
+    bench_em(rows, args.quick)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as fh:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch import nn
@@ -87,6 +88,7 @@ class DemoConfig:
     mixture_components: int = 3
     encoder_hidden: tuple = (32, 32)
     eval_every: int = 100
+    frozen_guide_steps: int = 800
     match_em_time: bool = True
     progress: bool = True
 
@@ -135,10 +137,19 @@ def _run_mle(x, init, cfg, budget: float) -> MethodResult:
                         obs_scale=pyro.param("obs_scale").item(), decoder=decoder)
 
 
-def _run_svi(x, init, cfg, name, guide_factory, lr, budget: float) -> MethodResult:
+def _frozen(model):
+    """The model with its decoder and σx hidden from the optimiser (only the guide learns)."""
+    return poutine.block(model, hide_fn=lambda msg: msg["type"] == "param"
+                         and (msg["name"].startswith("decoder") or msg["name"] == "obs_scale"))
+
+
+def _run_svi(x, init, cfg, name, guide_factory, lr, budget: float, min_steps: int | None = None,
+             freeze_decoder: bool = False, init_obs_scale: float = 0.5) -> MethodResult:
     pyro.clear_param_store()
     decoder = copy.deepcopy(init)
-    model = make_model(decoder)
+    model = make_model(decoder, init_obs_scale)
+    if freeze_decoder:
+        model = _frozen(model)
     guide = guide_factory(model)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
     N = x.shape[0]
@@ -155,7 +166,8 @@ def _run_svi(x, init, cfg, name, guide_factory, lr, budget: float) -> MethodResu
     step = 1
     record(step, clock)
     bar = tqdm(desc=name, disable=not cfg.progress)
-    while step < cfg.svi_min_steps or clock < budget:
+    min_steps = cfg.svi_min_steps if min_steps is None else min_steps
+    while step < min_steps or clock < budget:
         t0 = time.perf_counter()
         svi.step(x)
         clock += time.perf_counter() - t0
@@ -186,6 +198,15 @@ def run_circle_experiment(cfg: DemoConfig) -> dict:
     K = cfg.mixture_components
     results.append(_run_svi(x, init, cfg, f"SVI mixture encoder K={K}",
                             lambda m: AmortizedMixture(m, K, hidden=hidden), cfg.mixture_lr, budget))
+    # The VAEs above collapse (posterior ≈ prior, so their KL is trivially small). To compare guide
+    # families where the posterior is genuinely multimodal, fit both on EM's decoder, held fixed.
+    em = results[0]
+    for label, factory in (("Gaussian", lambda m: AmortizedNormal(m, hidden=hidden)),
+                           (f"mixture K={K}", lambda m: AmortizedMixture(m, K, hidden=hidden))):
+        r = _run_svi(x, em.decoder, cfg, f"{label} encoder on EM decoder", factory, cfg.mixture_lr, 0.0,
+                     min_steps=cfg.frozen_guide_steps, freeze_decoder=True, init_obs_scale=em.obs_scale)
+        r.note = "decoder and σx fixed at the EM fit; only the encoder is trained. " + r.note
+        results.append(r)
     return {"data": x, "config": cfg, "results": results}
 
 

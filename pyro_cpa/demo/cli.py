@@ -30,6 +30,7 @@ def config_from_args(args) -> DemoConfig:
     cfg = DemoConfig(seed=args.seed, progress=not args.no_progress)
     if args.quick:
         cfg.n, cfg.em_steps, cfg.mle_steps, cfg.svi_min_steps, cfg.eval_every = 60, 3, 10, 10, 5
+        cfg.frozen_guide_steps = 10
         cfg.match_em_time = False
     return cfg
 

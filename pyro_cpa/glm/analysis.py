@@ -304,6 +304,10 @@ def mle(x, family, kappa: int, beta: float = 1.0, dispersion=None, threshold: fl
         if not isinstance(fam, Gaussian):
             raise PyroCPAError(f"dispersion='mle' is only defined for the Gaussian family (eq. 18); the {fam.name} "
                                "family has a fixed dispersion")
+        rank = int((lam > 1e-12 * lam[0].clamp(min=1e-300)).sum())
+        if rank <= kappa and beta * rank < d:
+            raise PyroCPAError(f"L̂ is unbounded in σ²: the data have rank {rank} <= κ={kappa} and β·rank < d={d}, so "
+                               "σ² → 0 drives L̂ to +∞ (no σ̂² exists); reduce κ or add noise")
         candidates = _gaussian_sigma2(lam, d, kappa, beta)
         if not candidates:
             raise PyroCPAError(f"no positive σ̂² exists for β={beta}, κ={kappa}, d={d}: need d − βκ′ > 0 and "

@@ -47,7 +47,7 @@ __all__ = ["EDFamily", "Gaussian", "Bernoulli", "Binomial", "Poisson", "Gamma", 
 
 
 def _as_positive(value, name: str) -> torch.Tensor:
-    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(float(value), dtype=torch.get_default_dtype())
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(float(value), dtype=torch.float64)
     if t.dim() > 0:
         raise PyroCPAError(f"{name} must be a scalar (one dispersion shared by all coordinates); got shape "
                            f"{tuple(t.shape)}")

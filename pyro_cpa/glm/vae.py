@@ -118,7 +118,7 @@ def train_svi(vae: BetaVAE, x: torch.Tensor, beta: float = 1.0, num_steps: int =
                 loss = -vae.differentiable_elbo(xx[idx], bb, 1, per_datum=True).sum()
                 loss.backward()
                 opt.step()
-                return float(loss) * N / len(idx)
+                return float(loss.detach()) * N / len(idx)
 
         svi = _TorchStep()
     history = []
