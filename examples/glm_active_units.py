@@ -37,7 +37,7 @@ def run_beta(x, beta, args):
     encoder = GaussianEncoder(d, kappa)
     he_init(decoder.net, encoder)
     vae = BetaVAE(decoder, encoder)
-    train_svi(vae, x, beta=beta, num_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    train_svi(vae, x, beta=beta, num_steps=args.steps, batch_size=args.batch_size or None, lr=args.lr,
               log_every=max(args.steps, 1), engine=args.engine)
     with torch.no_grad():
         loc, _ = encoder(x)

@@ -9,6 +9,10 @@ from ..distributions import CPAMarginal
 from ..geometry.regions import cached_linear_regions
 
 
+def _np(t):
+    return t.detach().cpu().numpy()
+
+
 def _plt():
     import matplotlib
 
@@ -35,14 +39,14 @@ def fig_partition(decoder, x, path):
     idx = regions.locate(z)
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4.5))
     prior = torch.exp(-0.5 * z[:, 0] ** 2) / (2 * torch.pi) ** 0.5
-    a0.scatter(z[:, 0], prior, c=idx, cmap="tab20", s=3, label="prior N(0,1), coloured by region")
+    a0.scatter(_np(z[:, 0]), _np(prior), c=_np(idx), cmap="tab20", s=3, label="prior N(0,1), coloured by region")
     for i, bnd in enumerate(bounds):
         a0.axvline(bnd, color="k", lw=0.6, alpha=0.6, label="region boundary" if i == 0 else None)
     a0.set(xlabel="latent z", ylabel="prior density p(z)", title=f"Partition of latent space ({len(regions)} regions)",
            xlim=(-3.5, 3.5))
     a0.legend(loc="upper right", fontsize=8)
-    a1.scatter(x[:, 0], x[:, 1], s=4, color="0.7", label="data")
-    a1.scatter(g[:, 0], g[:, 1], c=idx, cmap="tab20", s=3, label="g(z), coloured by region")
+    a1.scatter(_np(x[:, 0]), _np(x[:, 1]), s=4, color="0.7", label="data")
+    a1.scatter(_np(g[:, 0]), _np(g[:, 1]), c=_np(idx), cmap="tab20", s=3, label="g(z), coloured by region")
     a1.set(xlabel="x1", ylabel="x2", title="Generated manifold (EM fit)", aspect="equal")
     a1.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -58,9 +62,9 @@ def fig_density(decoder, obs_scale, x, path, grid: int = 160):
     with torch.no_grad():
         lp = CPAMarginal(decoder, obs_scale).log_prob(torch.stack([X, Y], -1))
     fig, ax = plt.subplots(figsize=(5.8, 5))
-    im = ax.pcolormesh(X, Y, lp.clamp(min=-10), shading="auto", cmap="viridis")
+    im = ax.pcolormesh(_np(X), _np(Y), _np(lp.clamp(min=-10)), shading="auto", cmap="viridis")
     fig.colorbar(im, ax=ax, label="log p(x) (exact, clipped at -10)")
-    ax.scatter(x[:, 0], x[:, 1], s=2, color="w", alpha=0.5, label="data")
+    ax.scatter(_np(x[:, 0]), _np(x[:, 1]), s=2, color="w", alpha=0.5, label="data")
     ax.set(xlabel="x1", ylabel="x2", title="Exact marginal density p(x) (EM fit)", aspect="equal")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -76,7 +80,7 @@ def fig_posterior(decoder, obs_scale, datum, path):
         z = torch.linspace(-3.5, 3.5, 4001)
         dens = post.log_prob(z.unsqueeze(-1)).exp()
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(z, dens, color="C0", label="exact posterior p(z | x)")
+    ax.plot(_np(z), _np(dens), color="C0", label="exact posterior p(z | x)")
     for i, bnd in enumerate(_region_bounds_1d(regions)):
         ax.axvline(bnd, color="k", lw=0.6, alpha=0.5, label="region boundary" if i == 0 else None)
     ax.axvline(post.mean.item(), color="C3", ls="--", label="posterior mean")
@@ -123,8 +127,8 @@ def fig_manifolds(results, x, path):
     for ax, r in zip(axes.flat, results):
         with torch.no_grad():
             g = r.decoder(z)
-        ax.scatter(x[:, 0], x[:, 1], s=3, color="0.7", label="data")
-        ax.plot(g[:, 0], g[:, 1], color="C3", lw=1.5, label="g(z), z in [-3, 3]")
+        ax.scatter(_np(x[:, 0]), _np(x[:, 1]), s=3, color="0.7", label="data")
+        ax.plot(_np(g[:, 0]), _np(g[:, 1]), color="C3", lw=1.5, label="g(z), z in [-3, 3]")
         ax.set(xlabel="x1", ylabel="x2", title=f"{r.name}\nNLL {r.final_nll:.3f}", aspect="equal",
                xlim=(-1.8, 1.8), ylim=(-1.8, 1.8))
         ax.legend(fontsize=7, loc="upper right")

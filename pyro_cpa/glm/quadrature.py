@@ -234,6 +234,9 @@ def quadrature_log_prob(decoder, x, family=None, rho: float = 1.0, *, order: int
         maps = regions.maps(_DT)
         A, b = rho * maps.A, rho * maps.b
         H, c = regions.polytopes(_DT, maps=maps)
+        if H.shape[1] == 0:  # a single region (affine ϑ): one always-satisfied padding facet
+            H = torch.zeros(H.shape[0], 1, S, dtype=_DT)
+            c = torch.full((H.shape[0], 1), math.inf, dtype=_DT)
         out_lp, out_err = [], []
         for start in range(0, x.shape[0], chunk_size):
             xc = x[start:start + chunk_size]
