@@ -74,7 +74,7 @@ def test_gaussian_family_matches_exact_cpa_marginal(S):
     res = quadrature_log_prob(net, x, family=Gaussian(sig ** 2))
     ref = CPAMarginal(net, sig).log_prob(x).detach()
     assert (res.log_prob - ref).abs().max() < EXACT
-    assert bool((res.error < 1e-8).all())
+    assert bool((res.error < 1e-6).all())  # |rule n − rule 2n|: conservative for the returned 2n value
 
 
 def test_s2_reduces_to_s1_and_is_rotation_invariant():
