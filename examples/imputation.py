@@ -127,7 +127,7 @@ def main(args) -> dict:
     }
     keys = ["em_exact", "vae_iterative", "vae_decoder_exact", "column_mean"]
     k_missing = mask.sum(-1)
-    counts = sorted(int(k) for k in k_missing.unique())
+    counts = sorted(int(k) for k in k_missing.unique() if k > 0)
     rows = []
     for (name, xhat), key in zip(imputations.items(), keys):
         err = (xhat - x_test).square()

@@ -101,10 +101,13 @@ def read_structure(trace: poutine.Trace) -> CPAModelStructure:
     for pname, psite in trace.nodes.items():
         if psite["type"] == "param" and psite["value"] is obs_scale:
             param_name = pname
-    if param_name is None:
-        for pname in pyro.get_param_store().keys():
-            if pyro.param(pname) is obs_scale:
-                param_name = pname
+    if param_name is None:  # param sites hidden (e.g. by poutine.block): match by value, silently
+        store = pyro.get_param_store()
+        with torch.no_grad():
+            matches = [pname for pname in store.keys()
+                       if store[pname].shape == obs_scale.shape and bool(torch.equal(store[pname], obs_scale))]
+        if len(matches) == 1:
+            param_name = matches[0]
     plates = tuple(f.name for f in reversed(plates_site["cond_indep_stack"]) if f.vectorized)
     return CPAModelStructure(latent, obs_name, fn.network, obs_scale, param_name, prior_scale, site["value"], plates)
 
