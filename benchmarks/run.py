@@ -57,7 +57,7 @@ def _polytope_batch(S, n_pairs, seed=0):
     net = random_net(widths, seed=seed)
     if S <= 3:
         regions = linear_regions(net)
-        H, c = regions.polytopes()
+        H, c = (t.detach() for t in regions.polytopes())
     else:  # S=4: cells of a single random layer's arrangement through the data, via sign patterns
         torch.manual_seed(seed)
         W = torch.randn(6, 4)
@@ -220,11 +220,14 @@ def print_table(rows):
 
 def main(args):
     torch.set_default_dtype(torch.float64)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     print("hardware:", hardware_line())
-    bench_enumeration(rows, args.quick)
-    bench_integrals(rows, args.quick)
-    bench_log_prob(rows, args.quick)
+    with torch.no_grad():
+        bench_enumeration(rows, args.quick)
+        bench_integrals(rows, args.quick)
+        bench_log_prob(rows, args.quick)
     bench_em(rows, args.quick)
     print_table(rows)
     if args.json:
@@ -237,6 +240,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     p.add_argument("--json", default=None, help="also write the table as JSON")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the batches here are small; 0 = torch's default)")
     return p.parse_args(argv)
 
 

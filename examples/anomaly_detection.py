@@ -71,22 +71,24 @@ def figure(x, label, scores, path):
 
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 3, figsize=(16, 4.8))
+    x_np, label_np = x.numpy(), label.numpy()
     for ax, (name, s) in zip(axes[:2], list(scores.items())[:2]):
-        sc = ax.scatter(x[:, 0], x[:, 1], c=s.clamp(min=torch.quantile(s, 0.02)), cmap="viridis", s=10)
-        ax.scatter(x[label, 0], x[label, 1], facecolors="none", edgecolors="red", s=40, lw=0.8,
+        sc = ax.scatter(x_np[:, 0], x_np[:, 1], c=s.clamp(min=torch.quantile(s, 0.02)).numpy(), cmap="viridis", s=10)
+        ax.scatter(x_np[label_np, 0], x_np[label_np, 1], facecolors="none", edgecolors="red", s=40, lw=0.8,
                    label="true outliers")
         fig.colorbar(sc, ax=ax, label="score (clipped at 2 % quantile)")
-        ax.set(xlabel="x1", ylabel="x2", title=f"test sample coloured by {name}", aspect="equal")
+        ax.set(xlabel="x1", ylabel="x2", title=f"test sample, colour = {name.split(': ')[1]}\n({name.split(':')[0]})",
+               aspect="equal")
         ax.legend(loc="upper right", fontsize=8)
     ax = axes[2]
-    for name, s in scores.items():
+    for (name, s), ls in zip(scores.items(), ("-", "--", ":")):
         fpr, tpr, _ = roc_curve(label.numpy(), (-s).numpy())
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc(s, label):.3f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="chance")
+        ax.plot(fpr, tpr, ls=ls, lw=1.6, label=f"{name} (AUC {auc(s, label):.3f})")
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC on the test sample")
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle("Anomaly detection on a contaminated circle: exact log p(x) (EM) vs ELBO (VAE)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     pyplot.close(fig)
 

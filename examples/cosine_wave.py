@@ -56,8 +56,9 @@ def _manifold(decoder, lo=-3.5, hi=3.5, num=2001):
 def figure(x, fits, path):
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 3, figsize=(16, 4.8))
+    x = x.numpy()
     for ax, f in zip(axes[:2], fits):
-        z, g, idx = _manifold(f.decoder)
+        z, g, idx = (t.numpy() for t in _manifold(f.decoder))
         R = len(cached_linear_regions(f.decoder))
         ax.scatter(x[:, 0], x[:, 1], s=5, color="0.65", label="training data")
         ax.scatter(g[:, 0], g[:, 1], c=idx, cmap="tab20", s=3, label=f"g(z), z ∈ [−3.5, 3.5] ({R} regions)")
@@ -65,13 +66,13 @@ def figure(x, fits, path):
         ax.legend(loc="lower center", fontsize=8)
     ax = axes[2]
     for f, style in zip(fits, ("-o", "-s")):
-        h = torch.tensor(f.nll_history)
+        h = torch.tensor(f.nll_history).numpy()
         ax.plot(h[:, 1], h[:, 2], style, ms=3, label=f.name)
     ax.set(xlabel="training wall-clock (s)", ylabel="exact NLL per point (train, nats)",
            title="Exact NLL during training", ylim=(None, min(3.0, ax.get_ylim()[1])))
     ax.legend()
     fig.suptitle("Cosine wave (Fig. 6): learned 1-D manifolds of a [1, H, H, 2] leaky-ReLU decoder")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     pyplot.close(fig)
 
@@ -104,7 +105,8 @@ def main(args) -> dict:
                        ("regions", "regions", "{:d}"), ("seconds", "seconds", "{:.1f}"), ("steps", "steps", "{:d}")],
                 title=f"cosine wave, N={args.n} (test {args.n_test}), decoder [1, {args.hidden}, {args.hidden}, 2]; "
                       "per-point nats, exact")
-    result = {"em": rows[0], "vae": rows[1], "n": args.n, "hidden": args.hidden}
+    result = {"em": rows[0], "vae": rows[1], "n": args.n, "hidden": args.hidden,
+              "em_nll_history": [h[2] for h in em.nll_history], "vae_nll_history": [h[2] for h in vae.nll_history]}
     if args.out:
         path = os.path.join(args.out, "cosine_wave_manifolds.png")
         figure(x, (em, vae), path)

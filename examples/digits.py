@@ -72,7 +72,7 @@ def figure(x, fits, num, path):
         axes[i, 0].set_ylabel(label, fontsize=8)
     fig.suptitle("Digit 4: generated images g(z) along the 1-D latent line (z at prior quantiles 2.5 %…97.5 %)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     pyplot.close(fig)
 

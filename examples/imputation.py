@@ -91,18 +91,18 @@ def exact_impute(fit, x_nan):
 def figure(x_true, mask, imputations, path):
     pyplot = plt()
     names = list(imputations)
-    fig, axes = pyplot.subplots(1, len(names), figsize=(4.2 * len(names), 4.3), squeeze=False)
+    fig, axes = pyplot.subplots(1, len(names), figsize=(4.2 * len(names), 4.9), squeeze=False)
     t, lim = x_true[mask], 1.35
     for ax, name in zip(axes[0], names):
         v = imputations[name][mask]
         rmse = float((v - t).square().mean().sqrt())
-        ax.scatter(t, v, s=5, alpha=0.5, label="hidden entries")
+        ax.scatter(t.numpy(), v.numpy(), s=5, alpha=0.5, label="hidden entries")
         ax.plot([-lim, lim], [-lim, lim], "k:", lw=0.8, label="perfect imputation")
         ax.set(xlabel="true value", ylabel="imputed value", title=f"{name}\nRMSE {rmse:.3f}",
                xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("Imputation of randomly hidden entries of a curve in R⁴ (held-out data)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=100)
     pyplot.close(fig)
 

@@ -55,7 +55,7 @@ def figure(rows, path):
         ax.set(xscale="log", xlabel="free parameters k (log scale)", ylabel=label, title=label.split(" (")[0])
         ax.legend(fontsize=8)
     fig.suptitle("Model selection on the noisy circle with exact likelihoods (lower is better)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     pyplot.close(fig)
 

@@ -82,19 +82,22 @@ def polygon_edges(G: torch.Tensor, d: torch.Tensor):
     realk = real.unsqueeze(-2)
     pos = realk & (s > 0)
     neg = realk & (s < 0)
-    s_safe = torch.where(pos | neg, s, torch.ones_like(s))
-    bound = num / s_safe
+    bound = num / torch.where(s == 0, torch.ones_like(s), s)
     inf = torch.full_like(bound, float("inf"))
     t_hi = torch.where(pos, bound, inf).amin(dim=-1)
     t_lo = torch.where(neg, bound, -inf).amax(dim=-1)
     # parallel constraints (s == 0): must hold along the whole line; exact duplicates keep the first
     F = G.shape[-2]
-    idx = torch.arange(F, device=G.device)
-    earlier = idx.unsqueeze(-1) > idx.unsqueeze(0)     # [i, k]: k < i
-    par = realk & (s == 0) & ~torch.eye(F, dtype=torch.bool, device=G.device)
-    tol = _TIE_TOL * (1.0 + ds.abs().unsqueeze(-1) + ds.abs().unsqueeze(-2))
-    tie = (num.abs() <= tol) & (c > 0) & earlier
-    bad_par = (par & ((num < -tol) | tie)).any(dim=-1)
+    eye = torch.eye(F, dtype=torch.bool, device=G.device)
+    par = realk & (s == 0) & ~eye
+    if bool(par.any()):
+        idx = torch.arange(F, device=G.device)
+        earlier = idx.unsqueeze(-1) > idx.unsqueeze(0)     # [i, k]: k < i
+        tol = _TIE_TOL * (1.0 + ds.abs().unsqueeze(-1) + ds.abs().unsqueeze(-2))
+        tie = (num.abs() <= tol) & (c > 0) & earlier
+        bad_par = (par & ((num < -tol) | tie)).any(dim=-1)
+    else:
+        bad_par = torch.zeros_like(real)
     exists = real & (t_hi > t_lo) & ~bad_par
     infeasible = ((norm == 0) & (d < 0)).any(dim=-1)
     whole = ~real.any(dim=-1) & ~infeasible
@@ -178,24 +181,26 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     cuts = torch.cat([vert, decay, lcut], dim=-1)
     cuts = torch.minimum(torch.maximum(cuts, lo.unsqueeze(-1)), vmax.unsqueeze(-1))
     cuts = torch.sort(cuts, dim=-1).values
-    a0, a1 = cuts[..., :-1], cuts[..., 1:]
+    a0 = cuts[..., :-1]
+    half = 0.5 * (cuts[..., 1:] - a0)
+    # only the pieces of positive length, flat over the batch
+    B, K = half.shape
+    pidx = (half > 0).reshape(-1).nonzero().squeeze(-1)
+    a0f = a0.reshape(-1).index_select(0, pidx)
+    hf = half.reshape(-1).index_select(0, pidx)
+    pb = torch.div(pidx, K, rounding_mode="floor")
     x, wt = _gl_nodes(num_nodes, dtype, device)
-    half = 0.5 * (a1 - a0)
-    v1 = (0.5 * (a0 + a1)).unsqueeze(-1) + half.unsqueeze(-1) * x      # (B, K-1, n)
-    nonempty = half > 0
-    logw = torch.where(nonempty, torch.log(torch.where(nonempty, half, torch.ones_like(half))),
-                       torch.full_like(half, float("-inf"))).unsqueeze(-1) + torch.log(wt)
-    B = v1.shape[0]
-    v1 = v1.reshape(B, -1)
-    logw = logw.reshape(B, -1)
+    v1 = ((a0f + hf).unsqueeze(-1) + hf.unsqueeze(-1) * x).reshape(-1)
+    logw = (torch.log(hf).unsqueeze(-1) + torch.log(wt)).reshape(-1)
+    nb = pb.repeat_interleave(num_nodes)
     # slice intervals
-    rk = real.unsqueeze(-2)
-    bpos = rk & (be > 0).unsqueeze(-2)
-    bneg = rk & (be < 0).unsqueeze(-2)
-    bzero = rk & (be == 0).unsqueeze(-2)
-    rhs = ds.unsqueeze(-2) - al.unsqueeze(-2) * v1.unsqueeze(-1)      # (B, M, F)
-    bsafe = torch.where(be == 0, torch.ones_like(be), be).unsqueeze(-2)
-    bnd = rhs / bsafe
+    rk = real.index_select(0, nb)
+    ben = be.index_select(0, nb)
+    bpos = rk & (ben > 0)
+    bneg = rk & (ben < 0)
+    bzero = rk & (ben == 0)
+    rhs = ds.index_select(0, nb) - al.index_select(0, nb) * v1.unsqueeze(-1)      # (nodes, F)
+    bnd = rhs / torch.where(ben == 0, torch.ones_like(ben), ben)
     inf = torch.full_like(bnd, float("inf"))
     hi = torch.where(bpos, bnd, inf).amin(-1)
     lo_ = torch.where(bneg, bnd, -inf).amax(-1)
@@ -203,7 +208,10 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     lS = log_ndtr_diff(lo_, hi)
     lS = torch.where(viol, torch.full_like(lS, float("-inf")), lS)
     integrand = logw + lS - 0.5 * v1 * v1 - LOG_SQRT_2PI
-    return torch.logsumexp(integrand, dim=-1)
+    m = integrand.new_full((B,), float("-inf")).scatter_reduce(0, nb, integrand.detach(), "amax")
+    mf = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+    tot = integrand.new_zeros(B).index_add(0, nb, torch.exp(integrand - mf.index_select(0, nb)))
+    return mf + torch.log(tot)
 
 
 def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z_cuts=DEFAULT_FLUX_Z_CUTS,
@@ -259,7 +267,7 @@ def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z
     lD = -0.5 * (hi * hi + pi * pi) + torch.log(integral) - _LOG_2PI
     # P = 1[0 in ω] + Σ -sign(d_i) D_i, combined relative to the largest term
     ninf = torch.full((B,), float("-inf"), dtype=dtype, device=device)
-    m = ninf.scatter_reduce(0, bi, lD, "amax")
+    m = ninf.scatter_reduce(0, bi, lD.detach(), "amax")
     m = torch.where(inside, torch.clamp(m, min=0.0), m)
     m_ok = torch.isfinite(m)
     m = torch.where(m_ok, m, torch.zeros_like(m))
@@ -274,12 +282,16 @@ def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z
 
 def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAULT_SWITCH_MASS,
                 num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
-                owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS, _edges=None) -> torch.Tensor:
+                owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS, _edges=None,
+                _accept_owens=None, _max_amp: float = DEFAULT_FLUX_MAX_AMP) -> torch.Tensor:
     """log P(u ∈ {G u <= d}) for u ~ N(0, I_2), batched (see module doc). -inf for empty polygons.
 
-    The flux formula is used where it is well conditioned; the other (rare) polygons use the Owen's-T
-    formula where its P >= ``switch_mass`` and the log-space slicing otherwise (``switch_mass > 1``
-    forces the slicing quadrature everywhere).
+    The flux formula is used where it is well conditioned (almost everywhere); the other polygons use the
+    Owen's-T formula where its P >= ``switch_mass`` and the log-space slicing otherwise
+    (``switch_mass > 1`` forces the slicing quadrature everywhere).
+
+    ``_accept_owens(idx, log_P_owens) -> bool mask`` (internal, used by the 3-D slicing) may accept the
+    Owen's-T value of further polygons (flat indices ``idx``) whose absolute error is known to be negligible.
     """
     Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d) if _edges is None else _edges
     batch = ds.shape[:-1]
@@ -290,7 +302,7 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
     real = flat[0].abs().sum(-1) > 0
     logP = ds.new_zeros(live.numel())
     if switch_mass <= 1.0:
-        logP, ok = _log_mass_flux(flat[1], flat[3], flat[4], flat[5], real)
+        logP, ok = _log_mass_flux(flat[1], flat[3], flat[4], flat[5], real, max_amp=_max_amp)
         rest = live.reshape(-1) & ~ok
     else:
         rest = live.reshape(-1)
@@ -301,8 +313,10 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
         need = torch.ones(idx.shape, dtype=torch.bool, device=ds.device)
         if switch_mass <= 1.0:
             P = _mass_owens(ds_, e_, tl_, th_, ex_, torch.zeros_like(need), owens_nodes)
+            vals = torch.log(torch.clamp(P, min=1e-300))
             need = ~(P >= switch_mass)
-            vals = torch.log(torch.clamp(P, min=switch_mass))
+            if _accept_owens is not None:
+                need = need & ~_accept_owens(idx, vals)
         sub = need.nonzero().squeeze(-1)
         if sub.numel():
             sl = _log_mass_slices(*(x.index_select(0, sub) for x in (Gs_, ds_, e_, tl_, th_, ex_)),
@@ -316,7 +330,8 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
 
 def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAULT_SWITCH_MASS,
                    num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
-                   owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS) -> StandardMoments:
+                   owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS,
+                   need_moments: bool = True) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_2) on the polygon {u : G u <= d}, exact.
 
     Args:
@@ -327,6 +342,7 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
         owens_nodes: Gauss–Legendre nodes of Owen's T.
         levels: the slicing quadrature is also cut where a line's slice bound crosses these values
             (resolves lines nearly parallel to the slices, and the kinks of exactly parallel ones).
+        need_moments: if False only log_mass is computed (mean and second_moment are returned as zeros).
 
     Returns:
         :class:`StandardMoments` (log_mass (...,), mean (..., 2), second_moment (..., 2, 2),
@@ -337,6 +353,9 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
     Gs, ds, e, t_lo, t_hi, exists, empty, whole = edges
     logP = log_mass_2d(G, d, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
                        owens_nodes=owens_nodes, levels=levels, _edges=edges)
+    if not need_moments:
+        return StandardMoments(logP, logP.new_zeros(logP.shape + (2,)), logP.new_zeros(logP.shape + (2, 2)),
+                               torch.zeros_like(logP))
     empty = empty | torch.isneginf(logP)
     # edge masses and conditional edge means
     ldphi, mu, _ = interval_moments(t_lo, t_hi)

@@ -29,6 +29,7 @@ returns log_mass = -inf, mean = 0, second_moment = 0 (NaN-free).
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -39,9 +40,12 @@ from .univariate import LOG_SQRT_2PI, _gl_nodes
 
 __all__ = ["std_moments_3d", "log_mass_3d", "DEFAULT_NUM_NODES_3D", "DEFAULT_FEAS_TOL"]
 
-DEFAULT_NUM_NODES_3D = 16
+DEFAULT_NUM_NODES_3D = 8
 DEFAULT_FEAS_TOL = 1e-10
 DEFAULT_RIDGE_LEVELS = (2.0, 5.0, 8.0)
+DEFAULT_SLICE_REL_TOL = 1e-12
+_OWENS_ABS_ERR = 1e-15
+_SLICE_MAX_AMP = 1e4   # flux-formula cancellation accepted in the slices (error <~ 1e-12 relative)
 
 
 def _basis(g: torch.Tensor) -> torch.Tensor:
@@ -164,15 +168,58 @@ def _ridge_cuts(Gs, ds, real, w, Q, lo, ridge_levels):
     return cuts.reshape(B, -1)
 
 
-def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NUM_NODES_3D,
-                s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
-                switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
-                ridge_levels=DEFAULT_RIDGE_LEVELS) -> torch.Tensor:
-    """log P(u ∈ {G u <= d}) for u ~ N(0, I_3) (see module doc); -inf for empty polytopes."""
-    batch = d.shape[:-1]
+def _incidence(F: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C3, C2) and (C3, F) 0/1 matrices: which plane pairs / planes each triple of planes contains."""
+    pairs = list(itertools.combinations(range(F), 2))
+    pos = {pr: k for k, pr in enumerate(pairs)}
+    tr = list(itertools.combinations(range(F), 3))
+    i2 = torch.zeros(len(tr), len(pairs))
+    i1 = torch.zeros(len(tr), F)
+    for k, (a, b, c) in enumerate(tr):
+        for pr in ((a, b), (a, c), (b, c)):
+            i2[k, pos[pr]] = 1.0
+        i1[k, [a, b, c]] = 1.0
+    return i2.to(device), i1.to(device)
+
+
+def _segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+    """logsumexp of ``x`` within segments ``seg`` (values in [0, n)); -inf for empty segments."""
+    m = x.new_full((n,), float("-inf")).scatter_reduce(0, seg, x.detach(), "amax")
+    mf = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = x.new_zeros(n).index_add(0, seg, torch.exp(x - mf.index_select(0, seg)))
+    return mf + torch.log(s)
+
+
+def _compact_rows(G: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (B, F', 3), (B, F') with the real rows first (order kept) and trailing all-padding columns cut."""
     F = d.shape[-1]
     Gf = G.reshape(-1, F, 3)
     df = d.reshape(-1, F)
+    real = (Gf.abs().sum(-1) > 0) & (df < float("inf"))
+    if df.shape[0] == 0 or bool(real.all()):
+        return Gf, df
+    order = torch.argsort((~real).to(torch.int8), dim=-1, stable=True)
+    Fm = max(int(real.sum(-1).max()), 1)
+    keep = ~real & ((Gf.abs().sum(-1) == 0) & (df < 0))   # an always-violated zero row must survive
+    if bool(keep.any()):
+        return Gf, df
+    order = order[:, :Fm]
+    return Gf.gather(1, order.unsqueeze(-1).expand(-1, -1, 3)), df.gather(1, order)
+
+
+def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NUM_NODES_3D,
+                s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
+                switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
+                ridge_levels=DEFAULT_RIDGE_LEVELS, slice_rel_tol: float = DEFAULT_SLICE_REL_TOL) -> torch.Tensor:
+    """log P(u ∈ {G u <= d}) for u ~ N(0, I_3) (see module doc); -inf for empty polytopes.
+
+    A slice whose flux formula is ill-conditioned uses the Owen's-T formula when its P₂ >= ``switch_mass`` or
+    when its absolute error (<= 1e-15) weighted by φ(v1) is below ``slice_rel_tol`` times the polytope's
+    mass over the number of slices; the nested log-space slicing otherwise.
+    """
+    batch = d.shape[:-1]
+    Gf, df = _compact_rows(G, d)
+    F = df.shape[-1]
     B = df.shape[0]
     dtype, device = df.dtype, df.device
     norm = Gf.norm(dim=-1)
@@ -187,6 +234,17 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     w = torch.where(inside.unsqueeze(-1), e0, p / torch.where(inside, torch.ones_like(r), r).unsqueeze(-1))
     Q = _basis(w)                                            # (B, 3, 2)
     al = (Gs * w.unsqueeze(-2)).sum(-1)                      # (B, F)
+    # which planes / ridges are faces of the polytope (those through a feasible vertex; all of them when
+    # the polytope has no vertex)
+    if F >= 3:
+        i2, i1 = (m.to(dtype) for m in _incidence(F, device))
+        vf = vok.to(dtype)
+        novert = ~vok.any(-1, keepdim=True)
+        ridge_ok = ((vf @ i2) > 0) | novert
+        plane_ok = ((vf @ i1) > 0) | novert
+    else:
+        ridge_ok = torch.ones(B, F * (F - 1) // 2, dtype=torch.bool, device=device)
+        plane_ok = torch.ones(B, F, dtype=torch.bool, device=device)
     # cut points
     sc = torch.tensor(s_cuts, dtype=dtype, device=device)
     vmax = torch.sqrt(r * r + 2.0 * sc[-1])
@@ -198,38 +256,67 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     sym = torch.sqrt(2.0 * sc[1::2])
     decay = torch.where(inside.unsqueeze(-1), torch.cat([-sym, sym]), decay) if len(s_cuts) % 2 == 0 else \
         torch.cat([decay, torch.where(inside.unsqueeze(-1), -decay, decay)], dim=-1)
-    nq = (Gs.unsqueeze(-1) * Q.unsqueeze(-3)).sum(-2).norm(dim=-1)   # in-slice norms (B, F)
+    G2 = (Gs.unsqueeze(-1) * Q.unsqueeze(-3)).sum(-2)      # in-slice normals (B, F, 2), the same in every slice
+    nq = G2.norm(dim=-1)
     lev = torch.tensor(levels, dtype=dtype, device=device)
-    al_ok = real & (al != 0)
+    al_ok = real & (al != 0) & plane_ok
     al_s = torch.where(al_ok, al, torch.ones_like(al))
     lcut = (ds.unsqueeze(-1) - nq.unsqueeze(-1) * lev) / al_s.unsqueeze(-1)
     lcut = torch.where(al_ok.unsqueeze(-1), lcut, lo[:, None, None]).reshape(B, -1)
     rcut = _ridge_cuts(Gs, ds, real, w, Q, lo, ridge_levels)
+    if rcut.shape[-1]:
+        rcut = torch.where(ridge_ok.repeat_interleave(rcut.shape[-1] // ridge_ok.shape[-1], dim=-1), rcut,
+                           lo.unsqueeze(-1))
     cuts = torch.cat([vv, decay, lcut, rcut], dim=-1)
     cuts = torch.minimum(torch.maximum(cuts, lo.unsqueeze(-1)), vmax.unsqueeze(-1))
     cuts = torch.sort(cuts, dim=-1).values
-    a0, a1 = cuts[..., :-1], cuts[..., 1:]
-    half = 0.5 * (a1 - a0)
-    # drop zero-length pieces (compact to the longest count in the batch)
-    nonzero = half > 0
-    order = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)
-    kmax = max(int(nonzero.sum(-1).max()) if B else 0, 1)
-    order = order[:, :kmax]
-    a0, half, nonzero = a0.gather(1, order), half.gather(1, order), nonzero.gather(1, order)
+    a0 = cuts[..., :-1]
+    half = 0.5 * (cuts[..., 1:] - a0)
+    # the pieces of positive length, flat over the batch
+    K = half.shape[-1]
+    live = ~infeasible & nonempty & real.any(-1)
+    pidx = ((half > 0) & live.unsqueeze(-1)).reshape(-1).nonzero().squeeze(-1)
+    a0f = a0.reshape(-1).index_select(0, pidx)
+    hf = half.reshape(-1).index_select(0, pidx)
+    pb = torch.div(pidx, K, rounding_mode="floor")
     x, wt = _gl_nodes(num_nodes, dtype, device)
-    v1 = (a0 + half).unsqueeze(-1) + half.unsqueeze(-1) * x
-    logw = torch.where(nonzero, torch.log(torch.where(nonzero, half, torch.ones_like(half))),
-                       torch.full_like(half, float("-inf"))).unsqueeze(-1) + torch.log(wt)
-    v1 = v1.reshape(B, -1)
-    logw = logw.reshape(B, -1)
-    M = v1.shape[1]
-    # slice polygons
-    shift = al.unsqueeze(1) * v1.unsqueeze(-1)                # (B, M, F)
-    G2, d2, _ = _project_rows(Gs.unsqueeze(1).expand(B, M, F, 3), ds.unsqueeze(1).expand(B, M, F),
-                              real.unsqueeze(1).expand(B, M, F), Q.unsqueeze(1).expand(B, M, 3, 2), shift)
-    lp2 = log_mass_2d(G2, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts, levels=levels)
-    integrand = logw + lp2 - 0.5 * v1 * v1 - LOG_SQRT_2PI
-    logP = torch.logsumexp(integrand, dim=-1)
+    v1 = ((a0f + hf).unsqueeze(-1) + hf.unsqueeze(-1) * x).reshape(-1)
+    lw = (torch.log(hf).unsqueeze(-1) + torch.log(wt)).reshape(-1) - 0.5 * v1 * v1 - LOG_SQRT_2PI
+    sb = pb.repeat_interleave(num_nodes)                     # pair of each slice
+    # slice polygons {y : G2_k·y <= d_k − al_k v1}, rows renormalised (parallel rows: 0 / ±inf, -1)
+    ok_row = real & (nq > 1e-14)
+    ns = torch.where(ok_row, nq, torch.ones_like(nq))
+    G2n = torch.where(ok_row.unsqueeze(-1), G2 / ns.unsqueeze(-1), torch.zeros_like(G2))
+    rhs = ds.index_select(0, sb) - al.index_select(0, sb) * v1.unsqueeze(-1)
+    okr = ok_row.index_select(0, sb)
+    realr = real.index_select(0, sb)
+    d2 = torch.where(okr, rhs / ns.index_select(0, sb),
+                     torch.where(realr & (rhs < 0), -torch.ones_like(rhs), torch.full_like(rhs, float("inf"))))
+    G2s = G2n.index_select(0, sb)
+    # pass 1: flux formula, Owen's T where it is ill-conditioned
+    rest = []
+
+    def accept_all(idx, vals):
+        rest.append((idx, vals))
+        return torch.ones_like(idx, dtype=torch.bool)
+
+    lp2 = log_mass_2d(G2s, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts, levels=levels,
+                      _accept_owens=accept_all, _max_amp=_SLICE_MAX_AMP)
+    if rest and rest[0][0].numel():
+        idx, vals = rest[0]
+        trusted = torch.ones_like(lp2, dtype=torch.bool).index_fill(0, idx, False)
+        trusted = trusted.index_put((idx,), vals >= math.log(switch_mass))
+        ref = _segment_logsumexp(torch.where(trusted, lw + lp2, torch.full_like(lw, float("-inf"))), sb, B)
+        nseg = torch.zeros(B, dtype=dtype, device=device).index_add(0, sb, torch.ones_like(lw))
+        bound = math.log(slice_rel_tol / _OWENS_ABS_ERR) + ref - torch.log(nseg)
+        sbi = sb.index_select(0, idx)
+        need = ~trusted.index_select(0, idx) & (lw.index_select(0, idx) > bound.index_select(0, sbi))
+        sub = idx[need]
+        if sub.numel():
+            lp2 = lp2.index_put((sub,), log_mass_2d(G2s.index_select(0, sub), d2.index_select(0, sub),
+                                                    switch_mass=2.0, num_nodes=num_nodes_2d, s_cuts=s_cuts,
+                                                    levels=levels))
+    logP = _segment_logsumexp(lw + lp2, sb, B)
     no_real = ~real.any(-1)
     logP = torch.where(no_real, torch.zeros_like(logP), logP)
     empty = infeasible | ~(nonempty | no_real)
@@ -240,7 +327,8 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
 def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NUM_NODES_3D,
                    s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
                    switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
-                   facet_tie_tol: float = 1e-12, ridge_levels=DEFAULT_RIDGE_LEVELS) -> StandardMoments:
+                   facet_tie_tol: float = 1e-12, ridge_levels=DEFAULT_RIDGE_LEVELS,
+                   need_moments: bool = True) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_3) on {u : G u <= d} (see module doc).
 
     Args:
@@ -250,6 +338,7 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
         feas_tol: relative tolerance of the feasibility test of candidate nearest points / vertices.
         switch_mass, num_nodes_2d: options of the 2-D polygon masses (slices and facets).
         facet_tie_tol: duplicated facets (same plane twice) are counted once.
+        need_moments: if False only log_mass is computed (mean and second_moment are returned as zeros).
 
     Returns:
         :class:`StandardMoments`: log_mass (...,), mean (..., 3), second_moment (..., 3, 3),
@@ -259,6 +348,9 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
     F = d.shape[-1]
     logP = log_mass_3d(G, d, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels, feas_tol=feas_tol,
                        switch_mass=switch_mass, num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels)
+    if not need_moments:
+        return StandardMoments(logP, logP.new_zeros(logP.shape + (3,)), logP.new_zeros(logP.shape + (3, 3)),
+                               torch.zeros_like(logP))
     norm = G.norm(dim=-1)
     real = (norm > 0) & (d < float("inf"))
     Gs = torch.where(real.unsqueeze(-1), G, torch.zeros_like(G))

@@ -193,7 +193,7 @@ def interval_from_constraints(G: torch.Tensor, d: torch.Tensor) -> tuple[torch.T
     return alpha, beta, infeasible
 
 
-def std_moments_1d(G: torch.Tensor, d: torch.Tensor) -> StandardMoments:
+def std_moments_1d(G: torch.Tensor, d: torch.Tensor, need_moments: bool = True) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, 1) on {u : G u <= d} (S = 1), exact in closed form.
 
     Args:
@@ -205,9 +205,13 @@ def std_moments_1d(G: torch.Tensor, d: torch.Tensor) -> StandardMoments:
         log_mass_stderr = 0. See :func:`interval_moments` for the formulas; results are exact to
         machine precision in both tails. An empty polytope returns log_mass = -inf, mean = 0 and
         second_moment = 0 (NaN-free; callers decide what to do with it).
+        With ``need_moments=False`` only log_mass is computed (mean and second_moment are zeros).
     """
     alpha, beta, infeasible = interval_from_constraints(G, d)
     log_mass = log_ndtr_diff(alpha, beta)
     log_mass = torch.where(infeasible, torch.full_like(log_mass, float("-inf")), log_mass)
+    if not need_moments:
+        return StandardMoments(log_mass, log_mass.new_zeros(log_mass.shape + (1,)),
+                               log_mass.new_zeros(log_mass.shape + (1, 1)), torch.zeros_like(log_mass))
     log_mass, mean, m2 = interval_moments(alpha, beta, log_mass)
     return StandardMoments(log_mass, mean.unsqueeze(-1), m2[..., None, None], torch.zeros_like(log_mass))
