@@ -131,12 +131,13 @@ def figure(fit, x, k, modes, lim, num, path):
 
     ax1 = fig.add_subplot(1, 3, 2)
     lp = posterior_log_density(marginal, x[k:k + 1], z_grid.reshape(-1, 2))[:, 0].reshape(num, num)
-    dens = lp.exp()
-    im = ax1.imshow(dens.numpy(), origin="lower", extent=extent, cmap="magma_r")
-    fig.colorbar(im, ax=ax1, label="p(z | x*)")
+    top = float(lp.max())
+    im = ax1.imshow(lp.clamp(min=top - 12).numpy(), origin="lower", extent=extent, cmap="magma_r",
+                    vmin=top - 12, vmax=top)
+    fig.colorbar(im, ax=ax1, label="log p(z | x*)  (12 nats shown)")
     edge = _region_boundaries(idx)
     ez = z_grid[edge].numpy()
-    ax1.scatter(ez[:, 0], ez[:, 1], s=0.2, color="0.6", label="region boundaries")
+    ax1.scatter(ez[:, 0], ez[:, 1], s=0.05, color="0.55", alpha=0.5, label="region boundaries")
     draws = post.sample((300,), generator=torch.Generator().manual_seed(0)).numpy()
     ax1.scatter(draws[:, 0], draws[:, 1], s=3, color="tab:cyan", alpha=0.6, label="exact posterior draws")
     m = post.mean.numpy()
@@ -149,24 +150,26 @@ def figure(fit, x, k, modes, lim, num, path):
     ax1.legend(loc="upper right", fontsize=7)
 
     ax2 = fig.add_subplot(1, 3, 3, projection="3d")
-    zs = latent_grid(2.5, 45).reshape(-1, 2)
+    zs = torch.randn(4000, 2, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         g = fit.decoder(zs)
-    g, xn = g.numpy(), x.numpy()
-    ax2.scatter(g[:, 0], g[:, 1], g[:, 2], c=colours[regions.locate(zs).numpy()], s=2, alpha=0.35,
-                label="g(z), z ∈ [−2.5, 2.5]²")
+    lo, hi = x.min(0).values - 0.15, x.max(0).values + 0.15
+    keep = ((g >= lo) & (g <= hi)).all(-1)          # 3-D axes do not clip: drop far-away points
+    g, xn, col = g[keep].numpy(), x.numpy(), colours[regions.locate(zs[keep]).numpy()]
+    ax2.scatter(g[:, 0], g[:, 1], g[:, 2], c=col, s=3, alpha=0.4, label="g(z), z ~ prior, by region")
     ax2.scatter(xn[:, 0], xn[:, 1], xn[:, 2], s=4, color="k", label="training data")
     ax2.scatter(*xn[k], s=90, color="red", marker="o", label="x*")
     if modes is not None:
         with torch.no_grad():
             gm = fit.decoder(torch.stack(modes)).numpy()
         ax2.scatter(gm[:, 0], gm[:, 1], gm[:, 2], s=120, color="tab:blue", marker="*", label="g(modes)")
-    ax2.set(xlabel="x1", ylabel="x2", zlabel="x3", title="Swiss roll: data and learned surface")
+    ax2.set(xlabel="x1", ylabel="x2", zlabel="x3", title="Swiss roll: data and learned surface",
+            xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), zlim=(lo[2], hi[2]))
     ax2.view_init(elev=20, azim=-70)
     ax2.legend(loc="upper left", fontsize=7)
     fig.suptitle(f"Exact EM with a [2, H, H, 3] decoder on the swiss roll (S = 2): exact NLL {fit.train_nll:.3f} "
                  f"(train), {fit.test_nll:.3f} (held out) nats/point")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=100)
     pyplot.close(fig)
 

@@ -21,6 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--out", default="pyro_cpa_demo", help="folder for the figures (default: ./pyro_cpa_demo)")
     d.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
     d.add_argument("--json", default=None, help="also write every number of the table to this JSON file")
+    d.add_argument("--em-steps", type=int, default=None, help="EM steps (default 100)")
+    d.add_argument("--svi-steps", type=int, default=None,
+                   help="minimum SVI steps per run (default 1500; each run also gets at least EM's wall-clock)")
     d.add_argument("--no-figures", action="store_true", help="skip the figures")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
@@ -32,6 +35,10 @@ def config_from_args(args) -> DemoConfig:
         cfg.n, cfg.em_steps, cfg.mle_steps, cfg.svi_min_steps, cfg.eval_every = 60, 3, 10, 10, 5
         cfg.frozen_guide_steps = 10
         cfg.match_em_time = False
+    if args.em_steps is not None:
+        cfg.em_steps = args.em_steps
+    if args.svi_steps is not None:
+        cfg.svi_min_steps = cfg.mle_steps = args.svi_steps
     return cfg
 
 

@@ -13,8 +13,13 @@ by Gauss–Legendre (``num_nodes`` per piece) on pieces split at the vertices' v
 between them), where a plane's in-slice distance crosses ``levels`` (planes nearly parallel to the
 slices), where a ridge's point in the slice is nearest to / at distance ``ridge_levels`` from the
 slice origin (ridges nearly parallel to the slices), and at v1 = sqrt(r² + 2s), s in ``s_cuts`` (bounded fall of the Gaussian weight per piece;
-truncation at s = 50). Each slice is exact in log space (:func:`~pyro_cpa.integrate.bivariate.log_mass_2d`)
-and the sum is a logsumexp, so far-out polytopes keep their relative accuracy.
+truncation at s = 50). Only planes and ridges that are faces of the polytope (through a feasible vertex)
+give cuts, and only pieces of positive length are evaluated (8 Gauss–Legendre nodes each: agrees with 24
+nodes to ~1e-13 relative on random ReLU cells). Each slice is exact in log space
+(:func:`~pyro_cpa.integrate.bivariate.log_mass_2d`, flux formula) and the sum is a logsumexp, so far-out
+polytopes keep their relative accuracy. A slice whose flux formula is ill-conditioned (thin slivers) takes
+the Owen's-T value when its absolute error, weighted by φ(v1), is negligible against the polytope's mass
+(``slice_rel_tol``), and the nested log-space slicing otherwise.
 
 **Moments** (divergence theorem): with facet masses P_j (2-D, in facet coordinates u = d_j g_j + Q_j y,
 constraints (Q_jᵀg_k)ᵀ y <= d_k − (g_j·g_k) d_j, rows renormalised) and the facets' conditional means μ_j,
@@ -28,12 +33,13 @@ returns log_mass = -inf, mean = 0, second_moment = 0 (NaN-free).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import torch
 
-from .bivariate import DEFAULT_LEVELS, DEFAULT_NUM_NODES as DEFAULT_NUM_NODES_2D, DEFAULT_S_CUTS, \
+from .bivariate import _in_chunks, DEFAULT_LEVELS, DEFAULT_NUM_NODES as DEFAULT_NUM_NODES_2D, DEFAULT_S_CUTS, \
     DEFAULT_SWITCH_MASS, log_mass_2d, std_moments_2d
 from .types import StandardMoments
 from .univariate import LOG_SQRT_2PI, _gl_nodes
@@ -44,6 +50,7 @@ DEFAULT_NUM_NODES_3D = 8
 DEFAULT_FEAS_TOL = 1e-10
 DEFAULT_RIDGE_LEVELS = (2.0, 5.0, 8.0)
 DEFAULT_SLICE_REL_TOL = 1e-12
+_CHUNK_3D = 16   # polytopes per chunk (each has a few hundred slices)
 _OWENS_ABS_ERR = 1e-15
 _SLICE_MAX_AMP = 1e4   # flux-formula cancellation accepted in the slices (error <~ 1e-12 relative)
 
@@ -169,6 +176,12 @@ def _ridge_cuts(Gs, ds, real, w, Q, lo, ridge_levels):
 
 
 def _incidence(F: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    i2, i1 = _incidence_cpu(F)
+    return i2.to(device), i1.to(device)
+
+
+@functools.lru_cache(maxsize=32)
+def _incidence_cpu(F: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(C3, C2) and (C3, F) 0/1 matrices: which plane pairs / planes each triple of planes contains."""
     pairs = list(itertools.combinations(range(F), 2))
     pos = {pr: k for k, pr in enumerate(pairs)}
@@ -179,7 +192,7 @@ def _incidence(F: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         for pr in ((a, b), (a, c), (b, c)):
             i2[k, pos[pr]] = 1.0
         i1[k, [a, b, c]] = 1.0
-    return i2.to(device), i1.to(device)
+    return i2, i1
 
 
 def _segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
@@ -217,6 +230,11 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     when its absolute error (<= 1e-15) weighted by φ(v1) is below ``slice_rel_tol`` times the polytope's
     mass over the number of slices; the nested log-space slicing otherwise.
     """
+    out = _in_chunks(log_mass_3d, G, d, _CHUNK_3D, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels,
+                     feas_tol=feas_tol, switch_mass=switch_mass, num_nodes_2d=num_nodes_2d,
+                     ridge_levels=ridge_levels, slice_rel_tol=slice_rel_tol)
+    if out is not None:
+        return out
     batch = d.shape[:-1]
     Gf, df = _compact_rows(G, d)
     F = df.shape[-1]
@@ -268,7 +286,9 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
         rcut = torch.where(ridge_ok.repeat_interleave(rcut.shape[-1] // ridge_ok.shape[-1], dim=-1), rcut,
                            lo.unsqueeze(-1))
     cuts = torch.cat([vv, decay, lcut, rcut], dim=-1)
-    cuts = torch.minimum(torch.maximum(cuts, lo.unsqueeze(-1)), vmax.unsqueeze(-1))
+    # clamp to [lo, vmax]; ties resolve to the bound (no gradient on zero-length pieces)
+    cuts = torch.where(cuts <= lo.unsqueeze(-1), lo.unsqueeze(-1), cuts)
+    cuts = torch.where(cuts >= vmax.unsqueeze(-1), vmax.unsqueeze(-1), cuts)
     cuts = torch.sort(cuts, dim=-1).values
     a0 = cuts[..., :-1]
     half = 0.5 * (cuts[..., 1:] - a0)
@@ -344,13 +364,20 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
         :class:`StandardMoments`: log_mass (...,), mean (..., 3), second_moment (..., 3, 3),
         log_mass_stderr = 0. Exact to ~1e-12 relative. Empty polytopes: -inf, 0, 0.
     """
+    out = _in_chunks(std_moments_3d, G, d, _CHUNK_3D, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels,
+                     feas_tol=feas_tol, switch_mass=switch_mass, num_nodes_2d=num_nodes_2d,
+                     facet_tie_tol=facet_tie_tol, ridge_levels=ridge_levels, need_moments=need_moments)
+    if out is not None:
+        return out
     batch = d.shape[:-1]
-    F = d.shape[-1]
     logP = log_mass_3d(G, d, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels, feas_tol=feas_tol,
                        switch_mass=switch_mass, num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels)
     if not need_moments:
         return StandardMoments(logP, logP.new_zeros(logP.shape + (3,)), logP.new_zeros(logP.shape + (3, 3)),
                                torch.zeros_like(logP))
+    G, d = _compact_rows(G, d)                                # flat (B, F', 3), real rows first
+    F = d.shape[-1]
+    logP = logP.reshape(-1)
     norm = G.norm(dim=-1)
     real = (norm > 0) & (d < float("inf"))
     Gs = torch.where(real.unsqueeze(-1), G, torch.zeros_like(G))
@@ -360,9 +387,9 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
     Qj = _basis(gj)                                           # (..., F, 3, 2)
     c = Gs @ Gs.transpose(-1, -2)                             # c[j, k]
     shift = c * ds.unsqueeze(-1)                              # (g_j·g_k) d_j
-    Gk = Gs.unsqueeze(-3).expand(*batch, F, F, 3)
-    dk = ds.unsqueeze(-2).expand(*batch, F, F)
-    rk = real.unsqueeze(-2).expand(*batch, F, F) & ~torch.eye(F, dtype=torch.bool, device=d.device)
+    Gk = Gs.unsqueeze(-3).expand(-1, F, F, 3)
+    dk = ds.unsqueeze(-2).expand(-1, F, F)
+    rk = real.unsqueeze(-2).expand(-1, F, F) & ~torch.eye(F, dtype=torch.bool, device=d.device)
     G2, d2, n = _project_rows(Gk, dk, rk, Qj, shift)
     # duplicated planes: facet j is dropped when an earlier k is the same plane
     idx = torch.arange(F, device=d.device)
@@ -384,4 +411,5 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
     zero = torch.zeros((), dtype=d.dtype, device=d.device)
     mean = torch.where(empty.unsqueeze(-1), zero, mean)
     second = torch.where(empty[..., None, None], zero, second)
-    return StandardMoments(logP, mean, second, torch.zeros_like(logP))
+    return StandardMoments(logP.reshape(batch), mean.reshape(batch + (3,)), second.reshape(batch + (3, 3)),
+                           torch.zeros(batch, dtype=d.dtype, device=d.device))

@@ -193,7 +193,7 @@ def interval_from_constraints(G: torch.Tensor, d: torch.Tensor) -> tuple[torch.T
     return alpha, beta, infeasible
 
 
-def std_moments_1d(G: torch.Tensor, d: torch.Tensor, need_moments: bool = True) -> StandardMoments:
+def std_moments_1d(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, 1) on {u : G u <= d} (S = 1), exact in closed form.
 
     Args:

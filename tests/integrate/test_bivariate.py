@@ -197,3 +197,35 @@ def test_gradient_of_log_mass_is_divergence_theorem():
     r = std_moments_2d(G, d)
     (grad,) = torch.autograd.grad(r.log_mass, d)
     torch.testing.assert_close(-(grad.unsqueeze(-1) * G).sum(0), r.mean.detach(), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("shift,scale", [(0.0, 1.5), (4.0, 1.0), (12.0, 3.0), (40.0, 0.5)])
+def test_flux_formula_agrees_with_slicing_on_random_cells(shift, scale):
+    # cells of a random line arrangement, moved away from the mean: the flux formula (default path) against
+    # the forced log-space slicing quadrature
+    G, d = _arrangement_cells(6, 11, scale=scale)
+    d = d - shift * (G @ torch.tensor([0.6, 0.8]))
+    a = log_mass_2d(G, d)
+    b = log_mass_2d(G, d, switch_mass=2.0)
+    assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+    ok = torch.isfinite(a)
+    torch.testing.assert_close(a[ok], b[ok], rtol=1e-12, atol=1e-11)
+
+
+def test_thin_slivers_near_and_far():
+    # thin rotated boxes (width 1e-3 .. 1e-6): exact references from 1-D mpmath terms
+    for x0, w, rot in [(-0.3, 1e-3, 0.4), (2.0, 1e-5, 1.3), (9.0, 1e-6, -2.0), (0.0, 1e-4, 0.0)]:
+        G, dd, lp, m, S = rotated_box(rot, x0, x0 + w, -1.0, 2.5)
+        r = std_moments_2d(G, dd)
+        assert r.log_mass.item() == pytest.approx(lp, rel=1e-12, abs=1e-10)
+        scale = max(1.0, m.abs().max().item())
+        torch.testing.assert_close(r.mean, m, rtol=0, atol=1e-9 * scale)
+
+
+def test_need_moments_false_gives_the_same_log_mass():
+    G, d = _arrangement_cells(5, 3)
+    full = std_moments_2d(G, d)
+    fast = std_moments_2d(G, d, need_moments=False)
+    assert torch.equal(full.log_mass, fast.log_mass)
+    assert fast.mean.shape == full.mean.shape and fast.second_moment.shape == full.second_moment.shape
+    assert fast.mean.abs().max() == 0 and fast.second_moment.abs().max() == 0

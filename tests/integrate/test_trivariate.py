@@ -79,3 +79,25 @@ def test_gradcheck_log_mass_wrt_d():
     G, d, *_ = rotated_box(3, [-1, -0.5, 0.2], [2, 1.5, 1.0])
     d = d.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: log_mass_3d(G, x), (d,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("lo,hi", [([0.5, -1, -2], [0.5 + 1e-4, 1, 0.5]), ([6, -1, -0.5], [6 + 1e-5, 2, 3]),
+                                   ([-0.2, 3.0, -1], [-0.2 + 1e-3, 3.5, 0.5])])
+def test_thin_rotated_boxes(lo, hi):
+    G, d, lp, m, S = rotated_box(4, lo, hi)
+    r = std_moments_3d(G, d)
+    assert r.log_mass.item() == pytest.approx(lp, rel=1e-10, abs=1e-10)
+    scale = max(1.0, m.abs().max().item())
+    torch.testing.assert_close(r.mean, m, rtol=0, atol=1e-8 * scale)
+
+
+def test_need_moments_false_gives_the_same_log_mass():
+    G, d, *_ = rotated_box(2, [-1, -0.5, 0.2], [2, 1.5, 1.0])
+    Gp = torch.cat([G, torch.zeros(1, 3)]).expand(2, 7, 3)
+    dp = torch.cat([d, torch.tensor([INF])]).expand(2, 7).clone()
+    dp[1] = dp[1] + 3.0
+    full = std_moments_3d(Gp, dp)
+    fast = std_moments_3d(Gp, dp, need_moments=False)
+    assert torch.equal(full.log_mass, fast.log_mass)
+    assert fast.mean.shape == (2, 3) and fast.second_moment.shape == (2, 3, 3)
+    assert fast.mean.abs().max() == 0 and fast.second_moment.abs().max() == 0

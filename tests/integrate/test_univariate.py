@@ -139,3 +139,13 @@ def test_device_dtype_float32():
     r = std_moments_1d(torch.tensor([[1.0], [-1.0]], dtype=torch.float32), torch.tensor([1.0, 1.0], dtype=torch.float32))
     assert r.log_mass.dtype == torch.float32
     assert r.log_mass.item() == pytest.approx(math.log(math.erf(1 / math.sqrt(2))), rel=1e-6)
+
+
+def test_need_moments_false_gives_the_same_log_mass():
+    G = torch.tensor([[[1.0], [-1.0]], [[1.0], [0.0]]])
+    d = torch.tensor([[2.0, 0.5], [-30.0, INF]])
+    full = std_moments_1d(G, d)
+    fast = std_moments_1d(G, d, need_moments=False)
+    assert torch.equal(full.log_mass, fast.log_mass)
+    assert fast.mean.shape == (2, 1) and fast.second_moment.shape == (2, 1, 1)
+    assert fast.mean.abs().max() == 0 and fast.second_moment.abs().max() == 0
