@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--noise", type=float, default=0.05)
     p.add_argument("--missing", type=float, default=0.4, help="probability that an entry is hidden")
     p.add_argument("--hidden", type=int, default=16)
-    p.add_argument("--em-steps", type=int, default=80)
+    p.add_argument("--em-steps", type=int, default=200)
     p.add_argument("--vae-steps", type=int, default=3000, help="minimum VAE steps (also at least EM's time)")
     p.add_argument("--vae-lr", type=float, default=5e-3)
     p.add_argument("--vae-iters", type=int, default=10, help="encode/decode rounds of the VAE imputation")

@@ -158,14 +158,15 @@ def figure(fit, x, k, modes, lim, num, path):
     g, xn, col = g[keep].numpy(), x.numpy(), colours[regions.locate(zs[keep]).numpy()]
     ax2.scatter(g[:, 0], g[:, 1], g[:, 2], c=col, s=3, alpha=0.4, label="g(z), z ~ prior, by region")
     ax2.scatter(xn[:, 0], xn[:, 1], xn[:, 2], s=4, color="k", label="training data")
-    ax2.scatter(*xn[k], s=90, color="red", marker="o", label="x*")
+    ax2.scatter(*xn[k], s=90, color="red", marker="o", depthshade=False, zorder=9, label="x*")
     if modes is not None:
         with torch.no_grad():
             gm = fit.decoder(torch.stack(modes)).numpy()
-        ax2.scatter(gm[:, 0], gm[:, 1], gm[:, 2], s=120, color="tab:blue", marker="*", label="g(modes)")
+        ax2.scatter(gm[:, 0], gm[:, 1], gm[:, 2], s=160, color="tab:blue", marker="*", edgecolors="k",
+                    depthshade=False, zorder=10, label="g(modes)")
     ax2.set(xlabel="x1", ylabel="x2", zlabel="x3", title="Swiss roll: data and learned surface",
             xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), zlim=(lo[2], hi[2]))
-    ax2.view_init(elev=20, azim=-70)
+    ax2.view_init(elev=12, azim=-80)
     ax2.legend(loc="upper left", fontsize=7)
     fig.suptitle(f"Exact EM with a [2, H, H, 3] decoder on the swiss roll (S = 2): exact NLL {fit.train_nll:.3f} "
                  f"(train), {fit.test_nll:.3f} (held out) nats/point")

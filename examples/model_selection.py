@@ -7,7 +7,7 @@ and BIC = k log N − 2 log L (``information_criteria``) and the held-out log-li
 are true values, not bounds. The table shows all three per model and which model each criterion picks;
 the figure plots them against the number of free parameters k.
 
-    python examples/model_selection.py --out msel_out          # full size (about 3 minutes)
+    python examples/model_selection.py --out msel_out          # full size (about 2 minutes)
     python examples/model_selection.py --quick --out /tmp/ms   # seconds
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--noise", type=float, default=0.05)
     p.add_argument("--widths", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--depths", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--em-steps", type=int, default=60)
+    p.add_argument("--em-steps", type=int, default=150)
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.n_test, args.widths, args.em_steps = 60, 60, [2, 4], 3

@@ -135,12 +135,14 @@ class CPAMarginal(TorchDistribution):
             G, d = whiten(rg.loc, rg.scale_tril, H, c, validate=False)
             bound = rg.log_kappa + log_mass_upper_bound(G, d)
             active = bound >= bound.max(-1, keepdim=True).values - self.prune_tol
-            mom = integrate_whitened(rg.loc, rg.scale_tril, G, d, active=active, **self.mc_kwargs)
+            mom = integrate_whitened(rg.loc, rg.scale_tril, G, d, active=active, need_moments=need_moments,
+                                     **self.mc_kwargs)
             terms = rg.log_kappa + mom.log_mass
             lse = terms.logsumexp(-1, keepdim=True)
             extra = (~active) & (bound >= lse - self.prune_tol)
             if bool(extra.any()):
-                mom2 = integrate_whitened(rg.loc, rg.scale_tril, G, d, active=extra, **self.mc_kwargs)
+                mom2 = integrate_whitened(rg.loc, rg.scale_tril, G, d, active=extra, need_moments=need_moments,
+                                          **self.mc_kwargs)
                 pick = lambda a, b2, m: torch.where(m, b2, a)  # noqa: E731
                 e = extra
                 mom = PolytopeMoments(pick(mom.log_mass, mom2.log_mass, e), pick(mom.mean, mom2.mean, e[..., None]),

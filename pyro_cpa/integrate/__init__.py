@@ -81,9 +81,10 @@ def log_mass_upper_bound(G: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.special.log_ndtr(d).min(dim=-1).values if d.shape[-1] else d.new_zeros(d.shape[:-1])
 
 
-def std_moments(G: torch.Tensor, d: torch.Tensor, **kwargs) -> StandardMoments:
+def std_moments(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True, **kwargs) -> StandardMoments:
     """Dispatch the whitened problem to the method for its dimension S = G.shape[-1] (see module doc).
 
+    ``need_moments=False`` computes log P only (mean and second moment are returned as zeros; S <= 3).
     ``kwargs`` are passed to the S >= 4 Monte-Carlo method (e.g. ``num_samples``, ``generator``).
     """
     S = G.shape[-1]
@@ -94,13 +95,13 @@ def std_moments(G: torch.Tensor, d: torch.Tensor, **kwargs) -> StandardMoments:
                                G.new_zeros(batch))
     if S == 1:
         from .univariate import std_moments_1d
-        return std_moments_1d(G, d)
+        return std_moments_1d(G, d, need_moments=need_moments)
     if S == 2:
         from .bivariate import std_moments_2d
-        return std_moments_2d(G, d)
+        return std_moments_2d(G, d, need_moments=need_moments)
     if S == 3:
         from .trivariate import std_moments_3d
-        return std_moments_3d(G, d)
+        return std_moments_3d(G, d, need_moments=need_moments)
     from .tilting import std_moments_tilting
     return std_moments_tilting(G, d, **kwargs)
 
@@ -130,7 +131,8 @@ def gaussian_polytope_moments(loc: torch.Tensor, scale_tril: torch.Tensor, H: to
 
 
 def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Tensor, d: torch.Tensor,
-                       *, active: torch.Tensor | None = None, **kwargs) -> PolytopeMoments:
+                       *, active: torch.Tensor | None = None, need_moments: bool = True,
+                       **kwargs) -> PolytopeMoments:
     """As :func:`gaussian_polytope_moments`, from constraints already whitened by :func:`whiten`."""
     S = loc.shape[-1]
     batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1], loc.shape[:-1], scale_tril.shape[:-2])
@@ -139,13 +141,13 @@ def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Ten
     L = scale_tril.expand(batch + (S, S))
     mu = loc.expand(batch + (S,))
     if active is None:
-        log_mass, m_u, E_uu, err = std_moments(G, d, **kwargs)
+        log_mass, m_u, E_uu, err = std_moments(G, d, need_moments=need_moments, **kwargs)
     else:
         active = active.expand(batch)
         idx = active.reshape(-1).nonzero().squeeze(-1)
         n = active.numel()
         std = std_moments(G.reshape(n, *G.shape[-2:]).index_select(0, idx),
-                          d.reshape(n, d.shape[-1]).index_select(0, idx), **kwargs)
+                          d.reshape(n, d.shape[-1]).index_select(0, idx), need_moments=need_moments, **kwargs)
         log_mass = G.new_full((n,), float("-inf")).index_copy(0, idx, std.log_mass).reshape(batch)
         m_u = G.new_zeros(n, S).index_copy(0, idx, std.mean).reshape(batch + (S,))
         E_uu = G.new_zeros(n, S, S).index_copy(0, idx, std.second_moment).reshape(batch + (S, S))

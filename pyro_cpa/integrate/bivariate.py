@@ -60,7 +60,7 @@ import torch
 
 from .owens_t import DEFAULT_OWENS_T_NODES, owens_t
 from .types import StandardMoments
-from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_moments, log_ndtr_diff, masked_update
+from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_moments, log_ndtr_diff
 
 __all__ = ["std_moments_2d", "polygon_edges", "log_mass_2d", "DEFAULT_SWITCH_MASS", "DEFAULT_NUM_NODES",
            "DEFAULT_S_CUTS"]

@@ -349,3 +349,25 @@ def test_s4_log_prob_within_reported_error_of_qmc():
     assert 0 < se < 0.05
     ref, rel_se = _qmc_log_evidence(dec, x, 0.8, 4)
     assert abs(lp - ref) < 4 * math.hypot(se, rel_se)
+
+
+def test_s2_gradients_are_finite_and_match_finite_differences():
+    dec = _net([2, 6, 6, 3], nn.ReLU, seed=15)
+    x = torch.randn(8, 3)
+    sx = torch.tensor(0.4, requires_grad=True)
+    lp = CPAMarginal(dec, sx).log_prob(x).sum()
+    params = [dec[0].weight, dec[2].bias, dec[4].weight, sx]
+    grads = torch.autograd.grad(lp, params)
+    assert all(torch.isfinite(g).all() for g in grads)
+    eps = 1e-6
+    for p, g in zip(params, grads):
+        flat = p.data.view(-1)
+        for i in range(min(4, flat.numel())):
+            old = flat[i].item()
+            flat[i] = old + eps
+            up = CPAMarginal(dec, sx.detach()).log_prob(x).sum().item()
+            flat[i] = old - eps
+            down = CPAMarginal(dec, sx.detach()).log_prob(x).sum().item()
+            flat[i] = old
+            fd = (up - down) / (2 * eps)
+            assert abs(fd - g.view(-1)[i].item()) < 1e-5 * max(1, abs(fd))
