@@ -17,7 +17,7 @@ from torch import nn
 
 from pyro_cpa import linear_regions
 from pyro_cpa.distributions import CPAMarginal
-from pyro_cpa.integrate import gaussian_polytope_moments, std_moments, whiten
+from pyro_cpa.integrate import gaussian_polytope_moments
 
 
 def _timeit(fn, min_time: float = 0.3, max_reps: int = 50) -> float:

@@ -9,8 +9,6 @@ over the linear regions ω of g (Theorem 1 of Balestriero et al.). See
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints

@@ -39,12 +39,21 @@ class RegionMaps:
 def region_maps(net: CPANetwork, patterns: list[torch.Tensor] | tuple[torch.Tensor, ...],
                 dtype: torch.dtype | None = None) -> RegionMaps:
     """Compute :class:`RegionMaps` for regions given by their boolean ``patterns`` (one (R, n_l) per layer)."""
-    maps = net.affine_maps(dtype=dtype)
+    return region_maps_from_affine(net.affine_maps(dtype=dtype), net.negative_slopes, patterns)
+
+
+def region_maps_from_affine(maps, negative_slopes, patterns) -> RegionMaps:
+    """:func:`region_maps` for explicit affine maps ``[(W_l, v_l)]`` (differentiable in them).
+
+    The activation patterns are taken as given (frozen): D_l = diag(q_l + α_l (1 − q_l)) comes from
+    ``patterns`` whatever the sign of the pre-activations under these maps — the frozen-pattern
+    surrogate of the EM M-step.
+    """
     W0 = maps[0][0]
     R = patterns[0].shape[0] if len(patterns) else 1
-    S = net.in_features
+    S = W0.shape[1]
     P = torch.eye(S, dtype=W0.dtype, device=W0.device).expand(R, S, S)
-    p = torch.zeros(R, S, dtype=W0.dtype, device=W0.device)
+    p = W0.new_zeros(R, S)
     layer_inputs, pre, slopes = [], [], []
     for l, (W, v) in enumerate(maps):
         layer_inputs.append((P, p))
@@ -53,8 +62,8 @@ def region_maps(net: CPANetwork, patterns: list[torch.Tensor] | tuple[torch.Tens
         if l == len(maps) - 1:
             return RegionMaps(layer_inputs, pre, slopes, M, m)
         pre.append((M, m))
-        q = patterns[l].to(W.dtype)
-        d = q + net.negative_slopes[l] * (1.0 - q)
+        q = patterns[l].to(device=W.device, dtype=W.dtype)
+        d = q + negative_slopes[l] * (1.0 - q)
         slopes.append(d)
         P = d.unsqueeze(-1) * M
         p = d * m

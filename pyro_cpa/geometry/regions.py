@@ -1,6 +1,7 @@
 """The partition of latent space into the linear regions of a CPA decoder."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -173,7 +174,7 @@ def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str 
     return LinearRegions(net, enum, method=used)
 
 
-_CACHE: "weakref.WeakKeyDictionary" = None  # type: ignore[assignment]
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cached_linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS) -> LinearRegions:
@@ -182,11 +183,6 @@ def cached_linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS) -> Li
     The partition is recomputed as soon as any parameter or buffer of the decoder changes (e.g. after
     an optimiser step), so a cached partition is never stale.
     """
-    import weakref
-
-    global _CACHE
-    if _CACHE is None:
-        _CACHE = weakref.WeakKeyDictionary()
     net = as_cpa_network(decoder)
     key = net.module
     version = net.parameters_version()

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import PyroCPAError
 from ..geometry.regions import DEFAULT_MAX_REGIONS, cached_linear_regions
-from .families import EDFamily, Gaussian, get_family
+from .families import EDFamily, get_family
 
 __all__ = ["QuadratureResult", "quadrature_log_prob", "DEFAULT_LEVEL", "DEFAULT_ORDER", "DEFAULT_PANELS"]
 

@@ -4,6 +4,14 @@ model/guide pair, a low-variance ELBO estimate and an SVI training loop.
     q(z | x) = N(μ(x), diag exp(v(x))),    μ = loc(body(x)),  v = logvar(body(x)),
 
 where ``body`` is an MLP with ReLU layers (empty: an *affine* encoder, the setting of Proposition 1).
+
+Exact objective (Gaussian family, affine decoder ϑ(z) = W z + b): with q = N(μ, diag s²),
+
+    E_q[log N(x; Wz + b, σ² I)] = log N(x; Wμ + b, σ² I) − tr(W diag(s²) Wᵀ) / (2σ²),
+    KL(q ‖ N(0, I)) = ½ Σ_j (μ_j² + s_j² − 1 − log s_j²),
+
+so the β-ELBO needs no sampling (:meth:`BetaVAE.analytic_elbo`); ``train_svi(engine="analytic")``
+maximises it deterministically (Adam, then full-batch L-BFGS) to a converged optimum.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from torch import nn
 
 from ..errors import PyroCPAError
 from .decoder import GLMDecoder
+from .families import Gaussian
 
 __all__ = ["GaussianEncoder", "BetaVAE", "train_svi"]
 
@@ -87,37 +96,99 @@ class BetaVAE(nn.Module):
         val = rec - float(beta) * kl
         return val if per_datum else val.mean()
 
+    # ------------------------------------------------------------------ exact β-ELBO (Gaussian, affine)
+    def _check_analytic(self):
+        if not isinstance(self.decoder.family, Gaussian):
+            raise PyroCPAError(f"the analytic β-ELBO needs the Gaussian family; the decoder's is "
+                               f"{self.decoder.family.name} (use engine='svi' or 'torch')")
+        if self.decoder.network.num_layers != 1:
+            raise PyroCPAError("the analytic β-ELBO needs an affine decoder (no activation layers, e.g. "
+                               "nn.Sequential(nn.Linear(κ, d))); this decoder has "
+                               f"{len(self.decoder.network.negative_slopes)} activation layer(s) "
+                               "(use engine='svi' or 'torch')")
+
+    def decoder_affine_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (d, κ), b (d,)) of an affine Gaussian decoder, differentiable in its parameters."""
+        self._check_analytic()
+        ((W, b),) = self.decoder.network.affine_maps()
+        return W, b
+
+    def analytic_elbo(self, x: torch.Tensor, beta: float = 1.0, per_datum: bool = False) -> torch.Tensor:
+        r"""The exact β-ELBO E_q[log p(x|z)] − β KL(q ‖ N(0, I)) of a Gaussian decoder with an affine
+        network (see the module docstring), with gradients; no Monte-Carlo error.
+
+        Raises:
+            PyroCPAError: the decoder's family is not Gaussian or its network is not affine.
+        """
+        W, b = self.decoder_affine_map()
+        s2 = self.decoder.dispersion.to(W)
+        loc, scale = self.encoder(x)
+        var = scale ** 2
+        r = x - loc @ W.T - b
+        rec = (-0.5 * (r ** 2).sum(-1) / s2 - 0.5 * (var @ (W ** 2).sum(0)) / s2
+               - 0.5 * x.shape[-1] * torch.log(2 * math.pi * s2))
+        kl = 0.5 * (loc ** 2 + var - 1.0 - torch.log(var)).sum(-1)
+        val = rec - float(beta) * kl
+        return val if per_datum else val.mean()
+
 
 def train_svi(vae: BetaVAE, x: torch.Tensor, beta: float = 1.0, num_steps: int = 1000, batch_size: int | None = 100,
               lr: float = 1e-3, log_every: int = 100, callback: Callable[[int], dict] | None = None,
-              engine: str = "svi") -> list[dict]:
+              engine: str = "svi", lbfgs_steps: int | None = None, tol: float = 1e-12) -> list[dict]:
     """Train with Adam on the β-ELBO; returns the logged history.
 
     ``engine="svi"``: Pyro ``SVI(vae.model, vae.guide, TraceMeanField_ELBO())`` (analytic KL);
     ``engine="torch"``: the same objective and estimator (:meth:`BetaVAE.differentiable_elbo`, one
-    reparameterised sample, analytic KL) with ``torch.optim.Adam`` — without Pyro's per-step overhead.
+    reparameterised sample, analytic KL) with ``torch.optim.Adam`` — without Pyro's per-step overhead;
+    ``engine="analytic"`` (Gaussian family, affine decoder only): the *exact* β-ELBO
+    (:meth:`BetaVAE.analytic_elbo`, no sampling) — ``num_steps`` Adam steps (minibatches of
+    ``batch_size``, or full batch if None) with a learning rate decaying from ``lr`` to ``lr``/100
+    (cosine), then ``lbfgs_steps`` (default 2000) full-batch L-BFGS iterations (strong-Wolfe line
+    search), stopped early once the objective changes by less than ``tol`` per datum.
+
     At steps 0, ``log_every``, 2·``log_every``, … (and the last) the history gets ``{"step": s, "loss": …}``
-    updated with ``callback(s)`` (e.g. train / test ELBO). Clears Pyro's param store first.
+    updated with ``callback(s)`` (e.g. train / test ELBO); the analytic engine's L-BFGS phase appends
+    ``{"step": num_steps + i, "phase": "lbfgs", "loss": …, "grad_norm": …}`` every ``log_every``
+    iterations and at the end. ``loss`` is the per-datum negative β-ELBO (an estimate, exact for
+    ``"analytic"``). Clears Pyro's param store first.
+
+    Raises:
+        PyroCPAError: bad arguments, ``engine="analytic"`` with a non-Gaussian or non-affine decoder,
+            ``lbfgs_steps`` with another engine, or a non-finite loss.
     """
     if num_steps < 0 or log_every < 1:
         raise PyroCPAError("num_steps must be >= 0 and log_every >= 1")
-    if engine not in ("svi", "torch"):
-        raise PyroCPAError(f"engine must be 'svi' or 'torch'; got {engine!r}")
+    if engine not in ("svi", "torch", "analytic"):
+        raise PyroCPAError(f"engine must be 'svi', 'torch' or 'analytic'; got {engine!r}")
+    if engine != "analytic" and lbfgs_steps:
+        raise PyroCPAError(f"lbfgs_steps is only used by engine='analytic' (got engine={engine!r})")
+    if lbfgs_steps is not None and lbfgs_steps < 0:
+        raise PyroCPAError(f"lbfgs_steps must be >= 0; got {lbfgs_steps}")
+    if engine == "analytic":
+        vae._check_analytic()
     pyro.clear_param_store()
+    N = x.shape[0]
     if engine == "svi":
         svi = SVI(vae.model, vae.guide, Adam({"lr": lr}), loss=TraceMeanField_ELBO())
     else:
         opt = torch.optim.Adam(vae.parameters(), lr=lr)
-        N = x.shape[0]
+        sched = None
+        if engine == "analytic" and num_steps > 0:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=num_steps, eta_min=lr / 100)
 
         class _TorchStep:
             @staticmethod
             def step(xx, bb, bs):
                 idx = torch.randperm(N)[:bs] if bs else torch.arange(N)
                 opt.zero_grad()
-                loss = -vae.differentiable_elbo(xx[idx], bb, 1, per_datum=True).sum()
+                if engine == "analytic":
+                    loss = -vae.analytic_elbo(xx[idx], bb, per_datum=True).sum()
+                else:
+                    loss = -vae.differentiable_elbo(xx[idx], bb, 1, per_datum=True).sum()
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 return float(loss.detach()) * N / len(idx)
 
         svi = _TorchStep()
@@ -133,4 +204,50 @@ def train_svi(vae: BetaVAE, x: torch.Tensor, beta: float = 1.0, num_steps: int =
             loss = svi.step(x, beta, batch_size) / x.shape[0]  # per-datum negative β-ELBO estimate
             if not math.isfinite(loss):
                 raise PyroCPAError(f"training diverged at step {step} (loss {loss}); lower the learning rate")
+    if engine == "analytic":
+        history += _lbfgs(vae, x, beta, 2000 if lbfgs_steps is None else int(lbfgs_steps), num_steps, log_every,
+                          callback, tol)
     return history
+
+
+def _lbfgs(vae: BetaVAE, x, beta, max_iter, offset, log_every, callback, tol) -> list[dict]:
+    """Full-batch L-BFGS on the exact β-ELBO (see :func:`train_svi`)."""
+    params = [p for p in vae.parameters() if p.requires_grad]
+    if max_iter == 0 or not params:
+        return []
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=None, tolerance_grad=1e-11,
+                            tolerance_change=1e-15, history_size=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -vae.analytic_elbo(x, beta)
+        loss.backward()
+        return loss
+
+    def record(it):
+        opt.zero_grad()
+        loss = -vae.analytic_elbo(x, beta)
+        loss.backward()
+        gnorm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))
+        opt.zero_grad()
+        rec = {"step": offset + it, "phase": "lbfgs", "loss": float(loss.detach()), "grad_norm": gnorm}
+        if callback is not None:
+            rec.update(callback(offset + it))
+        return rec
+
+    out, done, prev = [], 0, float("inf")
+    while done < max_iter:
+        chunk = min(log_every, max_iter - done)
+        opt.param_groups[0]["max_iter"] = chunk
+        opt.step(closure)
+        done += chunk
+        rec = record(done)
+        if not math.isfinite(rec["loss"]):
+            raise PyroCPAError(f"L-BFGS diverged (loss {rec['loss']}); run more Adam steps first or lower lr")
+        stalled = prev - rec["loss"] < tol
+        prev = rec["loss"]
+        if stalled or done >= max_iter:
+            out.append(rec)
+            break
+        out.append(rec)
+    return out

@@ -46,7 +46,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..errors import PyroCPAError
-from ..geometry.maps import RegionMaps
+from ..geometry.maps import region_maps_from_affine
 from .estep import EStepStats
 
 DEFAULT_RIDGE = 1e-12
@@ -71,32 +71,8 @@ class MStepResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------- region maps
-def frozen_region_maps(maps: Sequence[tuple[torch.Tensor, torch.Tensor]], negative_slopes: Sequence[float],
-                       patterns: Sequence[torch.Tensor]) -> RegionMaps:
-    """:func:`pyro_cpa.geometry.maps.region_maps` for explicit affine maps (differentiable in them).
-
-    The activation patterns are frozen: slopes D_l = diag(q_l + α_l (1 − q_l)) come from ``patterns``,
-    whatever the sign of the new pre-activations.
-    """
-    W0 = maps[0][0]
-    R = patterns[0].shape[0] if len(patterns) else 1
-    S = W0.shape[1]
-    P = torch.eye(S, dtype=W0.dtype, device=W0.device).expand(R, S, S)
-    p = W0.new_zeros(R, S)
-    layer_inputs, pre, slopes = [], [], []
-    for l, (W, v) in enumerate(maps):
-        layer_inputs.append((P, p))
-        M = W @ P
-        m = p @ W.T + v
-        if l == len(maps) - 1:
-            return RegionMaps(layer_inputs, pre, slopes, M, m)
-        pre.append((M, m))
-        q = patterns[l].to(device=W.device, dtype=W.dtype)
-        d = q + negative_slopes[l] * (1.0 - q)
-        slopes.append(d)
-        P = d.unsqueeze(-1) * M
-        p = d * m
-    raise AssertionError("unreachable")
+#: The frozen-pattern region maps of explicit weights (see :func:`~pyro_cpa.geometry.maps.region_maps_from_affine`).
+frozen_region_maps = region_maps_from_affine
 
 
 def _augmented(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,7 @@ def test_outer_intervals_have_one_facet():
     order = torch.argsort(regions.interior_points[:, 0])
     nf = regions.facet_mask.sum(-1)[order]
     assert nf[0] == 1 and nf[-1] == 1 and (nf[1:-1] == 2).all()
-    H, c = regions.H, regions.c
+    H = regions.H
     assert H[order[0], 0, 0] > 0 and H[order[-1], 0, 0] < 0     # (-inf, β_1] and [β_K, +inf)
 
 
