@@ -156,6 +156,7 @@ def figure(fit, x, k, modes, lim, num, path):
     lo, hi = x.min(0).values - 0.15, x.max(0).values + 0.15
     keep = ((g >= lo) & (g <= hi)).all(-1)          # 3-D axes do not clip: drop far-away points
     g, xn, col = g[keep].numpy(), x.numpy(), colours[regions.locate(zs[keep]).numpy()]
+    lo, hi = lo.tolist(), hi.tolist()
     ax2.scatter(g[:, 0], g[:, 1], g[:, 2], c=col, s=3, alpha=0.4, label="g(z), z ~ prior, by region")
     ax2.scatter(xn[:, 0], xn[:, 1], xn[:, 2], s=4, color="k", label="training data")
     ax2.scatter(*xn[k], s=90, color="red", marker="o", depthshade=False, zorder=9, label="x*")

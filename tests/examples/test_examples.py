@@ -32,6 +32,7 @@ def test_cosine_wave_quick(tmp_path):
     h = r["em_nll_history"]
     assert all(b <= a + 1e-9 for a, b in zip(h, h[1:]))                             # EM is monotone
     assert len(r["figures"]) == 1
+    assert em["train_nll"] == pytest.approx(min(r["em_restart_nll"]))                # best EM restart kept
 
 
 def test_digits_quick(tmp_path):

@@ -8,8 +8,8 @@ from torch import nn
 
 from pyro_cpa import NotCPAError, PyroCPAError
 from pyro_cpa.distributions import CPALikelihood, CPAMarginal
-from pyro_cpa.glm import (Bernoulli, BetaVAE, Gaussian, GaussianEncoder, GLMDecoder, Poisson, beta_scaled_guide,
-                          he_init, mle, mle_b_init, train_svi)
+from pyro_cpa.glm import (ACTIVITY_THRESHOLD, Bernoulli, BetaVAE, Gaussian, GaussianEncoder, GLMDecoder, Poisson,
+                          beta_scaled_guide, he_init, measured_activity, mle, mle_b_init, train_svi)
 from pyro_cpa.glm.families import EDFDistribution
 from pyro_cpa.guides import AmortizedNormal
 
@@ -149,3 +149,83 @@ def test_training_improves_elbo_both_engines():
         assert [h["step"] for h in hist] == [0, 50, 100, 150]
     with pytest.raises(PyroCPAError, match="engine"):
         train_svi(vae, x, engine="jax")
+
+
+def _affine_gaussian_vae(d, k, learn=True, hidden=(), seed=0):
+    torch.manual_seed(seed)
+    dec = GLMDecoder(nn.Sequential(nn.Linear(k, d)), Gaussian(0.3), learn_dispersion=learn)
+    enc = GaussianEncoder(d, k, hidden=hidden)
+    he_init(dec.net, enc)
+    return BetaVAE(dec, enc)
+
+
+@pytest.mark.parametrize("beta,hidden", [(1.0, ()), (2.5, (7,))])
+def test_analytic_elbo_equals_monte_carlo(beta, hidden):
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(3)
+        d, k = 6, 3
+        x = torch.randn(40, 2) @ torch.randn(2, d) + 0.4 * torch.randn(40, d)
+        vae = _affine_gaussian_vae(d, k, hidden=hidden, seed=4)
+        with torch.no_grad():
+            vae.encoder.logvar.bias.fill_(-0.7)  # non-trivial posterior variances
+            exact = vae.analytic_elbo(x, beta, per_datum=True)
+            # the exact formula, written out independently
+            assert torch.allclose(exact.mean(), _gaussian_beta_elbo(vae.decoder, vae.encoder, x, beta), atol=1e-12)
+            # many-sample Monte-Carlo estimate: each sample s gives a per-dataset-mean estimate e_s
+            torch.manual_seed(5)
+            loc, scale = vae.encoder(x)
+            S = 20000
+            z = loc + scale * torch.randn((S,) + loc.shape)
+            kl = 0.5 * (loc ** 2 + scale ** 2 - 1 - 2 * torch.log(scale)).sum(-1)
+            e = (vae.decoder.log_likelihood(x, z) - beta * kl).mean(-1)
+        se = float(e.std() / S ** 0.5)
+        assert abs(float(e.mean()) - float(exact.mean())) < 4 * se, (float(e.mean()), float(exact.mean()), se)
+        # differentiable
+        vae.zero_grad()
+        vae.analytic_elbo(x, beta).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("beta,learn", [(1.0, True), (4.0, True), (2.0, False)])
+def test_analytic_engine_reaches_the_closed_form_optimum(beta, learn):
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        d, k = 8, 4
+        x = (torch.randn(300, 3) * torch.tensor([3.0, 2.0, 1.0])) @ torch.linalg.qr(torch.randn(d, 3))[0].T \
+            + 0.3 * torch.randn(300, d) + 1.0
+        vae = _affine_gaussian_vae(d, k, learn=learn, seed=1)
+        ref = mle(x, Gaussian(), k, beta, dispersion="mle" if learn else float(vae.decoder.dispersion))
+        hist = train_svi(vae, x, beta=beta, num_steps=200, batch_size=None, lr=1e-2, log_every=100,
+                         engine="analytic", lbfgs_steps=1500)
+        assert hist[-1]["phase"] == "lbfgs" and hist[-1]["grad_norm"] < 1e-4
+        with torch.no_grad():
+            val = float(vae.analytic_elbo(x, beta))
+            loc, _ = vae.encoder(x)
+        # L̂ at the MLE is the global maximum of the exact β-ELBO: reached, not exceeded
+        assert val == pytest.approx(float(ref.objective), abs=1e-4)
+        assert val <= float(ref.objective) + 1e-9
+        assert float(vae.decoder.dispersion.detach()) == pytest.approx(float(ref.dispersion), rel=1e-4)
+        act = measured_activity(loc).sort(descending=True).values
+        assert torch.allclose(act, ref.activity, atol=1e-4)
+        assert int((act > ACTIVITY_THRESHOLD).sum()) == ref.n_active
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_analytic_engine_rejects_other_families_and_decoders():
+    x = torch.bernoulli(torch.full((20, 5), 0.4))
+    vae = BetaVAE(GLMDecoder(nn.Sequential(nn.Linear(2, 5)), Bernoulli()), GaussianEncoder(5, 2))
+    with pytest.raises(PyroCPAError, match="Gaussian"):
+        train_svi(vae, x, num_steps=1, engine="analytic")
+    with pytest.raises(PyroCPAError, match="Gaussian"):
+        vae.analytic_elbo(x)
+    deep = BetaVAE(GLMDecoder(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 5)), Gaussian(0.5)),
+                   GaussianEncoder(5, 2))
+    with pytest.raises(PyroCPAError, match="affine"):
+        train_svi(deep, x, num_steps=1, engine="analytic")
+    with pytest.raises(PyroCPAError, match="lbfgs_steps"):
+        train_svi(deep, x, num_steps=1, engine="torch", lbfgs_steps=10)
