@@ -13,7 +13,7 @@ A low score flags an anomaly; each score is summarised by its ROC AUC (``sklearn
 on the training sample and on a fresh contaminated test sample. Figure: the test sample coloured by each
 score, and the ROC curves.
 
-    python examples/anomaly_detection.py --out anomaly_out          # full size (about 2 minutes)
+    python examples/anomaly_detection.py --out anomaly_out          # full size (about 1 minute)
     python examples/anomaly_detection.py --quick --out /tmp/an      # seconds
 """
 from __future__ import annotations

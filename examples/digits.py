@@ -8,7 +8,7 @@ wall-clock), and both are scored by the exact negative log-likelihood of trainin
 Figure: generated images g(z) along the latent line, z at the quantiles 2.5 %, …, 97.5 % of the prior,
 for each method, next to training images.
 
-    python examples/digits.py --out digits_out           # full size (about 2 minutes)
+    python examples/digits.py --out digits_out           # full size (about 30 s)
     python examples/digits.py --quick --out /tmp/dg      # seconds
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ wall-clock). In held-out data every entry is hidden independently with probabili
 
 Scored by the RMSE over the hidden entries (overall and by the number of hidden entries per row).
 
-    python examples/imputation.py --out impute_out          # full size (about 2 minutes)
+    python examples/imputation.py --out impute_out          # full size (about 1 minute)
     python examples/imputation.py --quick --out /tmp/imp    # seconds
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ clearly bimodal (``CPAMarginal.posterior(x).log_prob`` on a grid), with exact po
 which falls between the modes; (right) the data, the learned surface g(z) and the images g(mode) of
 both modes — two distant parts of the surface that both explain x*.
 
-    python examples/latent_2d.py --out latent2d_out          # full size (about 4 minutes)
+    python examples/latent_2d.py --out latent2d_out          # full size (about 3 minutes)
     python examples/latent_2d.py --quick --out /tmp/l2d      # seconds
 """
 from __future__ import annotations

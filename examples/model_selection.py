@@ -7,7 +7,7 @@ and BIC = k log N − 2 log L (``information_criteria``) and the held-out log-li
 are true values, not bounds. The table shows all three per model and which model each criterion picks;
 the figure plots them against the number of free parameters k.
 
-    python examples/model_selection.py --out msel_out          # full size (about 2 minutes)
+    python examples/model_selection.py --out msel_out          # full size (about 1 minute)
     python examples/model_selection.py --quick --out /tmp/ms   # seconds
 """
 from __future__ import annotations

@@ -19,10 +19,11 @@ def noisy_circle(n: int = 500, noise: float = 0.05, seed: int | None = 0, dtype=
 
 def cosine_wave(n: int = 500, noise: float = 0.05, periods: float = 1.5, seed: int | None = 0,
                 dtype=torch.float64) -> torch.Tensor:
-    """Points (t, cos(2π·periods·t)) for t ~ U(−1, 1), plus N(0, noise²) noise (the paper's Fig. 6 data)."""
+    """Points (t, cos(π·periods·t)) for t ~ U(−1, 1) — ``periods`` full periods — plus N(0, noise²) noise
+    (the paper's Fig. 6 data)."""
     g = _generator(seed)
     t = torch.rand(n, generator=g, dtype=dtype) * 2 - 1
-    x = torch.stack([t, torch.cos(2 * math.pi * periods * t / 2)], -1)
+    x = torch.stack([t, torch.cos(math.pi * periods * t)], -1)
     return x + noise * torch.randn(n, 2, generator=g, dtype=dtype)
 
 
