@@ -8,7 +8,8 @@ r"""GLM view of β-VAEs with exponential-dispersion-family observations (Sicks, 
   analytic activities (21).
 * :mod:`~pyro_cpa.glm.init` — MLE-B initialisation (Appendix B.3) of an encoder/decoder pair.
 * :mod:`~pyro_cpa.glm.quadrature` — exact log p(x) for non-Gaussian families, S <= 2.
-* :mod:`~pyro_cpa.glm.vae` — Gaussian encoder, :class:`BetaVAE` (model/guide), SVI training loop.
+* :mod:`~pyro_cpa.glm.vae` — Gaussian encoder, :class:`BetaVAE` (model/guide), training loops: SVI, a plain
+  torch loop, and ``engine="analytic"`` (the exact β-ELBO of a Gaussian affine VAE, Adam + L-BFGS).
 """
 from .analysis import (ACTIVITY_THRESHOLD, GLMMLE, analytic_activity, approximate_objective,
                        approximate_objective_cpa, measured_activity, mle, optimal_variational,
