@@ -1,5 +1,7 @@
 """``python -m pyro_cpa demo``: see :mod:`pyro_cpa.demo`."""
-from .demo.cli import main
+import sys
+
+from .demo.cli import console
 
 if __name__ == "__main__":
-    main()
+    sys.exit(console())

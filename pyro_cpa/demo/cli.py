@@ -65,3 +65,9 @@ def main(argv=None) -> dict:
                        "methods": [r.row() for r in results], "figures": figures}, fh, indent=1)
         print(f"numbers: {args.json}")
     return experiment
+
+
+def console() -> int:
+    """Entry point of the ``pyro-cpa`` console script (exit status 0 on success)."""
+    main()
+    return 0

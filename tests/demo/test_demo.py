@@ -27,3 +27,13 @@ def test_demo_quick_writes_table_json_and_figures(tmp_path, capsys):
         assert os.path.getsize(out / name) > 10_000
     assert len(experiment["results"]) == 8
     assert experiment["results"][-1].name.endswith("on EM decoder")
+
+
+def test_console_entry_point_exits_zero(tmp_path, monkeypatch):
+    import sys
+
+    from pyro_cpa.demo.cli import console
+
+    monkeypatch.setattr(sys, "argv", ["pyro-cpa", "demo", "--quick", "--no-figures", "--no-progress",
+                                      "--out", str(tmp_path)])
+    assert console() == 0
