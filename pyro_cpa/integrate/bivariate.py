@@ -170,6 +170,20 @@ def _mass_owens(ds, e, t_lo, t_hi, exists, whole, owens_nodes):
     return theta / _TWO_PI + tri.sum(-1)
 
 
+def _decay_cuts(r: torch.Tensor, inside: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+    """Slice-axis cuts v1 = ±sqrt(r² + 2s), s in ``sc``, where the Gaussian weight has fallen by e^{-s}.
+
+    ``r`` is the distance of the nearest point along the slicing axis and ``inside`` marks pairs whose
+    polytope contains the mean (cuts symmetric about 0 there). Shared by the S = 2 and S = 3 slicers.
+    """
+    r_in = torch.where(inside, torch.ones_like(r), r)          # no sqrt(0) in the unused branch
+    decay = torch.sqrt(r_in.unsqueeze(-1) ** 2 + 2.0 * sc)
+    if sc.shape[-1] % 2 == 0:
+        sym = torch.sqrt(2.0 * sc[1::2])
+        return torch.where(inside.unsqueeze(-1), torch.cat([-sym, sym]), decay)
+    return torch.cat([decay, torch.where(inside.unsqueeze(-1), -decay, decay)], dim=-1)
+
+
 def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     """log P by log-space Gauss–Legendre slicing along the direction of the nearest point (flat batch)."""
     dtype, device = ds.dtype, ds.device
@@ -198,11 +212,7 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     vmax = torch.sqrt(r * r + 2.0 * smax)
     lo = torch.where(inside, -vmax, r)
     vert = torch.where(vfin, vert, lo.unsqueeze(-1))
-    r_in = torch.where(inside, torch.ones_like(r), r)          # no sqrt(0) in the unused branch
-    decay = torch.sqrt(r_in.unsqueeze(-1) ** 2 + 2.0 * sc)
-    sym = torch.sqrt(2.0 * sc[1::2])
-    decay = torch.where(inside.unsqueeze(-1), torch.cat([-sym, sym]), decay) if len(s_cuts) % 2 == 0 else \
-        torch.cat([decay, torch.where(inside.unsqueeze(-1), -decay, decay)], dim=-1)
+    decay = _decay_cuts(r, inside, sc)
     # where each line's slice bound (d_k − al_k v1)/be_k crosses the levels (kinks of lines parallel to
     # the slices, steep transitions of Φ for nearly parallel ones)
     lev = torch.tensor(levels, dtype=dtype, device=device)

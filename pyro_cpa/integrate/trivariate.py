@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .bivariate import _in_chunks, DEFAULT_LEVELS, DEFAULT_NUM_NODES as DEFAULT_NUM_NODES_2D, DEFAULT_S_CUTS, \
+from .bivariate import _decay_cuts, _in_chunks, DEFAULT_LEVELS, DEFAULT_NUM_NODES as DEFAULT_NUM_NODES_2D, DEFAULT_S_CUTS, \
     DEFAULT_SWITCH_MASS, log_mass_2d, std_moments_2d
 from .types import StandardMoments
 from .univariate import LOG_SQRT_2PI, _gl_nodes
@@ -269,11 +269,7 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     lo = torch.where(inside, -vmax, r)
     vv = (verts * w.unsqueeze(-2)).sum(-1)
     vv = torch.where(vok, vv, lo.unsqueeze(-1))
-    r_in = torch.where(inside, torch.ones_like(r), r)          # no sqrt(0) in the unused branch
-    decay = torch.sqrt(r_in.unsqueeze(-1) ** 2 + 2.0 * sc)
-    sym = torch.sqrt(2.0 * sc[1::2])
-    decay = torch.where(inside.unsqueeze(-1), torch.cat([-sym, sym]), decay) if len(s_cuts) % 2 == 0 else \
-        torch.cat([decay, torch.where(inside.unsqueeze(-1), -decay, decay)], dim=-1)
+    decay = _decay_cuts(r, inside, sc)
     G2 = (Gs.unsqueeze(-1) * Q.unsqueeze(-3)).sum(-2)      # in-slice normals (B, F, 2), the same in every slice
     nq = G2.norm(dim=-1)
     lev = torch.tensor(levels, dtype=dtype, device=device)
