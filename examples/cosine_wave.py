@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import base_parser, fit_em, fit_vae, make_decoder, plt, print_table, setup, write_json  # noqa: E402
+from _common import (base_parser, fit_em, fit_vae, make_decoder, plt, print_table, setup, summary_rows,  # noqa: E402
+                     write_json)
 
 from pyro_cpa.datasets import cosine_wave  # noqa: E402
 from pyro_cpa.geometry import cached_linear_regions  # noqa: E402
-from pyro_cpa.infer import evaluate_guide  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -103,19 +103,7 @@ def main(args) -> dict:
                   min_seconds=em_seconds if args.match_time else 0.0,
                   nll_every=max(1, args.vae_steps // 20), init_obs_scale=args.init_obs_scale,
                   progress=not args.quick)
-    rows = []
-    for f in (em, vae):
-        f.train_nll, f.test_nll = f.nll(x), f.nll(x_test)
-        row = {"method": f.name, "train_nll": f.train_nll, "test_nll": f.test_nll, "obs_scale": f.obs_scale,
-               "regions": len(cached_linear_regions(f.decoder)), "seconds": f.seconds, "steps": f.steps}
-        if f.guide is not None:
-            f.activate()
-            ev = evaluate_guide(f.model, f.guide, x)
-            row["elbo"] = float(ev.elbo.total) / args.n
-            row["kl"] = float(ev.kl.total) / args.n
-        else:   # the exact posterior: ELBO = log p(x), KL = 0
-            row["elbo"], row["kl"] = -f.train_nll, 0.0
-        rows.append(row)
+    rows = summary_rows((em, vae), x, x_test)
     rows[0]["seconds"] = em_seconds   # all restarts
     rows[0]["steps"] = args.em_steps * args.restarts
     print_table(rows, [("method", "method", ""), ("train_nll", "NLL train", "{:.4f}"),

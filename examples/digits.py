@@ -20,10 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import base_parser, fit_em, fit_vae, make_decoder, plt, print_table, setup, write_json  # noqa: E402
+from _common import (base_parser, fit_em, fit_vae, make_decoder, plt, print_table, setup, summary_rows,  # noqa: E402
+                     write_json)
 
-from pyro_cpa.geometry import cached_linear_regions  # noqa: E402
-from pyro_cpa.infer import evaluate_guide  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -93,18 +92,7 @@ def main(args) -> dict:
     vae = fit_vae(x, init, 1, args.vae_steps, lr=args.vae_lr, hidden=(64, 64),
                   min_seconds=em.seconds if args.match_time else 0.0,
                   progress=not args.quick)
-    rows = []
-    for f in (em, vae):
-        f.train_nll, f.test_nll = f.nll(x), f.nll(x_test)
-        row = {"method": f.name, "train_nll": f.train_nll, "test_nll": f.test_nll, "obs_scale": f.obs_scale,
-               "regions": len(cached_linear_regions(f.decoder)), "seconds": f.seconds, "steps": f.steps}
-        if f.guide is not None:
-            f.activate()
-            ev = evaluate_guide(f.model, f.guide, x)
-            row["elbo"], row["kl"] = float(ev.elbo.total) / x.shape[0], float(ev.kl.total) / x.shape[0]
-        else:
-            row["elbo"], row["kl"] = -f.train_nll, 0.0
-        rows.append(row)
+    rows = summary_rows((em, vae), x, x_test)
     print_table(rows, [("method", "method", ""), ("train_nll", "NLL train", "{:.3f}"),
                        ("test_nll", "NLL test", "{:.3f}"), ("elbo", "ELBO train", "{:.3f}"),
                        ("kl", "KL(q||p)", "{:.3f}"), ("obs_scale", "sigma_x", "{:.4f}"),
