@@ -71,7 +71,8 @@ DEFAULT_S_CUTS = (0.0, 0.5, 1.5, 3.5, 7.5, 15.0, 30.0, 50.0)
 DEFAULT_LEVELS = (-4.0, 0.0, 4.0)
 _TWO_PI = 2.0 * math.pi
 _LOG_2PI = math.log(_TWO_PI)
-_TIE_TOL = 1e-12
+DEFAULT_PARALLEL_TOL = 1e-14   # |g_i × g_k| <= this: lines i, k are parallel (see polygon_edges)
+DEFAULT_TIE_TOL = 1e-12        # parallel lines closer than this (relative to 1 + |d|) coincide
 DEFAULT_FLUX_NODES = 12
 DEFAULT_FLUX_Z_CUTS = (0.5, 2.0, 5.0, 10.0, 18.0, 30.0, 45.0)
 DEFAULT_FLUX_H_RATIO = 3.0
@@ -80,44 +81,70 @@ DEFAULT_FLUX_MAX_AMP = 1e3
 _CHUNK = 8192   # pairs per chunk of the flattened batch (keeps the (chunk, F, F) temporaries in cache)
 
 
-def polygon_edges(G: torch.Tensor, d: torch.Tensor):
-    """Edges of {u : G u <= d} in 2-D.
+def polygon_edges(G: torch.Tensor, d: torch.Tensor, *, parallel_tol: float = DEFAULT_PARALLEL_TOL,
+                  tie_tol: float = DEFAULT_TIE_TOL):
+    r"""Edges of {u : G u <= d} in 2-D.
+
+    Every pairwise quantity is computed elementwise in a fixed order (no matmul, whose rounding depends on
+    the shape), so that the result does not depend on batch shape, chunking or BLAS:
+
+        c_ik = g_i·g_k,   s_ik = e_i·g_k = g_i0 g_k1 − g_i1 g_k0   (s_ki = −s_ik bitwise),
+        num_ik = d_k − d_i c_ik.
+
+    The self-term k = i is excluded by construction (diagonal mask). Lines with |s_ik| <= ``parallel_tol``
+    are parallel: they never bound each other's edges; instead (δ = d_k − d_i, w = d_i + d_k, both exact
+    (anti)symmetric in i, k; τ = ``tie_tol`` (1 + |d_i| + |d_k|))
+
+    * same orientation (c_ik > 0): edge i is dropped if δ < −τ (line k is stricter) or |δ| <= τ and
+      k < i (duplicates within τ: the first one is kept);
+    * opposite orientation: a strip of width w <= τ is treated as empty (its mass is below τ φ).
+
+    Otherwise the vertex of lines i, k is computed once, on the line of smaller index i < k,
+    t_ik = num_ik / s_ik, and its parameter on line k is the projection of that same point,
+    t_ki = d_i s_ki + c_ik t_ik, so that the two edges meeting there share the vertex (the contour
+    closes even for nearly parallel lines, whose intersection is ill-conditioned). Then
+    t_hi = min_{k: s_ik > tol} t_ik, t_lo = max_{k: s_ik < −tol} t_ik and edge i exists iff t_hi > t_lo.
 
     Returns ``(Gs, ds, e, t_lo, t_hi, exists, empty, whole)``: rows with padding zeroed (Gs, ds = 0),
     tangents e (..., F, 2), edge parameter ranges (..., F) (safe values 0, 1 where the edge does not
     exist), the existence mask, and (...,) flags for an empty polygon and for the whole plane.
     """
     norm = G.norm(dim=-1)
-    real = (norm > 0) & (d < float("inf"))
+    real = (norm > 0) & (d < float("inf"))               # padding rows are exactly zero / +inf by construction
     Gs = torch.where(real.unsqueeze(-1), G, torch.zeros_like(G))
     ds = torch.where(real, d, torch.zeros_like(d))
-    e = torch.stack([-Gs[..., 1], Gs[..., 0]], dim=-1)
-    c = Gs @ Gs.transpose(-1, -2)                      # c[i, k] = g_i·g_k
-    s = e @ Gs.transpose(-1, -2)                       # s[i, k] = e_i·g_k
-    num = ds.unsqueeze(-2) - ds.unsqueeze(-1) * c      # d_k − d_i c_ik
-    realk = real.unsqueeze(-2)
-    pos = realk & (s > 0)
-    neg = realk & (s < 0)
-    bound = num / torch.where(s == 0, torch.ones_like(s), s)
-    inf = torch.full_like(bound, float("inf"))
-    t_hi = torch.where(pos, bound, inf).amin(dim=-1)
-    t_lo = torch.where(neg, bound, -inf).amax(dim=-1)
-    # parallel constraints (s == 0): must hold along the whole line; exact duplicates keep the first
+    g0, g1 = Gs[..., 0], Gs[..., 1]
+    e = torch.stack([-g1, g0], dim=-1)
+    gi0, gi1, gk0, gk1 = g0.unsqueeze(-1), g1.unsqueeze(-1), g0.unsqueeze(-2), g1.unsqueeze(-2)
+    c = gi0 * gk0 + gi1 * gk1                           # c[i, k] = g_i·g_k (bitwise symmetric)
+    s = gi0 * gk1 - gi1 * gk0                           # s[i, k] = e_i·g_k (bitwise antisymmetric)
+    di, dk = ds.unsqueeze(-1), ds.unsqueeze(-2)
+    num = dk - di * c                                   # d_k − d_i c_ik
     F = G.shape[-2]
-    eye = torch.eye(F, dtype=torch.bool, device=G.device)
-    par = realk & (s == 0) & ~eye
-    if bool(par.any()):
-        idx = torch.arange(F, device=G.device)
-        earlier = idx.unsqueeze(-1) > idx.unsqueeze(0)     # [i, k]: k < i
-        tol = _TIE_TOL * (1.0 + ds.abs().unsqueeze(-1) + ds.abs().unsqueeze(-2))
-        tie = (num.abs() <= tol) & (c > 0) & earlier
-        bad_par = (par & ((num < -tol) | tie)).any(dim=-1)
-    else:
-        bad_par = torch.zeros_like(real)
-    exists = real & (t_hi > t_lo) & ~bad_par
-    infeasible = ((norm == 0) & (d < 0)).any(dim=-1)
+    idx = torch.arange(F, device=G.device)
+    upper = idx.unsqueeze(-1) < idx.unsqueeze(0)        # [i, k]: i < k
+    pair = real.unsqueeze(-1) & real.unsqueeze(-2) & (upper | upper.transpose(0, 1))   # k != i, both real
+    par = s.abs() <= parallel_tol
+    pos = pair & (s > parallel_tol)
+    neg = pair & (s < -parallel_tol)
+    own = num / torch.where(par, torch.ones_like(s), s)             # t_ik from line i's side
+    other = dk * s + c * own.transpose(-1, -2)                      # t_ik as the projection of line k's t_ki
+    t = torch.where(upper, own, other)
+    inf = torch.full_like(t, float("inf"))
+    t_hi = torch.where(pos, t, inf).amin(dim=-1)
+    t_lo = torch.where(neg, t, -inf).amax(dim=-1)
+    # parallel pairs
+    parm = pair & par
+    tol = tie_tol * (1.0 + di.abs() + dk.abs())
+    same = c > 0
+    delta = dk - di
+    dropped = parm & same & ((delta < -tol) | ((delta.abs() <= tol) & ~upper))
+    strip_empty = (parm & ~same & (di + dk <= tol)).any(dim=-1).any(dim=-1)
+    exists = real & (t_hi > t_lo) & ~dropped.any(dim=-1)
+    infeasible = ((norm == 0) & (d < 0)).any(dim=-1) | strip_empty
     whole = ~real.any(dim=-1) & ~infeasible
     empty = infeasible | (~exists.any(dim=-1) & ~whole)
+    exists = exists & ~empty.unsqueeze(-1)
     t_lo = torch.where(exists, t_lo, torch.zeros_like(t_lo))
     t_hi = torch.where(exists, t_hi, torch.ones_like(t_hi))
     return Gs, ds, e, t_lo, t_hi, exists, empty, whole
