@@ -9,6 +9,19 @@ from ..errors import PyroCPAError
 from ..nn.network import as_cpa_network
 
 
+class _RealVectorOrMissing(constraints.Constraint):
+    """Real vectors whose NaN entries mark missing coordinates (±inf is not allowed)."""
+
+    is_discrete = False
+    event_dim = 1
+
+    def check(self, value):
+        return (~torch.isinf(value)).all(-1)
+
+
+real_vector_or_missing = _RealVectorOrMissing()
+
+
 class CPALikelihood(TorchDistribution):
     r"""x | z ~ N(g(z), diag(obs_scale²)) for a CPA decoder g, one Gaussian event of dimension D.
 
@@ -20,6 +33,10 @@ class CPALikelihood(TorchDistribution):
             z = pyro.sample("z", dist.Normal(0., 1.).expand([S]).to_event(1))
             pyro.sample("x", CPALikelihood(decoder, z, obs_scale), obs=x)
 
+    Missing data: NaN entries of an observed value are missing coordinates; :meth:`log_prob` sums
+    log N(x_d; g_d(z), σx_d²) over the observed coordinates only (exactly Pyro's reading of a missing
+    value: it carries no likelihood), so SVI with any guide, ``EM`` and the exact tools accept NaN.
+
     Args:
         decoder: a CPA network (see :mod:`pyro_cpa.nn`).
         z: latent values, shape batch + (S,).
@@ -27,7 +44,7 @@ class CPALikelihood(TorchDistribution):
     """
 
     arg_constraints = {"obs_scale": constraints.positive}
-    support = constraints.real_vector
+    support = real_vector_or_missing
     has_rsample = True
 
     def __init__(self, decoder, z: torch.Tensor, obs_scale, validate_args=None):
@@ -63,4 +80,14 @@ class CPALikelihood(TorchDistribution):
         return self._normal.rsample(sample_shape)
 
     def log_prob(self, value):
-        return self._normal.log_prob(value)
+        """Σ over observed (non-NaN) coordinates of log N(x_d; g_d(z), σx_d²); batch shape of broadcast."""
+        if self._validate_args:
+            self._validate_sample(value)
+        missing = torch.isnan(value)
+        if not bool(missing.any()):
+            return self._normal.log_prob(value)
+        # double where: the log-density is evaluated at a finite stand-in, then the missing terms are dropped
+        safe = torch.where(missing, torch.zeros_like(value), value)
+        base = self._normal.base_dist
+        lp = base.log_prob(safe)
+        return torch.where(missing, torch.zeros_like(lp), lp).sum(-1)

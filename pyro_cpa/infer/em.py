@@ -7,6 +7,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PyroCPAError
 from .em_engine import EMStepResult, em_step
+from .estep import weighted_log_prob
 from .structure import full_data_structure
 
 
@@ -28,7 +29,10 @@ class EM:
 
     Args:
         model: a CPA model (see :mod:`pyro_cpa.infer.structure`); a subsampled data plate is evaluated
-            on all data (EM is a full-batch method).
+            on all data (EM is a full-batch method). Pyro's masks and scales are honoured: the objective is
+            Σ_n L_n (masked observations contribute 0, plate-level scales weight the data, a scale on one site
+            only tempers the likelihood — :mod:`pyro_cpa.infer.structure`), and NaN entries of x (or
+            ``obs_mask=False`` data) are missing (exact incomplete-data EM, :mod:`pyro_cpa.infer.estep`).
         guide: ``None`` or :class:`~pyro_cpa.guides.ExactPosterior` (the E-step *is* the exact posterior;
             any other guide is rejected).
         obs_noise: ``"isotropic"`` or ``"diagonal"`` σx (diagonal needs a length-D ``obs_scale`` param).
@@ -55,15 +59,17 @@ class EM:
         structure = full_data_structure(self.model, *args, **kwargs)
         if structure.latent is None:
             raise PyroCPAError("EM needs a model with a latent site and a CPALikelihood observation")
-        if bool(torch.isnan(structure.x).any()):
-            raise PyroCPAError("EM needs fully observed data (x contains NaN)")
         return structure
 
+    @staticmethod
+    def _weights(structure):
+        return None if structure.weights.is_unit else structure.weights
+
     def evaluate_loss(self, *args, **kwargs) -> float:
-        """Exact −Σ_n log p(x_n) under the current parameters (nothing changes)."""
+        """Exact −Σ_n L_n under the current parameters (nothing changes): −Σ_n log p(x_n) without masks or scales."""
         structure = self._structure(*args, **kwargs)
         with torch.no_grad():
-            return float(-structure.marginal().log_prob(structure.x.detach()).sum())
+            return float(-weighted_log_prob(structure.marginal(), structure.x.detach(), self._weights(structure)).sum())
 
     def step(self, *args, **kwargs) -> float:
         """One E-step + M-step (+ backtracking); returns the exact NLL after the step."""
@@ -76,7 +82,7 @@ class EM:
             raise PyroCPAError("obs_noise='diagonal' needs a length-D obs_scale param in the model")
         result = em_step(structure.network.module, obs_scale, structure.prior_scale, structure.x.detach(),
                          obs_noise=self.obs_noise, m_step_method=self.m_step,
-                         update_obs_scale=self.update_obs_scale, **self.em_kwargs)
+                         update_obs_scale=self.update_obs_scale, weights=self._weights(structure), **self.em_kwargs)
         if self.update_obs_scale:
             store = pyro.get_param_store()
             old = store[structure.obs_scale_param]

@@ -34,7 +34,7 @@ import torch
 from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..geometry.regions import DEFAULT_MAX_REGIONS
 from ..nn.network import as_cpa_network
-from .estep import EStepStats, e_step
+from .estep import EStepStats, e_step, weighted_log_prob
 from .mstep import DEFAULT_RIDGE, expected_complete_loglik, m_step, prior_expansion, update_layer, update_variances
 
 MONOTONE_TOL = 1e-12
@@ -106,8 +106,8 @@ def _load(decoder, values) -> None:
 class _Verifier:
     """Exact NLL (and, on demand, the next E-step) of candidate parameters along a backtracking line."""
 
-    def __init__(self, decoder, x, mkw, max_backtracks, monotone_tol, want_stats):
-        self.decoder, self.x, self.mkw = decoder, x, mkw
+    def __init__(self, decoder, x, mkw, max_backtracks, monotone_tol, want_stats, weights=None):
+        self.decoder, self.x, self.mkw, self.weights = decoder, x, mkw, weights
         self.max_backtracks, self.monotone_tol, self.want_stats = max_backtracks, monotone_tol, want_stats
         self.trials: list[float] = []
 
@@ -119,12 +119,12 @@ class _Verifier:
         try:
             mg = CPAMarginal(self.decoder, sx, sz, **self.mkw)
             if self.want_stats:
-                stats = e_step(mg, self.x)
+                stats = e_step(mg, self.x, weights=self.weights)
                 nll = float(-stats.loglik.sum())
             else:
                 stats = None
                 with torch.no_grad():
-                    nll = float(-mg.log_prob(self.x).sum())
+                    nll = float(-weighted_log_prob(mg, self.x, self.weights).sum())
         except (RegionBudgetExceeded, torch.linalg.LinAlgError):
             return math.inf, None
         return (nll, stats) if math.isfinite(nll) else (math.inf, None)
@@ -150,13 +150,13 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             schedule: str = "layerwise", px: bool = False, sweeps: int = 1, order: str = "forward",
             ridge: float = DEFAULT_RIDGE, gradient_steps: int = 50, gradient_lr: float = 1.0, max_backtracks: int = 10,
             monotone_tol: float = MONOTONE_TOL, max_regions: int = DEFAULT_MAX_REGIONS,
-            marginal_kwargs: dict | None = None) -> EMStepResult:
+            marginal_kwargs: dict | None = None, weights=None) -> EMStepResult:
     """One exact EM step on ``decoder`` (modified in place) with guaranteed non-increasing exact NLL.
 
     Args:
         decoder: CPA ``nn.Module`` (see :mod:`pyro_cpa.nn`), latent dim S, output dim D.
         obs_scale: σx, scalar or (D,) tensor; prior_scale: σz, scalar or (S,).
-        x: (N, D) fully observed data.
+        x: (N, D) data (NaN entries missing).
         obs_noise: ``"isotropic"`` or ``"diagonal"`` σx.
         update_prior_scale: also update σz (closed form / jointly in the gradient M-step).
         update_obs_scale: update σx (default); if False σx is held fixed in every block and in the
@@ -183,6 +183,9 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         max_backtracks: halvings tried before a step is rejected; monotone_tol: relative tolerance
             of the monotonicity check (module docstring).
         max_regions, marginal_kwargs: passed to :class:`~pyro_cpa.distributions.CPAMarginal`.
+        weights: optional per-datum :class:`~pyro_cpa.infer.structure.DataWeights` (Pyro's scale × mask of the
+            observed and latent sites); the NLL is then −Σ_n L_n, the weighted / tempered objective of
+            :mod:`pyro_cpa.infer.estep`. NaN entries of ``x`` are missing coordinates (exact incomplete-data EM).
 
     Returns:
         :class:`EMStepResult` (the new σx, σz are in ``obs_scale``, ``prior_scale``). With
@@ -215,7 +218,10 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                                "use obs_noise='diagonal'")
     sx_old = sx_old.reshape(-1)[0].clone() if obs_noise == "isotropic" else sx_old.expand(D).clone()
 
-    stats = e_step(marginal, x)
+    if update_prior_scale and weights is not None and weights.is_tempered:
+        raise PyroCPAError("update_prior_scale=True is not supported with a tempered likelihood (a scale or mask on "
+                           "only one of the latent and observed sites); scale both sites alike or keep σz fixed")
+    stats = e_step(marginal, x, weights=weights)
     x = marginal._check_x(x).reshape(-1, D)
     nll_before = float(-stats.loglik.sum())
     old_params = _snapshot(decoder)
@@ -231,7 +237,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         return s[0].clone() if obs_noise == "isotropic" else s
 
     if m_step_method == "closed_form" and schedule == "layerwise":
-        ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=True)
+        ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=True, weights=weights)
         layers = list(range(net.num_layers))
         if order == "backward":
             layers.reverse()
@@ -284,7 +290,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                                           lr=gradient_lr)
     q_new = Q(stats, sx_new, sz_new)
     new_params = _snapshot(decoder)
-    ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False)
+    ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False, weights=weights)
     ok, k, nll, _, sx, sz = ver.line_search(nll_before, old_params, new_params, sx_old, sx_new, sz_old, sz_new)
     return EMStepResult(nll_before, nll, k, ok, 0.5 ** k if ok else 0.0, sx.clone(), sz.clone(), num_regions,
                         q_new - q_old, ver.trials)

@@ -19,9 +19,30 @@ The exact log-likelihood log p(x_n) = logsumexp_ω(log κ + log P) comes for fre
 
 Everything is computed in log space up to the final weights e0, batched over (datum, region) pairs,
 chunked over the data, and without gradient (the statistics are constants of the M-step).
+
+**Weights** (:class:`~pyro_cpa.infer.structure.DataWeights`: scale × mask of the observed site s_x,n and of
+the latent site s_z,n). The objective is Σ_n L_n with L_n = s_z,n log ∫ p(z) p(x_n | z)^{t_n} dz,
+t_n = s_x,n/s_z,n (see :mod:`pyro_cpa.infer.structure`). Jensen's bound L_n ≥ s_z,n E_q[log p(z) +
+t_n log p(x_n | z; θ) − log q] is tight at q = the tempered posterior ∝ p(z) p(x_n | z)^{t_n}, which is the
+exact posterior of the model with σx/√t_n. So the E-step runs under σx/√t_n and every statistic above is
+multiplied by s_x,n (the likelihood part of the bound); data with s_x,n = 0 are left out. ``num_data`` is
+then Σ_n s_x,n (the weighted count the σx update divides by).
+
+**Missing coordinates** (NaN in x; EM for incomplete data, Dempster, Laird & Rubin 1977). The complete data
+are (z, x_mis, x_obs): the E-step takes the expectation over z | x_obs (exact: the missing rows of A_ω, b_ω
+are marginalised) and over x_mis | z, which on region ω is N(A_ω,mis z + b_ω,mis, σx,mis²) under the
+*old* parameters (untempered: the tempering multiplies log p(x_obs | z), whose own EM bound is tight at
+p(x_mis | z)). Hence, for a missing coordinate d of datum n,
+
+    E[1_ω x_nd z̃ᵀ | x_obs] = ã_ωdᵀ E[1_ω z̃ z̃ᵀ | x_obs],
+    E[1_ω x_nd² | x_obs]   = e0_nω σx_d² + ã_ωdᵀ E[1_ω z̃ z̃ᵀ | x_obs] ã_ωd,     ã_ωd = [A_ω b_ω]_d,
+
+which enter X_ω and q_ω; the M-step is unchanged. Data with no observed coordinate are left out (their
+log-likelihood is 0 for every θ).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +55,13 @@ class EStepStats:
     """Per-region sufficient statistics of the exact E-step (see module docstring).
 
     Attributes:
-        Z: (R, S+1, S+1) Σ_n E[1_ω z̃ z̃ᵀ | x_n].
-        X: (R, D, S+1) Σ_n x_n E[1_ω z̃ | x_n]ᵀ.
-        q: (R, D) Σ_n e0_nω x_n².
-        loglik: (N,) exact log p(x_n) under the parameters of the E-step.
+        Z: (R, S+1, S+1) Σ_n s_x,n E[1_ω z̃ z̃ᵀ | x_n].
+        X: (R, D, S+1) Σ_n s_x,n E[1_ω x_n z̃ᵀ | x_n] (missing coordinates by their conditional moments).
+        q: (R, D) Σ_n s_x,n E[1_ω x_n² | x_n].
+        loglik: (N,) the exact evidence terms L_n under the parameters of the E-step (log p(x_n) when
+            unweighted; 0 for data left out).
         patterns: the activation patterns (one (R, n_l) bool tensor per activation layer) of the regions.
-        num_data: N.
+        num_data: Σ_n s_x,n over the data used (N when unweighted and fully observed).
     """
 
     Z: torch.Tensor
@@ -47,11 +69,11 @@ class EStepStats:
     q: torch.Tensor
     loglik: torch.Tensor
     patterns: list
-    num_data: int
+    num_data: float
 
     @property
     def region_weights(self) -> torch.Tensor:
-        """(R,) Σ_n e0_nω, the expected number of data generated from each region."""
+        """(R,) Σ_n s_x,n e0_nω, the expected (weighted) number of data generated from each region."""
         return self.Z[:, -1, -1]
 
     @property
@@ -59,44 +81,115 @@ class EStepStats:
         return int(self.Z.shape[0])
 
 
-def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None) -> EStepStats:
+def tempered_marginal(marginal, t: float):
+    """The CPA marginal with σx/√t (same decoder, σz, options and partition): p(x; σx/√t)."""
+    from ..distributions import CPAMarginal
+
+    return CPAMarginal(marginal.decoder, marginal.obs_scale / math.sqrt(t), marginal.prior_scale,
+                       max_regions=marginal.max_regions, prune_tol=marginal.prune_tol, chunk_size=marginal.chunk_size,
+                       dtype=marginal.dtype, mc_kwargs=marginal.mc_kwargs, regions=marginal.regions)
+
+
+def _log_temper_constant(marginal, x: torch.Tensor, t: float) -> torch.Tensor:
+    """log C(t) = Σ_{d observed} [½(1 − t) log(2π σx_d²) − ½ log t] per datum of x (n, D)."""
+    obs_var = marginal._variances()[0]
+    per = 0.5 * (1.0 - t) * (math.log(2 * math.pi) + obs_var.log()) - 0.5 * math.log(t)
+    return (per * (~torch.isnan(x)).to(per.dtype)).sum(-1)
+
+
+def _groups(weights, n: int, device):
+    """[(t, indices)] of the active data grouped by their temper t_n (one group when unweighted)."""
+    if weights is None:
+        return [(1.0, torch.arange(n, device=device))]
+    if weights.obs.shape[0] != n:
+        raise PyroCPAError(f"weights are given for {weights.obs.shape[0]} data but x has {n}")
+    active = weights.active.to(device)
+    temper = weights.temper.to(device)
+    # Grouping by the exact value of t only decides which data share one tempered marginal; each group's
+    # result is exact whatever the grouping.
+    return [(float(t), torch.nonzero(active & (temper == t)).squeeze(-1))
+            for t in torch.unique(temper[active]).tolist()]
+
+
+def weighted_log_prob(marginal, x: torch.Tensor, weights=None) -> torch.Tensor:
+    r"""Exact evidence terms L_n = s_z,n [log C(t_n) + log p(x_n; σx/√t_n)] (0 where s_x,n = 0), shape (N,).
+
+    ``x`` is flattened to (N, D); NaN entries are missing (marginalised exactly). Without ``weights`` this is
+    ``marginal.log_prob(x)``. Differentiable in the marginal's parameters. Exactness as
+    :class:`~pyro_cpa.distributions.CPAMarginal` (machine precision for S <= 2).
+    """
+    x = marginal._check_x(x)
+    flat = x.reshape(-1, x.shape[-1])
+    if weights is None:
+        return marginal.log_prob(flat)
+    out = flat.new_zeros(flat.shape[0])
+    for t, idx in _groups(weights, flat.shape[0], flat.device):
+        xg = flat[idx]
+        lp = tempered_marginal(marginal, t).log_prob(xg) + _log_temper_constant(marginal, xg, t)
+        out = out.index_put((idx,), weights.latent.to(out)[idx] * lp)
+    return out
+
+
+def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=None) -> EStepStats:
     """Exact E-step statistics of the data ``x`` (N, D) (or (..., D), flattened) under ``marginal``.
 
     Args:
         marginal: a :class:`~pyro_cpa.distributions.CPAMarginal` (its decoder, σx, σz and partition).
-        x: fully observed data; NaN (missing) entries are not supported by the EM engine.
+        x: the data; NaN entries are missing coordinates (module docstring).
         chunk_size: data per batch (memory ∝ chunk_size · R · S²); the marginal's ``chunk_size`` by default.
+        weights: optional :class:`~pyro_cpa.infer.structure.DataWeights` (module docstring).
     """
     x = marginal._check_x(x)
     flat = x.reshape(-1, x.shape[-1])
-    if bool(torch.isnan(flat).any()):
-        raise PyroCPAError("e_step: x contains NaN (missing) entries; the EM engine needs fully observed data. "
-                           "Drop or impute (CPAMarginal.impute) the incomplete rows first.")
-    if flat.shape[0] == 0:
+    N, D = flat.shape
+    if N == 0:
         raise PyroCPAError("e_step: x is empty")
     chunk = int(chunk_size or marginal.chunk_size)
     patterns = [p.clone() for p in marginal.regions.patterns]
+    observed = ~torch.isnan(flat)
+    w_obs = torch.ones(N, dtype=flat.dtype, device=flat.device) if weights is None else weights.obs.to(flat)
+    w_lat = w_obs if weights is None else weights.latent.to(flat)
+    keep = observed.any(-1)  # data with no observed coordinate have L_n = 0 for every θ: left out
     Z = X = q = None
-    logliks = []
+    loglik = flat.new_zeros(N)
+    num_data = 0.0
     with torch.no_grad():
-        for start in range(0, flat.shape[0], chunk):
-            xc = flat[start:start + chunk]
-            terms, _, mom, _, _ = marginal._pairs(xc, need_moments=True)
-            lp = terms.logsumexp(-1)
-            e0 = (terms - lp.unsqueeze(-1)).exp()  # pruned pairs: exp(-inf) = 0
-            live = e0 > 0
-            m = torch.where(live.unsqueeze(-1), mom.mean, torch.zeros_like(mom.mean))
-            C = torch.where(live[..., None, None], mom.covariance, torch.zeros_like(mom.covariance))
-            R, S = m.shape[1], m.shape[2]
-            Zc = xc.new_zeros(R, S + 1, S + 1)
-            Zc[:, :S, :S] = torch.einsum("nr,nrs,nrt->rst", e0, m, m) + torch.einsum("nr,nrst->rst", e0, C)
-            Zc[:, :S, S] = torch.einsum("nr,nrs->rs", e0, m)
-            Zc[:, S, :S] = Zc[:, :S, S]
-            Zc[:, S, S] = e0.sum(0)
-            Xc = xc.new_zeros(R, xc.shape[1], S + 1)
-            Xc[:, :, :S] = torch.einsum("nr,nd,nrs->rds", e0, xc, m)
-            Xc[:, :, S] = e0.T @ xc
-            qc = e0.T @ xc.square()
-            Z, X, q = (Zc, Xc, qc) if Z is None else (Z + Zc, X + Xc, q + qc)
-            logliks.append(lp)
-    return EStepStats(Z=Z, X=X, q=q, loglik=torch.cat(logliks), patterns=patterns, num_data=int(flat.shape[0]))
+        obs_var = marginal._variances()[0]
+        for t, idx in _groups(weights, N, flat.device):
+            idx = idx[keep[idx]]
+            mg = tempered_marginal(marginal, t) if weights is not None else marginal
+            for start in range(0, idx.shape[0], chunk):
+                ic = idx[start:start + chunk]
+                xc, oc, wc = flat[ic], observed[ic], w_obs[ic]
+                terms, _, mom, _, (A, b, _, _) = mg._pairs(xc, need_moments=True)
+                lp = terms.logsumexp(-1)
+                e0 = (terms - lp.unsqueeze(-1)).exp()  # pruned pairs: exp(-inf) = 0
+                live = torch.isfinite(terms)  # pruned pairs (log mass -inf by construction) carry no moments
+                m = torch.where(live.unsqueeze(-1), mom.mean, torch.zeros_like(mom.mean))
+                C = torch.where(live[..., None, None], mom.covariance, torch.zeros_like(mom.covariance))
+                n, R, S = m.shape
+                K = S + 1
+                mt = torch.cat([m, torch.ones_like(m[..., :1])], -1)  # (n, R, S+1)
+                Zn = mt.unsqueeze(-1) * mt.unsqueeze(-2)
+                Zn[..., :S, :S] += C  # E[z̃ z̃ᵀ | x_n, ω]
+                ew = e0 * wc.unsqueeze(-1)  # s_x,n e0_nω
+                Zc = torch.einsum("nr,nrkl->rkl", ew, Zn)
+                x0 = torch.where(oc, xc, torch.zeros_like(xc))
+                Xc = (x0.T @ (ew.unsqueeze(-1) * mt).reshape(n, R * K)).reshape(D, R, K).transpose(0, 1)
+                qc = ew.T @ x0.square()
+                if not bool(oc.all()):
+                    mis = (~oc).to(xc.dtype)
+                    At = torch.cat([A, b.unsqueeze(-1)], -1)  # (R, D, S+1), the old parameters
+                    Y = (mis.T @ (ew[..., None, None] * Zn).reshape(n, R * K * K)).reshape(D, R, K, K)
+                    Y = Y.transpose(0, 1)  # (R, D, K, K): Σ_n s_x e0 mis_nd E[z̃ z̃ᵀ | x_n, ω]
+                    Xc = Xc + torch.einsum("rdk,rdkl->rdl", At, Y)
+                    qc = qc + (ew.T @ mis) * obs_var + torch.einsum("rdk,rdkl,rdl->rd", At, Y, At)
+                Z, X, q = (Zc, Xc, qc) if Z is None else (Z + Zc, X + Xc, q + qc)
+                if weights is not None:
+                    lp = w_lat[ic] * (lp + _log_temper_constant(marginal, xc, t))
+                loglik = loglik.index_put((ic,), lp)
+                num_data += float(wc.sum())
+    if Z is None:
+        raise PyroCPAError("e_step: no datum carries weight (every observation is masked, zero-scaled or entirely "
+                           "missing)")
+    return EStepStats(Z=Z, X=X, q=q, loglik=loglik, patterns=patterns, num_data=num_data)

@@ -1,4 +1,11 @@
-"""Exact per-datum log-likelihoods and information criteria of a fitted CPA model."""
+r"""Exact per-datum log-likelihoods and information criteria of a fitted CPA model.
+
+Masks and scales follow Pyro (see :mod:`pyro_cpa.infer.structure`): the value for datum n is its evidence
+term L_n = s_z,n log ∫ p(z) p(x_n | z)^{s_x,n/s_z,n} dz — log p(x_n) for an unweighted datum, w_n log p(x_n)
+for a plate-level weight w_n, 0 for a masked observation — so ``log_evidence(model).sum()`` is the exact
+maximum over guides of Pyro's ELBO (with the guide carrying the latent site's scale), as
+``model.log_prob_sum()`` is Pyro's log-joint. NaN entries of x are missing coordinates (marginalised).
+"""
 from __future__ import annotations
 
 import math
@@ -7,22 +14,33 @@ from typing import NamedTuple
 import pyro
 import torch
 
+from ..geometry.regions import DEFAULT_MAX_REGIONS
+from .estep import weighted_log_prob
 from .structure import full_data_structure
 
 
-def log_evidence(model, *args, **kwargs) -> torch.Tensor:
-    """Exact log p(x_n) for every datum of the model's data plate (all data, even if the plate subsamples).
+def log_evidence(model, *args, max_regions: int = DEFAULT_MAX_REGIONS, **kwargs) -> torch.Tensor:
+    """Exact evidence term L_n of every datum of the model's data plate (all data, even if the plate subsamples).
 
+    Without masks or scales L_n = log p(x_n); masked data give 0; see the module docstring for scales.
     Exact to machine precision for S <= 2 (~1e-10 for S = 3, Monte Carlo for S >= 4). Sum it for the
     total log-likelihood. Use it for anomaly scores (low log p) and model comparison.
+
+    Args:
+        model, *args, **kwargs: the model and its arguments.
+        max_regions: budget of the region enumeration (:class:`~pyro_cpa.errors.RegionBudgetExceeded` above it).
     """
     structure = full_data_structure(model, *args, **kwargs)
     with torch.no_grad():
-        return structure.marginal().log_prob(structure.x)
+        lp = weighted_log_prob(structure.marginal(max_regions=max_regions), structure.x.detach(),
+                               None if structure.weights.is_unit else structure.weights)
+    return lp.reshape(structure.x.shape[:-1])
 
 
 class InformationCriteria(NamedTuple):
-    """Exact log-likelihood of the data, number of free parameters k, AIC = 2k − 2 log L, BIC = k log N − 2 log L."""
+    """Exact log-likelihood L = Σ_n L_n, number of free parameters k, the number of data contributing (weight > 0
+    and at least one observed coordinate), AIC = 2k − 2L and BIC = k log N_eff − 2L, where N_eff = Σ_n s_z,n over
+    the contributing data (their number when unweighted)."""
 
     log_likelihood: float
     num_params: int
@@ -40,10 +58,14 @@ def count_free_parameters(model, *args, **kwargs) -> int:
     return int(k)
 
 
-def information_criteria(model, *args, **kwargs) -> InformationCriteria:
+def information_criteria(model, *args, max_regions: int = DEFAULT_MAX_REGIONS, **kwargs) -> InformationCriteria:
     """AIC and BIC of a CPA model from its exact log-likelihood (see :class:`InformationCriteria`)."""
-    lp = log_evidence(model, *args, **kwargs)
+    lp = log_evidence(model, *args, max_regions=max_regions, **kwargs)
+    structure = full_data_structure(model, *args, **kwargs)
     k = count_free_parameters(model, *args, **kwargs)
-    n = int(lp.numel())
+    w = structure.weights
+    contributing = w.active & (~torch.isnan(structure.flat_x)).any(-1).to(w.obs.device)
+    n = int(contributing.sum())
+    n_eff = float(w.latent[contributing].sum())
     ll = float(lp.sum())
-    return InformationCriteria(ll, k, n, 2 * k - 2 * ll, k * math.log(n) - 2 * ll)
+    return InformationCriteria(ll, k, n, 2 * k - 2 * ll, k * math.log(n_eff) - 2 * ll)
