@@ -14,12 +14,16 @@ class StandardMoments(NamedTuple):
         mean: (..., S) E[u | u in ω].
         second_moment: (..., S, S) E[u uᵀ | u in ω].
         log_mass_stderr: (...,) standard error of ``log_mass`` (exactly 0 for the exact methods S <= 3).
+        covariance: optional (..., S, S) Cov[u | u in ω] computed without the subtraction
+            E[uuᵀ] − E[u]E[u]ᵀ (which cancels catastrophically in the tails); when given, the
+            assembly in :func:`~pyro_cpa.integrate.integrate_whitened` uses it.
     """
 
     log_mass: torch.Tensor
     mean: torch.Tensor
     second_moment: torch.Tensor
     log_mass_stderr: torch.Tensor
+    covariance: torch.Tensor | None = None
 
 
 class PolytopeMoments(NamedTuple):
