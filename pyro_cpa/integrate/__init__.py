@@ -122,8 +122,9 @@ def gaussian_polytope_moments(loc: torch.Tensor, scale_tril: torch.Tensor, H: to
         **kwargs: options of the S >= 4 Monte-Carlo method.
 
     Returns:
-        :class:`PolytopeMoments` with ``mean = loc + L E[u|ω]`` and
-        ``covariance = L (E[uuᵀ|ω] − E[u|ω]E[u|ω]ᵀ) Lᵀ``. Exact to machine precision for S <= 2,
+        :class:`PolytopeMoments` with ``mean = loc + L E[u|ω]`` and ``covariance = L Cov[u|ω] Lᵀ``, where
+        Cov[u|ω] is the integrator's direct covariance when it provides one (S = 1, S >= 4), else
+        E[uuᵀ|ω] − E[u|ω]E[u|ω]ᵀ. Exact to machine precision for S <= 2,
         to ~1e-10 for S = 3; Monte Carlo with ``log_mass_stderr`` for S >= 4.
     """
     G, d = whiten(loc, scale_tril, H, c, validate=validate)
@@ -141,7 +142,8 @@ def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Ten
     L = scale_tril.expand(batch + (S, S))
     mu = loc.expand(batch + (S,))
     if active is None:
-        log_mass, m_u, E_uu, err = std_moments(G, d, need_moments=need_moments, **kwargs)
+        std = std_moments(G, d, need_moments=need_moments, **kwargs)
+        log_mass, m_u, E_uu, err, cov_u = std.log_mass, std.mean, std.second_moment, std.log_mass_stderr, std.covariance
     else:
         active = active.expand(batch)
         idx = active.reshape(-1).nonzero().squeeze(-1)
@@ -152,8 +154,11 @@ def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Ten
         m_u = G.new_zeros(n, S).index_copy(0, idx, std.mean).reshape(batch + (S,))
         E_uu = G.new_zeros(n, S, S).index_copy(0, idx, std.second_moment).reshape(batch + (S, S))
         err = G.new_zeros(n).index_copy(0, idx, std.log_mass_stderr).reshape(batch)
+        cov_u = (None if std.covariance is None else
+                 G.new_zeros(n, S, S).index_copy(0, idx, std.covariance).reshape(batch + (S, S)))
     mean = mu + (L @ m_u.unsqueeze(-1)).squeeze(-1)
-    cov_u = E_uu - m_u.unsqueeze(-1) * m_u.unsqueeze(-2)
+    if cov_u is None:  # methods without a direct covariance: E[uuᵀ] − E[u]E[u]ᵀ
+        cov_u = E_uu - m_u.unsqueeze(-1) * m_u.unsqueeze(-2)
     cov = L @ cov_u @ L.transpose(-1, -2)
     return PolytopeMoments(log_mass, mean, cov, err)
 
