@@ -18,6 +18,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from ..distributions import CPALikelihood, CPAMarginal
+from ..errors import check_not_tracing
 from .structure import _prior_scale
 
 
@@ -66,6 +67,7 @@ def collapse(model, latent: str | None = None, **marginal_kwargs):
         **marginal_kwargs: options of :class:`~pyro_cpa.distributions.CPAMarginal`.
     """
     def collapsed(*args, **kwargs):
+        check_not_tracing("collapse(model)")
         with CollapseMessenger(latent, **marginal_kwargs):
             return model(*args, **kwargs)
 
