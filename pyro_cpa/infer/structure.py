@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import Independent, MaskedDistribution, Normal
+from pyro.distributions import Independent, MaskedDistribution, MultivariateNormal, Normal
 from pyro.poutine.subsample_messenger import _Subsample
 
 from ..distributions import CPALikelihood, CPAMarginal
@@ -139,20 +139,44 @@ class CPAModelStructure:
         return CPAMarginal(self.network, self.obs_scale, self.prior_scale, **kwargs)
 
 
+#: A MultivariateNormal prior counts as diagonal when every correlation |Σ_ij| / √(Σ_ii Σ_jj), i ≠ j, is at
+#: most this (the exact tools then use its diagonal; a smaller correlation changes log p(x) by O(this)).
+PRIOR_CORRELATION_TOL = 1e-12
+
+
 def _prior_scale(fn, name: str) -> torch.Tensor:
+    """σz (S,) of a zero-mean Normal(0, σz).to_event(1) or MultivariateNormal(0, diag σz²) latent prior."""
     base, reinterpreted = fn, 0
     while isinstance(base, Independent):
         reinterpreted += base.reinterpreted_batch_ndims
         base = base.base_dist
-    if not isinstance(base, Normal) or reinterpreted != 1:
+    if isinstance(base, MultivariateNormal) and reinterpreted == 0:
+        if bool((base.loc != 0).any()):
+            raise PyroCPAError(f"latent site '{name}' must have a zero-mean prior (absorb the mean into the "
+                               "decoder's first bias)")
+        cov = base.covariance_matrix
+        sd = torch.diagonal(cov, dim1=-2, dim2=-1).sqrt()
+        corr = cov / (sd.unsqueeze(-1) * sd.unsqueeze(-2))
+        off = ~torch.eye(cov.shape[-1], dtype=torch.bool, device=cov.device)
+        if bool((corr.abs() > PRIOR_CORRELATION_TOL)[..., off].any()):
+            raise PyroCPAError(
+                f"latent site '{name}': a MultivariateNormal prior with correlated coordinates is not supported "
+                "(the exact tools need a diagonal prior covariance). Reparameterise: z = L u with u ~ "
+                "MultivariateNormal(0, I) and L = cholesky(Σ) folded into the decoder's first nn.Linear "
+                "(weight @ L).")
+        S = base.event_shape[0]
+        scale = sd.expand(base.batch_shape + (S,)).reshape(-1, S)
+    elif isinstance(base, Normal) and reinterpreted == 1:
+        if bool((base.loc != 0).any()):
+            raise PyroCPAError(f"latent site '{name}' must have a zero-mean prior (absorb the mean into the "
+                               "decoder's first bias)")
+        S = base.event_shape[0] if base.event_shape else base.batch_shape[-1]
+        scale = base.scale.expand(base.batch_shape).reshape(-1, S)
+    else:
         raise PyroCPAError(
-            f"latent site '{name}' must have a Normal prior over a vector event, e.g. "
-            f"dist.Normal(0., 1.).expand([S]).to_event(1); got {type(fn).__name__}")
-    if bool((base.loc != 0).any()):
-        raise PyroCPAError(f"latent site '{name}' must have a zero-mean prior (absorb the mean into the decoder's "
-                           "first bias)")
-    S = base.event_shape[0] if base.event_shape else base.batch_shape[-1]
-    scale = base.scale.expand(base.batch_shape).reshape(-1, S)
+            f"latent site '{name}' must have a zero-mean Normal prior over a vector event: "
+            f"dist.Normal(0., σz).expand([S]).to_event(1) or dist.MultivariateNormal(torch.zeros(S), "
+            f"torch.diag(σz**2)); got {type(fn).__name__}")
     if not bool((scale == scale[:1]).all()):
         raise PyroCPAError(f"latent site '{name}': the prior scale must be the same for every datum")
     return scale[0].detach()
