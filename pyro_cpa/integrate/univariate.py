@@ -65,11 +65,13 @@ def masked_update(out: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor
     return out.reshape(-1).index_put((idx,), vals).reshape(out.shape)
 
 
-def _narrow_log_mass(mid: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
-    """log ∫_{mid−half}^{mid+half} φ, by Gauss–Legendre around the midpoint (for half·max(1,|mid|) <= 1/2)."""
+def _narrow_log_mass(mid: torch.Tensor, half: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """log ∫_{mid−half}^{mid+half} φ, by Gauss–Legendre around the midpoint (for half·max(1,|mid|) <= 1/2).
+
+    ``width`` = hi − lo is passed separately (2·half underflows to 0 for a width of one subnormal ulp)."""
     t, w = _gl_nodes(_NARROW_NODES, mid.dtype, mid.device)
     expo = -(mid * half).unsqueeze(-1) * t - 0.5 * (half * half).unsqueeze(-1) * (t * t)
-    return (torch.log(2.0 * half) - 0.5 * mid * mid - LOG_SQRT_2PI
+    return (torch.log(width) - 0.5 * mid * mid - LOG_SQRT_2PI
             + torch.logsumexp(expo + torch.log(0.5 * w), dim=-1))
 
 
@@ -132,7 +134,7 @@ def log_ndtr_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     res_2 = torch.log(0.5 * (torch.erf(hi_e * _SQRT1_2) - torch.erf(lo_e * _SQRT1_2)))
     res_s = torch.where(use_log1p, res_1, res_2)
     res = torch.where(tail, res_tail, res_s)
-    res = masked_update(res, narrow, _narrow_log_mass, mid, half)
+    res = masked_update(res, narrow, _narrow_log_mass, mid, half, torch.where(fin, hi - lo, torch.ones_like(hi)))
     return torch.where(valid, res, torch.full_like(res, float("-inf")))
 
 

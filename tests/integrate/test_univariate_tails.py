@@ -1,0 +1,147 @@
+"""S = 1 interval moments in every regime against mpmath at 140 digits (issue 10, D2).
+
+The reference is the textbook closed form evaluated in high precision (independent of the library's
+continued-fraction / signed-mixture formulas): P = Φ̄(a) − Φ̄(b), E[u] = (φ(a) − φ(b))/P,
+E[u²] = 1 + (aφ(a) − bφ(b))/P, Var = E[u²] − E[u]² (140 digits absorb the cancellation, which
+reaches ~1e-45 relative for the narrow far-tail intervals below).
+"""
+import math
+
+import mpmath as mp
+import pytest
+import torch
+from torch import nn
+
+from pyro_cpa import Abs
+from pyro_cpa.distributions import CPAMarginal
+from pyro_cpa.integrate import gaussian_polytope_moments
+from pyro_cpa.integrate.univariate import interval_moments, interval_stats, std_moments_1d
+
+INF = float("inf")
+VAR_RTOL = 1e-13
+"""Relative accuracy required of the variance (and of E[u] − nearer end point, see _check)."""
+MEAN_RTOL = 1e-13
+"""Relative accuracy of E[u], relative to |E[u]| + sd (E[u] may be 0 by symmetry)."""
+LOGP_RTOL = 1e-14
+
+
+def _ref(a, b):
+    """(log P, E[u], Var[u]) of N(0, 1) on (a, b) with mpmath at 140 digits."""
+    with mp.workdps(140):
+        a, b = mp.mpf(a), mp.mpf(b)
+        flip = abs(a) > abs(b)
+        if flip:
+            a, b = -b, -a
+        Q = (lambda x: mp.ncdf(-x) if mp.isfinite(x) else mp.mpf(0 if x > 0 else 1))
+        pdf = (lambda x: mp.npdf(x) if mp.isfinite(x) else mp.mpf(0))
+        xpdf = (lambda x: x * mp.npdf(x) if mp.isfinite(x) else mp.mpf(0))
+        P = Q(a) - Q(b)
+        m = (pdf(a) - pdf(b)) / P
+        var = 1 + (xpdf(a) - xpdf(b)) / P - m * m
+        return float(mp.log(P)), float(-m if flip else m), float(var)
+
+
+def _check(a, b, lp, m, v):
+    lp_r, m_r, v_r = _ref(a, b)
+    assert lp == pytest.approx(lp_r, rel=LOGP_RTOL, abs=1e-16), (a, b)  # abs: relative error of P near 1
+    assert v == pytest.approx(v_r, rel=VAR_RTOL, abs=0), (a, b, v, v_r)
+    assert abs(m - m_r) <= MEAN_RTOL * (abs(m_r) + math.sqrt(v_r)), (a, b, m, m_r)
+
+
+ENDS = [-1e4, -1e3, -40.0, -10.0, -3.0, -1.0, -0.3, 0.0, 0.2, 1.0, 1.4999, 1.5001, 2.0, 3.0001, 5.0, 6.0001,
+        8.0, 37.0, 100.0, 1e3, 1e4]
+WIDTHS = [1e-12, 1e-9, 1e-6, 1e-3, 0.1, 0.5, 0.99, 1.01, 1.9, 2.1, 3.0, 10.0, 100.0, INF]
+
+
+def _grid():
+    A, B = [], []
+    for a in ENDS:
+        for w in WIDTHS:
+            A += [a, -a - w]
+            B += [a + w, -a]
+    for x in ENDS:
+        A += [-INF, x]
+        B += [x, INF]
+    A.append(-INF)
+    B.append(INF)
+    return A, B
+
+
+def test_interval_stats_grid_vs_mpmath():
+    """End points in [−1e4, 1e4], widths 1e-12..∞, both orientations, one-sided and the whole line."""
+    A, B = _grid()
+    lp, m, v = interval_stats(torch.tensor(A), torch.tensor(B))
+    assert torch.isfinite(m).all() and (v > 0).all()
+    for i, (a, b) in enumerate(zip(A, B)):
+        _check(a, b, lp[i].item(), m[i].item(), v[i].item())
+
+
+def test_interval_stats_random_vs_mpmath():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(150, generator=g) * 10.0 ** torch.randint(0, 4, (150,), generator=g)
+    w = 10.0 ** (torch.rand(150, generator=g) * 14 - 12)
+    lp, m, v = interval_stats(a, a + w)
+    for i in range(150):
+        _check(a[i].item(), (a + w)[i].item(), lp[i].item(), m[i].item(), v[i].item())
+
+
+def test_interval_moments_second_moment_is_consistent():
+    a = torch.tensor([30.0, -5.0, 0.1, -1e3])
+    b = torch.tensor([30.5, 2.0, 0.1 + 1e-9, INF])
+    _, m, m2 = interval_moments(a, b)
+    _, m_, v_ = interval_stats(a, b)
+    torch.testing.assert_close(m2, v_ + m_ * m_, rtol=1e-15, atol=0)
+
+
+def test_empty_and_equal_end_points():
+    lp, m, v = interval_stats(torch.tensor([1.0, 2.0, INF, -INF]), torch.tensor([1.0, 1.0, INF, -INF]))
+    assert torch.isneginf(lp).all() and (m == 0).all() and (v == 0).all()
+
+
+def test_std_moments_1d_returns_direct_covariance_in_the_far_tail():
+    """u >= 1e6: Var = 1/α² − 6/α⁴..., where E[u²] − E[u]² (≈1e12 − 1e12) would be pure rounding."""
+    r = std_moments_1d(torch.tensor([[-1.0]]), torch.tensor([-1e6]))
+    _, m_r, v_r = _ref(1e6, INF)
+    assert r.covariance.item() == pytest.approx(v_r, rel=VAR_RTOL)
+    assert r.mean.item() == pytest.approx(m_r, rel=1e-15)
+
+
+def test_gaussian_polytope_moments_far_tail_covariance():
+    """z ~ N(−1000, 1e-6) on z >= 0: covariance σ² Var[u | u >= 1e6] (the assembly uses the direct variance)."""
+    out = gaussian_polytope_moments(torch.tensor([-1000.0]), torch.tensor([[1e-3]]), torch.tensor([[-1.0]]),
+                                    torch.tensor([0.0]))
+    _, m_r, v_r = _ref(1e6, INF)
+    assert out.covariance.item() == pytest.approx(1e-6 * v_r, rel=VAR_RTOL)
+    assert out.covariance.item() > 0
+
+
+def _abs_posterior_reference(x, sx):
+    """Posterior of z ~ N(0, 1), x | z ~ N(|z|, sx²) with mpmath (two truncated Gaussians, exact)."""
+    with mp.workdps(140):
+        x, sx = mp.mpf(x), mp.mpf(sx)
+        s2 = 1 / (1 + 1 / sx ** 2)          # posterior variance within either region
+        mu = s2 * x / sx ** 2                # region z >= 0: mean +mu; region z <= 0: mean −mu
+        s = mp.sqrt(s2)
+        a = -mu / s                           # z >= 0  <=>  u >= a
+        P = mp.ncdf(-a)
+        m = mu + s * mp.npdf(a) / P
+        var = s2 * (1 + a * mp.npdf(a) / P - (mp.npdf(a) / P) ** 2)
+        # mixture of the two mirrored components with equal weights: mean 0, variance var + m²
+        return float(m), float(var), float(var + m * m)
+
+
+def test_abs_decoder_far_tail_posterior_end_to_end():
+    """Issue 10 D2: g(z) = |z|, x = −1000, σx = 1e-3. The posterior variance was −102.7 (true 2e-18)."""
+    dec = nn.Sequential(nn.Linear(1, 1), Abs()).double()
+    with torch.no_grad():
+        dec[0].weight.fill_(1.0)
+        dec[0].bias.zero_()
+    with torch.no_grad():
+        post = CPAMarginal(dec, 1e-3).posterior(torch.tensor([[-1000.0]]))
+    m_r, v_r, tot_r = _abs_posterior_reference(-1000.0, 1e-3)
+    comp = post.component_moments
+    assert (comp.covariance > 0).all()
+    torch.testing.assert_close(comp.covariance.flatten().abs(), torch.full((2,), v_r), rtol=1e-12, atol=0)
+    torch.testing.assert_close(comp.mean.flatten().abs(), torch.full((2,), abs(m_r)), rtol=1e-3, atol=0)
+    assert post.covariance_matrix.item() == pytest.approx(tot_r, rel=1e-3)
+    assert post.covariance_matrix.item() > 0
