@@ -9,11 +9,13 @@ over the linear regions ω of g (Theorem 1 of Balestriero et al.). See
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
-from ..errors import PyroCPAError
+from ..errors import PyroCPAError, check_not_tracing
 from ..geometry.regions import DEFAULT_MAX_REGIONS, LinearRegions, cached_linear_regions
 from ..integrate import PolytopeMoments, gaussian_polytope_moments, integrate_whitened, log_mass_upper_bound, whiten
 from ..nn.network import as_cpa_network
@@ -31,6 +33,23 @@ def _as_scale(value, size: int, name: str, dim_name: str, dtype, device) -> torc
     return t
 
 
+def _model_dtype(decoder, *scales) -> torch.dtype:
+    """The dtype of the Pyro program: the promotion of the decoder's floating parameters and of tensor scales."""
+    dtypes = [p.dtype for p in decoder.parameters() if p.is_floating_point()]
+    dtypes += [s.dtype for s in scales if isinstance(s, torch.Tensor) and s.is_floating_point()]
+    out = dtypes[0] if dtypes else torch.get_default_dtype()
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _check_expand(old: torch.Size, new: torch.Size, name: str) -> None:
+    """Pyro's expand rule: new dims may be prepended and size-1 dims grown; nothing else may change."""
+    if len(new) < len(old) or any(o != 1 and o != n for o, n in zip(reversed(old), reversed(new))):
+        raise ValueError(f"{name}: cannot expand batch shape {tuple(old)} to {tuple(new)} (existing dims of size "
+                         "> 1 must keep their size, and dims cannot be removed)")
+
+
 class CPAMarginal(TorchDistribution):
     r"""Exact marginal p(x) of x = g(z) + ε for a CPA decoder g (see module docstring).
 
@@ -46,6 +65,16 @@ class CPAMarginal(TorchDistribution):
         dtype: dtype of all exact computations (float64 by default, whatever the decoder's dtype).
         mc_kwargs: options of the S >= 4 Monte-Carlo integrator.
 
+    Dtypes: the exact computation runs in ``dtype``; what goes back to the Pyro program is in the model's
+    dtype ``model_dtype`` (the promotion of the decoder's parameters and tensor scales — float32 for a
+    float32 model): ``sample``, ``mean``, ``variance``, ``covariance_matrix``, ``entropy``, and ``log_prob`` /
+    ``impute`` (promoted with the value's dtype). :meth:`posterior` returns the exact posterior in ``dtype``.
+    Tensors created here live on the decoder's device.
+
+    Tracing: the exact computation enumerates regions and selects (datum, region) pairs from tensor
+    values, so it cannot be recorded by ``torch.jit.trace`` (``JitTrace_ELBO``): it raises
+    :class:`~pyro_cpa.errors.NotTraceableError` rather than replay a frozen graph.
+
     Missing data: NaN entries of ``x`` are missing; ``log_prob`` marginalises them exactly and
     :meth:`impute` returns their exact conditional mean and covariance.
 
@@ -60,9 +89,11 @@ class CPAMarginal(TorchDistribution):
     def __init__(self, decoder, obs_scale, prior_scale=1.0, *, max_regions: int = DEFAULT_MAX_REGIONS,
                  prune_tol: float = 40.0, chunk_size: int = 1024, dtype: torch.dtype = torch.float64,
                  mc_kwargs: dict | None = None, regions: LinearRegions | None = None, validate_args=None):
+        check_not_tracing("CPAMarginal")
         self.network = as_cpa_network(decoder)
         self.decoder = self.network.module
         ref = next(iter(self.decoder.parameters()), torch.empty(0))
+        self.model_dtype = _model_dtype(self.decoder, obs_scale, prior_scale)
         S, D = self.network.in_features, self.network.out_features
         self.obs_scale = _as_scale(obs_scale, D, "obs_scale", "D", dtype, ref.device)
         self.prior_scale = _as_scale(prior_scale, S, "prior_scale", "S", dtype, ref.device)
@@ -78,13 +109,27 @@ class CPAMarginal(TorchDistribution):
         raise NotImplementedError("CPAMarginal's event shape depends on its decoder; construct it to read shapes")
 
     def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(CPAMarginal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        _check_expand(self.batch_shape, batch_shape, "CPAMarginal.expand")
+        return self._with_batch_shape(batch_shape, self._get_checked_instance(CPAMarginal, _instance))
+
+    def _with_batch_shape(self, batch_shape: torch.Size, new=None) -> "CPAMarginal":
+        new = self._get_checked_instance(CPAMarginal, None) if new is None else new
         for k in ("network", "decoder", "obs_scale", "prior_scale", "max_regions", "prune_tol", "chunk_size",
-                  "dtype", "mc_kwargs", "_regions"):
+                  "dtype", "model_dtype", "mc_kwargs", "_regions"):
             setattr(new, k, getattr(self, k))
-        super(CPAMarginal, new).__init__(torch.Size(batch_shape), self.event_shape, validate_args=False)
+        super(CPAMarginal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
+
+    def enumerate_support(self, expand=True):
+        raise NotImplementedError("CPAMarginal is a continuous distribution on R^D: it has no finite support to "
+                                  "enumerate (do not mark its site for enumeration)")
+
+    def _out_dtype(self, value: torch.Tensor | None = None) -> torch.dtype:
+        if value is not None and value.is_floating_point():
+            return torch.promote_types(self.model_dtype, value.dtype)
+        return self.model_dtype
 
     @property
     def latent_dim(self) -> int:
@@ -109,6 +154,7 @@ class CPAMarginal(TorchDistribution):
         return maps.A, maps.b, H, c
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        check_not_tracing("CPAMarginal")
         D = self.event_shape[0]
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
@@ -163,17 +209,22 @@ class CPAMarginal(TorchDistribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Exact log p(x), shape ``broadcast(value.shape[:-1], batch_shape)``; NaN entries are marginalised."""
+        out = self._out_dtype(value if isinstance(value, torch.Tensor) else None)
         x = self._check_x(value)
         flat = x.reshape(-1, x.shape[-1])
         terms, err, _, _, _ = self._pairs(flat, need_moments=False)
         lp = terms.logsumexp(-1)
         w = (terms - lp.unsqueeze(-1)).exp()
-        self.log_prob_stderr = (w.square() * err.square()).sum(-1).sqrt().reshape(x.shape[:-1]).detach()
-        lp = lp.reshape(x.shape[:-1])
+        self.log_prob_stderr = (w.square() * err.square()).sum(-1).sqrt().reshape(x.shape[:-1]).detach().to(out)
+        lp = lp.reshape(x.shape[:-1]).to(out)
         return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
     def posterior(self, value: torch.Tensor) -> TruncatedGaussianMixture:
-        """The exact posterior p(z | x) (NaN entries of x unobserved), batch shape ``value.shape[:-1]``."""
+        """The exact posterior p(z | x) (NaN entries of x unobserved), batch shape ``value.shape[:-1]``.
+
+        It is computed and returned in ``dtype`` (float64 by default), whatever the model's dtype;
+        :class:`~pyro_cpa.guides.ExactPosterior` hands its draws to the model in the model's dtype.
+        """
         x = self._check_x(value)
         flat = x.reshape(-1, x.shape[-1])
         terms, _, mom, (loc, scale_tril), (A, b, H, c) = self._pairs(flat, need_moments=True)
@@ -197,6 +248,7 @@ class CPAMarginal(TorchDistribution):
         return mu, second - mu.unsqueeze(-1) * mu.unsqueeze(-2) + torch.diag_embed(obs_var)
 
     def _prior_moments(self):
+        check_not_tracing("CPAMarginal")
         A, b, H, c = self._region_params()
         obs_var, prior_var = self._variances()
         S = self.latent_dim
@@ -207,24 +259,41 @@ class CPAMarginal(TorchDistribution):
     @property
     def mean(self) -> torch.Tensor:
         """E[x] = Σ_ω A_ω E[z 1_ω] + b_ω P_ω (exact)."""
-        return self._prior_moments()[0].expand(self.batch_shape + self.event_shape)
+        return self._prior_moments()[0].to(self.model_dtype).expand(self.batch_shape + self.event_shape)
 
     @property
     def covariance_matrix(self) -> torch.Tensor:
         """Cov[x] = Σx + Σ_ω E[(A_ω z + b_ω)(A_ω z + b_ω)ᵀ 1_ω] − E[x]E[x]ᵀ (exact)."""
-        return self._prior_moments()[1].expand(self.batch_shape + self.event_shape + self.event_shape)
+        return self._prior_moments()[1].to(self.model_dtype).expand(
+            self.batch_shape + self.event_shape + self.event_shape)
 
     @property
     def variance(self) -> torch.Tensor:
         return torch.diagonal(self.covariance_matrix, dim1=-2, dim2=-1)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """Exact draws z ~ N(0, Σz), x = g(z) + ε (computed in ``dtype``, returned in ``model_dtype``)."""
         shape = torch.Size(sample_shape) + self.batch_shape
         with torch.no_grad():
             obs_var, prior_var = self._variances()
-            z = torch.randn(shape + (self.latent_dim,), dtype=self.dtype) * prior_var.sqrt()
+            z = torch.randn(shape + (self.latent_dim,), dtype=self.dtype, device=prior_var.device) * prior_var.sqrt()
             x = self.network.preactivations(z)[1].to(self.dtype)
-            return x + torch.randn_like(x) * obs_var.sqrt()
+            return (x + torch.randn_like(x) * obs_var.sqrt()).to(self.model_dtype)
+
+    def entropy(self, num_samples: int = 4096) -> torch.Tensor:
+        r"""A **Monte-Carlo estimate** of the differential entropy H = −E_p[log p(x)] (no closed form exists).
+
+        H ≈ −(1/n) Σ_i log p(x_i) over ``num_samples`` exact draws x_i ~ p, each log p(x_i) exact (S <= 3);
+        its standard error std(log p(x_i)) / √n is stored in ``self.entropy_stderr``. Every batch
+        element is the same distribution, so one estimate is expanded to ``batch_shape``.
+        """
+        if int(num_samples) < 2:
+            raise PyroCPAError(f"entropy needs num_samples >= 2 for its standard error; got {num_samples}")
+        base = self._with_batch_shape(torch.Size())
+        with torch.no_grad():
+            lp = base.log_prob(base.sample((int(num_samples),)))
+        self.entropy_stderr = (lp.std() / math.sqrt(int(num_samples))).expand(self.batch_shape)
+        return (-lp.mean()).expand(self.batch_shape)
 
     def impute(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact E[x | x_obs] and Cov[x | x_obs], where NaN entries of ``value`` are the missing ones.
@@ -232,6 +301,7 @@ class CPAMarginal(TorchDistribution):
         Returns ``(mean, cov)`` of shapes (..., D) and (..., D, D); observed entries of ``mean`` equal the
         data and their rows/columns of ``cov`` are zero.
         """
+        out = self._out_dtype(value if isinstance(value, torch.Tensor) else None)
         x = self._check_x(value)
         flat = x.reshape(-1, x.shape[-1])
         terms, _, mom, _, (A, b, H, c) = self._pairs(flat, need_moments=True)
@@ -242,4 +312,4 @@ class CPAMarginal(TorchDistribution):
         mu = torch.where(missing, mu, flat)
         keep = (missing.unsqueeze(-1) & missing.unsqueeze(-2)).to(cov.dtype)
         cov = cov * keep
-        return mu.reshape(x.shape), cov.reshape(x.shape + x.shape[-1:])
+        return mu.reshape(x.shape).to(out), cov.reshape(x.shape + x.shape[-1:]).to(out)

@@ -24,8 +24,10 @@ Poisson        e^ϑ                     −log x!                            ℝ
 Gamma(k)       −log(−ϑ)                k log(k x) − log x − log Γ(k)      (−∞, 0)              1/k
 =============  ======================  =================================  ===================  =========
 
-All log-densities are evaluated in a numerically safe form (logits via softplus, Poisson as
-x ϑ − e^ϑ − lgamma(x + 1)) that neither overflows nor produces NaN for large |ϑ|.
+All log-densities are evaluated in a numerically safe form that neither overflows nor produces NaN for
+large |ϑ|: Bernoulli/Binomial as −x log(1 + e^{−ϑ}) − (n − x) log(1 + e^ϑ) + K (two non-positive terms, each
+by :func:`log1pexp`, so the result has full relative precision, also for |ϑ| > 20 where ``softplus``'s
+default threshold would return ϑ itself), Poisson as x ϑ − e^ϑ − lgamma(x + 1).
 
 The Gamma family is exact as a distribution, but its natural domain Θ = (−∞, 0) does not contain 0,
 so the second-order expansion at ϑ = 0 of Proposition 1 (and everything in
@@ -39,11 +41,19 @@ from typing import Callable
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
-from torch.nn.functional import softplus
 
 from ..errors import PyroCPAError
 
 __all__ = ["EDFamily", "Gaussian", "Bernoulli", "Binomial", "Poisson", "Gamma", "EDFDistribution", "get_family"]
+
+
+def log1pexp(theta: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^ϑ) to full relative precision for every ϑ: max(ϑ, 0) + log1p(e^{−|ϑ|}) (``torch.logaddexp(ϑ, 0)``).
+
+    Unlike ``torch.nn.functional.softplus`` (which returns ϑ itself above its threshold 20, an absolute error
+    e^{−ϑ}), no branch: its gradient σ(ϑ) is exact everywhere, including ϑ = 0.
+    """
+    return torch.logaddexp(theta, torch.zeros((), dtype=theta.dtype, device=theta.device))
 
 
 def _as_positive(value, name: str) -> torch.Tensor:
@@ -203,7 +213,7 @@ class Gaussian(EDFamily):
 
 
 class Binomial(EDFamily):
-    r"""Bin(n, p) with ϑ = logit p: F(ϑ) = n log(1 + e^ϑ) = n softplus(ϑ), K = log C(n, x), φ = 1.
+    r"""Bin(n, p) with ϑ = logit p: F(ϑ) = n log(1 + e^ϑ), K = log C(n, x), φ = 1.
     Canonical activation n·sigmoid; ``"tanh"``: n(½ tanh(η) + ½) = F′(2η)."""
 
     name = "binomial"
@@ -217,7 +227,7 @@ class Binomial(EDFamily):
         self.support = constraints.integer_interval(0, self.total_count)
 
     def log_normalizer(self, theta):
-        return self.total_count * softplus(theta)
+        return self.total_count * log1pexp(theta)
 
     def mean(self, theta):
         return self.total_count * torch.sigmoid(theta)
@@ -231,8 +241,9 @@ class Binomial(EDFamily):
         return math.lgamma(n + 1) - torch.lgamma(x + 1) - torch.lgamma(n - x + 1)
 
     def log_prob(self, x, theta):
-        # x ϑ − n softplus(ϑ) = x log p + (n − x) log(1 − p), safe for any ϑ
-        return x * theta - self.total_count * softplus(theta) + self.base_measure(x).to(theta)
+        # x ϑ − n log(1 + e^ϑ) = x log p + (n − x) log(1 − p) = −x log(1 + e^{−ϑ}) − (n − x) log(1 + e^ϑ):
+        # two non-positive terms, no cancellation (x ϑ − n F(ϑ) loses e^{−|ϑ|} against ϑ for large |ϑ|)
+        return -x * log1pexp(-theta) - (self.total_count - x) * log1pexp(theta) + self.base_measure(x).to(theta)
 
     def link(self, mean):
         p = mean / self.total_count

@@ -12,12 +12,15 @@ from contextlib import ExitStack
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.transforms import SoftplusLowerCholeskyTransform
 from pyro.infer.autoguide import AutoGuide
 from torch import nn
+from torch.distributions.utils import vec_to_tril_matrix
 from torch.nn.functional import softplus
 
 from ..errors import PyroCPAError
 from ..infer.structure import read_structure, trace_model
+from ._quantiles import check_levels, normal_quantiles
 
 __all__ = ["AmortizedNormal", "mlp_encoder"]
 
@@ -26,18 +29,19 @@ def _tril_size(S: int) -> int:
     return S * (S + 1) // 2
 
 
+_SOFTPLUS_TRIL = SoftplusLowerCholeskyTransform()
+
+
 def _lower_triangular(raw: torch.Tensor, S: int, min_scale: float) -> torch.Tensor:
-    """(..., S(S+1)/2) raw entries → (..., S, S) lower-triangular with a softplus(·) + min_scale diagonal."""
-    rows, cols = torch.tril_indices(S, S, device=raw.device)
-    L = _scatter_tril(raw.new_zeros(raw.shape[:-1] + (S, S)), raw, rows, cols)
-    diag = torch.diagonal(L, dim1=-2, dim2=-1)
-    return L - torch.diag_embed(diag) + torch.diag_embed(softplus(diag) + min_scale)
+    """(..., S(S+1)/2) raw entries (row-major lower triangle) → (..., S, S) Cholesky factor.
 
-
-def _scatter_tril(L, raw, rows, cols):
-    flat = L.reshape(L.shape[:-2] + (-1,))
-    index = (rows * L.shape[-1] + cols).expand(raw.shape)
-    return flat.scatter(-1, index, raw).reshape(L.shape)
+    Pyro's ``SoftplusLowerCholeskyTransform`` of torch's ``vec_to_tril_matrix`` (softplus on the
+    diagonal), plus ``min_scale`` on the diagonal.
+    """
+    if raw.shape[-1] != _tril_size(S):
+        raise PyroCPAError(f"expected {_tril_size(S)} lower-triangular entries for S={S}; got {raw.shape[-1]}")
+    L = _SOFTPLUS_TRIL(vec_to_tril_matrix(raw))
+    return L + min_scale * torch.eye(S, dtype=raw.dtype, device=raw.device)
 
 
 def mlp_encoder(in_features: int, hidden, out_features: int, dtype=None) -> nn.Module:
@@ -111,13 +115,22 @@ class _AmortizedGuide(AutoGuide):
     def _sample_latent(self, fn):
         return pyro.sample(self._latent, fn)
 
+    def _marginal_quantiles(self, fn, q: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     @torch.no_grad()
-    def median(self, *args, **kwargs):
-        """The mean of q(z | x) for the data of the current plate."""
+    def quantiles(self, quantiles, *args, **kwargs) -> dict:
+        """Coordinatewise quantiles of q(z | x) for the data of the current plate: ``{latent: (Q, N, S)}``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         _, x = self._current_plates_and_x(*args, **kwargs)
-        return {self._latent: self.encode(x).mean}
+        fn = self.encode(x)
+        q = check_levels(quantiles, torch.float64, x.device)
+        return {self._latent: self._marginal_quantiles(fn, q).to(x.dtype)}
+
+    def median(self, *args, **kwargs) -> dict:
+        """The coordinatewise median of q(z | x) for the data of the current plate (``quantiles([0.5])``)."""
+        return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
 
 
 class AmortizedNormal(_AmortizedGuide):
@@ -127,7 +140,8 @@ class AmortizedNormal(_AmortizedGuide):
         model: a CPA model (S, D and the observed site are read from its trace).
         encoder: an ``nn.Module`` mapping x (..., D) to either a tensor (..., 2S) — means, then raw scales
             (softplus) — or (..., S + S(S+1)/2) with ``full_covariance`` — means, then the raw
-            lower-triangular entries (row-major, diagonal through softplus); or to a tuple ``(loc, scale)``
+            lower-triangular entries (row-major, as torch's ``vec_to_tril_matrix``; Pyro's
+            ``SoftplusLowerCholeskyTransform`` puts the diagonal through softplus); or to a tuple ``(loc, scale)``
             / ``(loc, scale_tril)``. Default: an MLP with ``hidden`` ReLU layers.
         hidden: widths of the default MLP.
         full_covariance: a full covariance through a Cholesky factor instead of a diagonal one.
@@ -154,3 +168,11 @@ class AmortizedNormal(_AmortizedGuide):
         if self.full_covariance:
             return dist.MultivariateNormal(loc, scale_tril=scale)
         return dist.Normal(loc, scale).to_event(1)
+
+    def _marginal_quantiles(self, fn, q):
+        """loc_d + s_d Φ⁻¹(q), s_d the marginal standard deviation (closed form; the median is the mean)."""
+        if isinstance(fn, dist.MultivariateNormal):
+            loc, scale = fn.loc, fn.scale_tril.norm(dim=-1)
+        else:
+            loc, scale = fn.base_dist.loc, fn.base_dist.scale
+        return normal_quantiles(loc.double(), scale.double(), q)

@@ -21,6 +21,14 @@ sum is ∇Σ_k π_k E_{q_k}[f] = ∇ELBO (product rule), so the gradient is unbi
 but the weights' gradient is carried by samples crossing the low-density gap between separated
 components, so its variance explodes there (measured: the weights barely move on a bimodal posterior);
 use it for overlapping components only.
+
+**Which ELBOs.** ``Trace_ELBO`` (either estimator), ``TraceGraph_ELBO``, and ``JitTrace_ELBO`` with
+``"score"``. ``TraceMeanField_ELBO`` works with ``estimator="implicit"`` only: it requires every guide
+site to be reparameterised and drops score-function terms, so with ``"score"`` Pyro refuses
+("All distributions in the guide must be fully reparameterized.") — rightly, since without the
+REINFORCE term of the index site the weights' gradient would be biased. ``"implicit"`` cannot be
+traced by ``torch.jit`` (its ``rsample`` calls ``torch.autograd.grad``) and raises
+:class:`~pyro_cpa.errors.NotTraceableError` under ``JitTrace_ELBO``.
 """
 from __future__ import annotations
 
@@ -39,8 +47,9 @@ from pyro.nn import PyroParam
 from pyro.ops.tensor_utils import periodic_repeat
 from torch.distributions import constraints
 
-from ..errors import PyroCPAError
+from ..errors import PyroCPAError, check_not_tracing
 from ..infer.structure import read_structure, trace_model
+from ._quantiles import check_levels, mixture_marginal_quantiles
 from .amortized import _AmortizedGuide, _lower_triangular, _tril_size
 
 __all__ = ["GaussianMixture", "MixtureComponentIndex", "MixtureComponentDraw", "AutoMixture", "AmortizedMixture"]
@@ -206,6 +215,10 @@ class GaussianMixture(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         """An exact draw z ~ q carrying the implicit-reparameterisation gradient (see the class doc)."""
+        check_not_tracing("GaussianMixture.rsample (the 'implicit' estimator)",
+                          because="its implicit-reparameterisation gradient calls torch.autograd.grad inside the "
+                                  "forward pass, which a traced graph cannot record; use estimator='score' with "
+                                  "JitTrace_ELBO")
         z = self._draw(sample_shape)
         params = (self.logits, self.loc, self.scale_tril)
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
@@ -376,9 +389,22 @@ class AutoMixture(AutoGuide):
         return {self._latent: z}
 
     @torch.no_grad()
-    def median(self, *args, **kwargs):
-        """The mean of each datum's mixture (a mixture may be multimodal; this is not a mode)."""
-        return {self._latent: pyro.poutine.trace(self).get_trace(*args, **kwargs).nodes[self._latent]["fn"].mean}
+    def quantiles(self, quantiles, *args, **kwargs) -> dict:
+        """Coordinatewise quantiles of every datum's mixture (all N data): ``{latent: (Q, N, S)}``.
+
+        Exact up to the bisection tolerance (see :func:`pyro_cpa.guides._quantiles.mixture_marginal_quantiles`).
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        fn = GaussianMixture(self.logits, self.locs, self.scale_trils)
+        q = check_levels(quantiles, torch.float64, self.locs.device)
+        out = mixture_marginal_quantiles(fn.mixture_log_weights.double(), fn.loc.double(), fn.scale_tril.double(), q)
+        return {self._latent: out.to(self.locs.dtype)}
+
+    def median(self, *args, **kwargs) -> dict:
+        """The coordinatewise median of each datum's mixture, ``quantiles([0.5])`` (not a mode: a mixture can be
+        multimodal, and the median of a bimodal marginal can fall between the modes)."""
+        return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
 
 
 # ---------------------------------------------------------------------- amortised mixture guide
@@ -416,3 +442,6 @@ class AmortizedMixture(_AmortizedGuide):
 
     def _sample_latent(self, fn):
         return _sample_mixture_site(self._latent, fn, self.estimator)
+
+    def _marginal_quantiles(self, fn, q):
+        return mixture_marginal_quantiles(fn.mixture_log_weights.double(), fn.loc.double(), fn.scale_tril.double(), q)

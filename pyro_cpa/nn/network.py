@@ -29,6 +29,53 @@ SUPPORTED = (
 )
 
 
+def _nn_types(*names: str) -> tuple[type, ...]:
+    return tuple(t for t in (getattr(nn, n, None) for n in names) if isinstance(t, type))
+
+
+# Continuous piecewise affine (or affine) layers that pyro-cpa cannot read yet.
+_CPA_NOT_SUPPORTED_YET = _nn_types(
+    "ReLU6", "Hardtanh", "PReLU", "RReLU", "Hardsigmoid", "Softshrink",
+    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "AdaptiveMaxPool3d",
+    "AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
+    "Flatten", "Unflatten", "BatchNorm2d", "BatchNorm3d", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout",
+    "FeatureAlphaDropout", "ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "ConstantPad2d",
+    "ConstantPad3d", "ReflectionPad1d", "ReflectionPad2d", "ReplicationPad1d", "ReplicationPad2d", "Upsample",
+    "PixelShuffle", "PixelUnshuffle", "ChannelShuffle", "LazyLinear")
+# Layers that are not piecewise affine at all (smooth, normalising, multiplicative) or not continuous.
+_NOT_PIECEWISE_AFFINE = _nn_types(
+    "Tanh", "Sigmoid", "GELU", "SiLU", "Mish", "ELU", "SELU", "CELU", "GLU", "Softplus", "Softsign", "Tanhshrink",
+    "LogSigmoid", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "Hardswish", "LayerNorm", "GroupNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LocalResponseNorm", "RMSNorm", "Bilinear",
+    "MultiheadAttention", "RNN", "LSTM", "GRU", "Transformer", "TransformerEncoder", "TransformerDecoder",
+    "TransformerEncoderLayer", "TransformerDecoderLayer")
+_NOT_CONTINUOUS = _nn_types("Hardshrink", "Threshold")
+
+
+def _refusal(name: str, layer: nn.Module) -> str:
+    """A truthful reason why ``layer`` cannot be read as part of a CPA decoder."""
+    kind = type(layer).__name__
+    supported = f"Supported layers: {SUPPORTED}."
+    exact_supported = (nn.ReLU, nn.LeakyReLU, Abs, nn.Linear, nn.Identity, nn.Dropout, nn.BatchNorm1d)
+    if isinstance(layer, exact_supported):
+        return (f"layer '{name}' ({kind}) subclasses a supported layer but overrides forward(), so pyro-cpa cannot "
+                f"know that it is still piecewise affine. {supported}")
+    if isinstance(layer, _CPA_NOT_SUPPORTED_YET):
+        return (f"layer '{name}' ({kind}) is continuous piecewise affine (or affine), but pyro-cpa does not support "
+                f"it yet. {supported} Workarounds: write ReLU6 / Hardtanh as differences of ReLUs (ReLU6(t) = "
+                "ReLU(t) − ReLU(t − 6)), max(a, b) as b + ReLU(a − b), a PReLU with a fixed slope as LeakyReLU, a "
+                "convolution as the equivalent nn.Linear.")
+    if isinstance(layer, _NOT_CONTINUOUS):
+        return (f"layer '{name}' ({kind}) is not continuous (it jumps at its threshold), so the decoder is not "
+                f"continuous piecewise affine and its exact marginal is not covered. {supported}")
+    if isinstance(layer, _NOT_PIECEWISE_AFFINE):
+        return (f"layer '{name}' ({kind}) is not piecewise affine, so exact inference does not apply to this "
+                f"decoder. {supported} Replace it by ReLU, LeakyReLU or pyro_cpa.nn.Abs.")
+    return (f"layer '{name}' ({kind}) is not a layer pyro-cpa knows; it cannot tell whether it is continuous "
+            f"piecewise affine. {supported} If it is, write it with these layers.")
+
+
 def _flatten(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
     if isinstance(module, nn.Sequential):
         for name, child in module.named_children():
@@ -100,11 +147,7 @@ class CPANetwork:
             elif _is_affine(layer):
                 pending.append((name, layer))
             else:
-                raise NotCPAError(
-                    f"layer '{name}' ({type(layer).__name__}) is not continuous piecewise affine "
-                    f"(or overrides forward). Supported layers: {SUPPORTED}. "
-                    "Replace it, e.g. Tanh/Sigmoid/GELU by ReLU, LeakyReLU or pyro_cpa.nn.Abs."
-                )
+                raise NotCPAError(_refusal(name, layer))
         steps.append(_AffineStep(tuple(pending)))
         self.module = module
         self._affine_steps: tuple[_AffineStep, ...] = tuple(s for s in steps if isinstance(s, _AffineStep))
