@@ -111,23 +111,29 @@ def _groups(weights, n: int, device):
             for t in torch.unique(temper[active]).tolist()]
 
 
-def weighted_log_prob(marginal, x: torch.Tensor, weights=None) -> torch.Tensor:
+def weighted_log_prob(marginal, x: torch.Tensor, weights=None, return_stderr: bool = False):
     r"""Exact evidence terms L_n = s_z,n [log C(t_n) + log p(x_n; σx/√t_n)] (0 where s_x,n = 0), shape (N,).
 
     ``x`` is flattened to (N, D); NaN entries are missing (marginalised exactly). Without ``weights`` this is
     ``marginal.log_prob(x)``. Differentiable in the marginal's parameters. Exactness as
-    :class:`~pyro_cpa.distributions.CPAMarginal` (machine precision for S <= 2).
+    :class:`~pyro_cpa.distributions.CPAMarginal` (machine precision for S <= 2); with ``return_stderr`` the
+    Monte-Carlo standard errors (S >= 4; 0 otherwise) are returned too: ``(L, stderr)``.
     """
     x = marginal._check_x(x)
     flat = x.reshape(-1, x.shape[-1])
     if weights is None:
-        return marginal.log_prob(flat)
+        lp = marginal.log_prob(flat)
+        return (lp, marginal.log_prob_stderr.reshape(-1)) if return_stderr else lp
     out = flat.new_zeros(flat.shape[0])
+    err = flat.new_zeros(flat.shape[0])
     for t, idx in _groups(weights, flat.shape[0], flat.device):
         xg = flat[idx]
-        lp = tempered_marginal(marginal, t).log_prob(xg) + _log_temper_constant(marginal, xg, t)
-        out = out.index_put((idx,), weights.latent.to(out)[idx] * lp)
-    return out
+        mg = tempered_marginal(marginal, t)
+        lp = mg.log_prob(xg) + _log_temper_constant(marginal, xg, t)
+        s_z = weights.latent.to(out)[idx]
+        out = out.index_put((idx,), s_z * lp)
+        err = err.index_put((idx,), s_z * mg.log_prob_stderr.reshape(-1).to(err))
+    return (out, err) if return_stderr else out
 
 
 def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=None) -> EStepStats:

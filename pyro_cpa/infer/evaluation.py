@@ -35,7 +35,19 @@ anything else                              Monte Carlo over exact draws of the g
 =========================================  ==================================================  =============
 
 For S >= 4 the polytope integrals themselves are Monte-Carlo estimates, so results are labelled
-"monte-carlo" with their standard error. The guide is run on *all* data: a subsampled data plate is
+"monte-carlo" with their standard error.
+
+**Masks, scales, missing data** (Pyro's semantics, :mod:`pyro_cpa.infer.structure`). With s_z,n, s_x,n the
+scale × mask of the model's latent and observed sites and g_n that of the guide's latent site (each with a
+plate's subsampling factor divided out), the per-datum ELBO is the expectation of Pyro's ``Trace_ELBO``:
+
+    ELBO_n(q) = E_q[s_z,n log p(z) + s_x,n log p(x_n | z)] + g_n H(q_n),
+
+and the KL is KL_n = L_n − ELBO_n with L_n the exact evidence term (:func:`~pyro_cpa.infer.log_evidence`);
+it equals s_z,n KL(q_n ‖ p_t(z | x_n)) >= 0 (p_t the tempered posterior) when the guide carries the latent's
+scale (g = s_z, e.g. plate-level scales, :func:`~pyro_cpa.glm.beta_scaled_guide`); otherwise the ELBO is
+no bound of the evidence and :func:`posterior_kl` refuses. NaN entries of x are missing coordinates:
+log p(x | z) sums over the observed ones (as :class:`~pyro_cpa.distributions.CPALikelihood`). The guide is run on *all* data: a subsampled data plate is
 run over consecutive chunks of its subsample size (as :func:`~pyro_cpa.infer.full_data_structure`).
 """
 from __future__ import annotations
@@ -53,7 +65,8 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from ..errors import PyroCPAError
 from ..integrate import integrate_whitened, log_mass_upper_bound, whiten
-from .structure import CPAModelStructure, full_data_structure, trace_model
+from .estep import weighted_log_prob
+from .structure import CPAModelStructure, _site_weight, full_data_structure, trace_model
 
 __all__ = ["GuideEstimate", "GuideEvaluation", "exact_elbo", "posterior_kl", "evaluate_guide",
            "gaussian_mixture_entropy"]
@@ -192,9 +205,28 @@ def gaussian_mixture_entropy(logits: torch.Tensor, loc: torch.Tensor, scale_tril
 
 
 # ---------------------------------------------------------------------- per-region expectations
+class _Data(NamedTuple):
+    """The data of a chunk: x (n, D) with missing entries set to 0, their mask and the per-datum weights."""
+
+    x: torch.Tensor         # (n, D), NaN → 0
+    obs: torch.Tensor       # (n, D) 1.0 where observed, 0.0 where missing
+    w_lik: torch.Tensor     # (n,) s_x
+    w_prior: torch.Tensor   # (n,) s_z
+    w_guide: torch.Tensor   # (n,) g (the guide's latent-site scale × mask)
+
+    def take(self, idx) -> "_Data":
+        return _Data(*(t[idx] for t in self))
+
+    def repeat(self, K: int) -> "_Data":
+        return _Data(*(t.repeat_interleave(K, 0) for t in self))
+
+    def with_guide_weight(self, g: torch.Tensor) -> "_Data":
+        return self._replace(w_guide=g.to(self.x))
+
+
 class _Model(NamedTuple):
     structure: CPAModelStructure
-    x: torch.Tensor          # (N, D) float64
+    x: torch.Tensor          # (N, D) float64, NaN where missing
     obs_var: torch.Tensor    # (D,)
     prior_var: torch.Tensor  # (S,)
     A: torch.Tensor          # (R, D, S)
@@ -211,20 +243,29 @@ def _read_model(model, args, kwargs, max_regions) -> _Model:
     marginal = structure.marginal(max_regions=max_regions)
     A, b, H, c = marginal._region_params()
     obs_var, prior_var = marginal._variances()
-    x = structure.x.to(marginal.dtype)
-    x = x.reshape(-1, x.shape[-1])
-    if bool(torch.isnan(x).any()):
-        raise PyroCPAError("guide evaluation does not support missing (NaN) observations")
+    x = structure.flat_x.to(marginal.dtype)
     return _Model(structure, x, obs_var, prior_var, A, b, H, c)
 
 
-def _log_lik_terms(mean, cov, A, b, x, obs_var):
-    """E[log N(x; A_ω z + b_ω, Σx) | z ~ (mean, cov)] for every (datum, region): mean (n, R, S) → (n, R)."""
-    D = x.shape[-1]
-    r = x.unsqueeze(-2) - torch.einsum("rds,nrs->nrd", A, mean) - b
+def _all_data(m: _Model) -> _Data:
+    """All data of the model, with unit guide weights (set per chunk from the guide's trace)."""
+    observed = ~torch.isnan(m.x)
+    w = m.structure.weights
+    return _Data(torch.where(observed, m.x, torch.zeros_like(m.x)), observed.to(m.x.dtype), w.obs.to(m.x),
+                 w.latent.to(m.x), torch.ones_like(w.obs).to(m.x))
+
+
+def _log_lik_const(d: _Data, obs_var) -> torch.Tensor:
+    """−½ Σ_{d observed} log(2π σx_d²) per datum, (n,)."""
+    return -0.5 * (d.obs * (math.log(2 * math.pi) + obs_var.log())).sum(-1)
+
+
+def _log_lik_terms(mean, cov, A, b, d: _Data, obs_var):
+    """E[log N(x_obs; (A_ω z + b_ω)_obs, Σx) | z ~ (mean, cov)] for every (datum, region): mean (n, R, S) → (n, R)."""
+    r = d.x.unsqueeze(-2) - torch.einsum("rds,nrs->nrd", A, mean) - b
     tr = torch.einsum("rds,nrst,rdt->nrd", A, cov, A)
-    quad = ((r.square() + tr) / obs_var).sum(-1)
-    return -0.5 * (D * math.log(2 * math.pi) + obs_var.log().sum() + quad)
+    quad = ((r.square() + tr) / obs_var * d.obs.unsqueeze(-2)).sum(-1)
+    return _log_lik_const(d, obs_var).unsqueeze(-1) - 0.5 * quad
 
 
 def _log_prior_terms(mean, cov, prior_var):
@@ -233,28 +274,29 @@ def _log_prior_terms(mean, cov, prior_var):
     return -0.5 * (S * math.log(2 * math.pi) + prior_var.log().sum() + (second / prior_var).sum(-1))
 
 
-def _gaussian_expected_log_joint(loc, scale_tril, x, m: _Model, prune_tol: float, budget: int = 2_000_000):
-    """E_q[log p(x, z)] for Gaussian q = N(loc, LLᵀ): loc (n, S), scale_tril (n, S, S), x (n, D) → (n,), stderr."""
+def _gaussian_expected_log_joint(loc, scale_tril, data: _Data, m: _Model, prune_tol: float,
+                                 budget: int = 2_000_000):
+    """E_q[s_z log p(z) + s_x log p(x | z)] for Gaussian q = N(loc, LLᵀ): loc (n, S), scale_tril (n, S, S) → (n,), stderr."""
     S = loc.shape[-1]
-    D = x.shape[-1]
     cov = scale_tril @ scale_tril.transpose(-1, -2)
     prior = _log_prior_terms(loc, cov, m.prior_var)
     R, F = m.H.shape[0], m.H.shape[1]
     rows = max(1, budget // max(1, R * max(F, 1) * S * S))
-    const = -0.5 * (D * math.log(2 * math.pi) + m.obs_var.log().sum())
     lik, err = [], []
     for start in range(0, loc.shape[0], rows):
-        mu, L, xc = loc[start:start + rows, None], scale_tril[start:start + rows, None], x[start:start + rows]
+        mu, L = loc[start:start + rows, None], scale_tril[start:start + rows, None]
+        dc = data.take(slice(start, start + rows))
         G, d = whiten(mu, L, m.H, m.c)
         active = log_mass_upper_bound(G, d) >= -prune_tol
         mom = integrate_whitened(mu, L, G, d, active=active)
         P = mom.log_mass.exp()
-        quad = -2.0 * (_log_lik_terms(mom.mean, mom.covariance, m.A, m.b, xc, m.obs_var) - const)
-        use = P > 0
-        contrib = torch.where(use, P * torch.where(use, quad, torch.zeros_like(quad)), torch.zeros_like(quad))
-        lik.append(const - 0.5 * contrib.sum(-1))
-        err.append((0.5 * contrib * mom.log_mass_stderr).square().sum(-1).sqrt())
-    return prior + torch.cat(lik), torch.cat(err)
+        const = _log_lik_const(dc, m.obs_var)
+        quad = -2.0 * (_log_lik_terms(mom.mean, mom.covariance, m.A, m.b, dc, m.obs_var) - const.unsqueeze(-1))
+        live = torch.isfinite(mom.log_mass)  # pruned pairs: log mass -inf by construction, moments undefined
+        contrib = torch.where(live, P * torch.where(live, quad, torch.zeros_like(quad)), torch.zeros_like(quad))
+        lik.append(dc.w_lik * (const - 0.5 * contrib.sum(-1)))
+        err.append((0.5 * dc.w_lik.unsqueeze(-1) * contrib * mom.log_mass_stderr).square().sum(-1).sqrt())
+    return data.w_prior * prior + torch.cat(lik), torch.cat(err)
 
 
 def _gaussian_entropy(scale_tril):
@@ -320,18 +362,18 @@ def _data_chunks(model, args, kwargs, N):
 
 
 # ---------------------------------------------------------------------- evaluators (one chunk of data)
-def _log_joint(z, x, m: _Model):
-    """log p(x, z) for z (M, n, S), x (n, D) → (M, n)."""
+def _log_joint(z, d: _Data, m: _Model):
+    """s_z log p(z) + s_x log p(x_obs | z) for z (M, n, S) → (M, n)."""
     net = m.structure.network.module
     ref = next(iter(net.parameters()), z)
     mean = net(z.to(ref.dtype)).to(z.dtype)
-    lp_x = dist.Normal(mean, m.obs_var.sqrt()).log_prob(x).sum(-1)
+    lp_x = (dist.Normal(mean, m.obs_var.sqrt()).log_prob(d.x) * d.obs).sum(-1)
     lp_z = dist.Normal(torch.zeros_like(m.prior_var), m.prior_var.sqrt()).log_prob(z).sum(-1)
-    return lp_x + lp_z
+    return d.w_lik * lp_x + d.w_prior * lp_z
 
 
-def _mc_elbo(fn, x, m: _Model, num_samples: int, budget: int = 2_000_000):
-    n = x.shape[0]
+def _mc_elbo(fn, d: _Data, m: _Model, num_samples: int, budget: int = 2_000_000):
+    n = d.x.shape[0]
     S = m.prior_var.shape[0]
     step = max(1, min(num_samples, budget // max(1, n * max(S, m.x.shape[-1]) * 8)))
     s1 = s2 = 0.0
@@ -340,7 +382,7 @@ def _mc_elbo(fn, x, m: _Model, num_samples: int, budget: int = 2_000_000):
         mm = min(step, num_samples - count)
         z = fn.sample((mm,))
         lq = fn.log_prob(z).reshape(mm, n)
-        w = _log_joint(z.reshape(mm, n, S).to(x.dtype), x, m) - lq.to(x.dtype)
+        w = _log_joint(z.reshape(mm, n, S).to(d.x.dtype), d, m) - d.w_guide * lq.to(d.x.dtype)
         s1 = s1 + w.sum(0)
         s2 = s2 + w.square().sum(0)
         count += mm
@@ -349,30 +391,31 @@ def _mc_elbo(fn, x, m: _Model, num_samples: int, budget: int = 2_000_000):
     return mean, (var / count).sqrt()
 
 
-def _chunk_elbo(kind, fn, x, m: _Model, opts):
+def _chunk_elbo(kind, fn, data: _Data, m: _Model, opts):
     """(elbo (n,), stderr (n,), method) for one chunk of data under the guide's distribution fn."""
-    n, S = x.shape[0], m.prior_var.shape[0]
+    n, S = data.x.shape[0], m.prior_var.shape[0]
     polytope_method = "exact" if S <= 3 else "monte-carlo"
-    dt = x.dtype
+    dt = data.x.dtype
+    g = data.w_guide
     if opts["method"] == "monte-carlo" and kind != "delta":
-        mean, err = _mc_elbo(fn, x, m, opts["num_samples"])
+        mean, err = _mc_elbo(fn, data, m, opts["num_samples"])
         return mean, err, "monte-carlo"
     if kind == "gaussian":
         loc, L = (t.to(dt) for t in _gaussian_params(fn, n, S))
-        cross, err = _gaussian_expected_log_joint(loc, L, x, m, opts["prune_tol"])
-        return cross + _gaussian_entropy(L), err, polytope_method
+        cross, err = _gaussian_expected_log_joint(loc, L, data, m, opts["prune_tol"])
+        return cross + g * _gaussian_entropy(L), err, polytope_method
     if kind == "mixture":
         K = fn.loc.shape[-2]
         logits = fn.logits.expand(fn.batch_shape + (K,)).reshape(n, K).to(dt)
         loc = fn.loc.expand(fn.batch_shape + (K, S)).reshape(n, K, S).to(dt)
         L = fn.scale_tril.expand(fn.batch_shape + (K, S, S)).reshape(n, K, S, S).to(dt)
         cross, err = _gaussian_expected_log_joint(loc.reshape(n * K, S), L.reshape(n * K, S, S),
-                                                  x.repeat_interleave(K, 0), m, opts["prune_tol"])
+                                                  data.repeat(K), m, opts["prune_tol"])
         w = (logits - logits.logsumexp(-1, keepdim=True)).exp()
         H, H_err, h_method = gaussian_mixture_entropy(logits, loc, L, opts["entropy_samples"])
         cross_err = (w.square() * err.reshape(n, K).square()).sum(-1)
         method = max((polytope_method, h_method), key=_METHOD_ORDER.index)
-        return (w * cross.reshape(n, K)).sum(-1) + H, (cross_err + H_err.square()).sqrt(), method
+        return (w * cross.reshape(n, K)).sum(-1) + g * H, (cross_err + (g * H_err).square()).sqrt(), method
     if kind == "truncated":
         R = m.H.shape[0]
         if fn.tiles and fn.H.shape[-3:] == m.H.shape and fn.loc.shape[-2] == R \
@@ -380,19 +423,23 @@ def _chunk_elbo(kind, fn, x, m: _Model, opts):
             mom = fn.component_moments
             mean = mom.mean.reshape(n, R, S).to(dt)
             cov = mom.covariance.reshape(n, R, S, S).to(dt)
-            per = _log_lik_terms(mean, cov, m.A, m.b, x, m.obs_var) + _log_prior_terms(mean, cov, m.prior_var)
-            w = fn.mixture_log_weights.reshape(n, R).exp().to(dt)
-            use = w > 0
-            cross = torch.where(use, w * torch.where(use, per, torch.zeros_like(per)), torch.zeros_like(per)).sum(-1)
+            per = data.w_lik.unsqueeze(-1) * _log_lik_terms(mean, cov, m.A, m.b, data, m.obs_var) \
+                + data.w_prior.unsqueeze(-1) * _log_prior_terms(mean, cov, m.prior_var)
+            log_w = fn.mixture_log_weights.reshape(n, R).to(dt)
+            w = log_w.exp()
+            live = torch.isfinite(log_w)  # components with no mass (log weight -inf) have undefined moments
+            cross = torch.where(live, w * torch.where(live, per, torch.zeros_like(per)), torch.zeros_like(per)).sum(-1)
             H = fn.entropy().reshape(n).to(dt)
             err = (w * mom.log_mass_stderr.reshape(n, R).to(dt)).square().sum(-1).sqrt()
-            return cross + H, err, polytope_method
-        mean, err = _mc_elbo(fn, x, m, opts["num_samples"])
+            return cross + g * H, err, polytope_method
+        mean, err = _mc_elbo(fn, data, m, opts["num_samples"])
         return mean, err, "monte-carlo"
     if kind == "delta":
-        full = torch.full((n,), -math.inf, dtype=dt, device=x.device)
+        # H(δ) = −∞; a datum whose guide site is masked (g = 0) keeps the log-joint at the point
+        at = _log_joint(fn.sample().reshape(1, n, S).to(dt), data, m)[0]
+        full = torch.where(g > 0, torch.full_like(at, -math.inf), at)
         return full, torch.zeros_like(full), "degenerate"
-    mean, err = _mc_elbo(fn, x, m, opts["num_samples"])
+    mean, err = _mc_elbo(fn, data, m, opts["num_samples"])
     return mean, err, "monte-carlo"
 
 
@@ -406,6 +453,11 @@ def _joint_gaussian_elbo(guide, m: _Model, args, kwargs, opts):
     if sites != [latent]:
         raise PyroCPAError(f"{type(guide).__name__}: expected the model's only latent site '{latent}', found {sites}")
     N, S = m.x.shape[0], m.prior_var.shape[0]
+    data = _all_data(m)
+    if not bool((data.w_prior == 1).all()):
+        raise PyroCPAError(f"{type(guide).__name__} is one joint distribution over all data; a masked or scaled latent "
+                           "site (poutine.mask / poutine.scale on the latent) has no per-datum meaning for it. Mask or "
+                           "scale only the observed site, or use a per-datum guide (AutoNormal, ExactPosterior)")
     post = guide.get_posterior(*args, **kwargs)
     if post.event_shape != (N * S,) or post.batch_shape != ():
         raise PyroCPAError(f"{type(guide).__name__}: its joint latent has shape {tuple(post.event_shape)}, expected "
@@ -428,10 +480,10 @@ def _joint_gaussian_elbo(guide, m: _Model, args, kwargs, opts):
     loc = loc.reshape(N, S)
     if opts["method"] == "monte-carlo":
         fn = dist.MultivariateNormal(loc, scale_tril=L_blocks)
-        mean, err = _mc_elbo(fn, m.x, m, opts["num_samples"])
+        mean, err = _mc_elbo(fn, data, m, opts["num_samples"])
         method = "monte-carlo"
     else:
-        cross, err = _gaussian_expected_log_joint(loc, L_blocks, m.x, m, opts["prune_tol"])
+        cross, err = _gaussian_expected_log_joint(loc, L_blocks, data, m, opts["prune_tol"])
         mean = cross + _gaussian_entropy(L_blocks)
         method = "exact" if S <= 3 else "monte-carlo"
     total = mean.sum() - _gaussian_entropy(L_blocks).sum() + H_joint
@@ -446,7 +498,7 @@ def _joint_mc_elbo(post, m: _Model, num_samples: int):
     while count < num_samples:
         mm = min(step, num_samples - count)
         v = post.sample((mm,))
-        w = _log_joint(v.reshape(mm, N, S).to(m.x.dtype), m.x, m).sum(-1) - post.log_prob(v).to(m.x.dtype)
+        w = _log_joint(v.reshape(mm, N, S).to(m.x.dtype), _all_data(m), m).sum(-1) - post.log_prob(v).to(m.x.dtype)
         vals.append(w)
         count += mm
     w = torch.cat(vals)
@@ -454,14 +506,17 @@ def _joint_mc_elbo(post, m: _Model, num_samples: int):
     return GuideEstimate(nan, nan.clone(), w.mean(), w.std() / math.sqrt(len(w)), "monte-carlo")
 
 
-def _elbo(model, guide, args, kwargs, opts) -> tuple[GuideEstimate, _Model]:
+def _elbo(model, guide, args, kwargs, opts) -> tuple[GuideEstimate, _Model, torch.Tensor]:
+    """(ELBO estimate, model, guide weights g (N,)) — see the module docstring."""
     m = _read_model(model, args, kwargs, opts["max_regions"])
     if isinstance(guide, AutoContinuous):
-        return _joint_gaussian_elbo(guide, m, args, kwargs, opts), m
+        return _joint_gaussian_elbo(guide, m, args, kwargs, opts), m, torch.ones_like(m.x[:, 0])
     N = m.x.shape[0]
     latent = m.structure.latent
+    data = _all_data(m)
     values = m.x.new_full((N,), math.nan)
     errors = m.x.new_full((N,), math.nan)
+    g_all = m.x.new_full((N,), math.nan)
     methods = set()
     for subsample, idx in _data_chunks(model, args, kwargs, N):
         tr = trace_model(guide, *args, subsample=subsample, **kwargs)
@@ -469,18 +524,20 @@ def _elbo(model, guide, args, kwargs, opts) -> tuple[GuideEstimate, _Model]:
             raise PyroCPAError(f"the guide has no sample site '{latent}' (the model's latent site)")
         kind, fn = _classify(tr.nodes[latent]["fn"], tr, latent)
         n = idx.shape[0]
+        g = _site_weight(tr.nodes[latent], torch.Size((n,)), m.x).to(m.x)
         if int(torch.Size(fn.batch_shape).numel()) != n:
             if fn.batch_shape == ():
                 fn = fn.expand(torch.Size((n,)))
             else:
                 raise PyroCPAError(f"the guide's distribution at '{latent}' has batch shape {tuple(fn.batch_shape)}, "
                                    f"expected one value per datum ({n})")
-        e, s, method = _chunk_elbo(kind, fn, m.x[idx], m, opts)
+        e, s, method = _chunk_elbo(kind, fn, data.take(idx).with_guide_weight(g), m, opts)
         values = values.index_put((idx,), e.reshape(-1).to(values.dtype))
         errors = errors.index_copy(0, idx, s.reshape(-1).detach().to(errors.dtype))
+        g_all = g_all.index_copy(0, idx, g)
         methods.add(method)
     method = max(methods, key=_METHOD_ORDER.index)
-    return GuideEstimate(values, errors, values.sum(), errors.square().sum().sqrt(), method), m
+    return GuideEstimate(values, errors, values.sum(), errors.square().sum().sqrt(), method), m, g_all
 
 
 def _options(method, num_samples, entropy_samples, prune_tol, max_regions):
@@ -516,6 +573,10 @@ def exact_elbo(model, guide, *args, method: str = "auto", num_samples: int = 10_
         return _elbo(model, guide, args, kwargs, opts)[0]
 
 
+#: Relative tolerance when comparing the guide's latent-site weight with the model's (same floats normally).
+GUIDE_WEIGHT_RTOL = 1e-12
+
+
 def evaluate_guide(model, guide, *args, method: str = "auto", num_samples: int = 10_000,
                    entropy_samples: int = 4096, prune_tol: float = 50.0, max_regions: int | None = None,
                    differentiable: bool = False, **kwargs) -> GuideEvaluation:
@@ -528,10 +589,19 @@ def evaluate_guide(model, guide, *args, method: str = "auto", num_samples: int =
     """
     opts = _options(method, num_samples, entropy_samples, prune_tol, max_regions)
     with (nullcontext() if differentiable else torch.no_grad()):
-        elbo, m = _elbo(model, guide, args, kwargs, opts)
+        elbo, m, g = _elbo(model, guide, args, kwargs, opts)
+        w = m.structure.weights
+        s_z = w.latent.to(g)
+        if not bool(torch.isclose(g, s_z, rtol=GUIDE_WEIGHT_RTOL, atol=0.0).all()):
+            bad = int((~torch.isclose(g, s_z, rtol=GUIDE_WEIGHT_RTOL, atol=0.0)).sum())
+            raise PyroCPAError(
+                f"for {bad} data the guide's latent site carries a scale × mask different from the model's latent "
+                "site: Pyro's ELBO is then no lower bound of the evidence and KL(q ‖ p(z|x)) is undefined. Give the "
+                "guide the same poutine.scale / poutine.mask (e.g. pyro_cpa.glm.beta_scaled_guide), or scale and "
+                "mask only the observed site. exact_elbo() still evaluates the ELBO as it is.")
         marginal = m.structure.marginal(max_regions=opts["max_regions"])
-        lp = marginal.log_prob(m.x)
-        lp_err = marginal.log_prob_stderr.to(lp.dtype)
+        lp, lp_err = weighted_log_prob(marginal, m.x, None if w.is_unit else w, return_stderr=True)
+        lp_err = lp_err.to(lp.dtype)
     kl_vals = lp - elbo.per_datum
     kl_err = (elbo.stderr.square() + lp_err.square()).sqrt()
     total_err = (elbo.total_stderr.square() + lp_err.square().sum()).sqrt()
