@@ -12,15 +12,29 @@ Three methods (``method="auto"`` picks by the latent dimension S):
   regions through their rays and lines; the facets come from the incidence of generators and
   constraints.
 
-Tolerance: every method takes a relative tolerance ``tol``. A hyperplane cuts a region only if it
-leaves a part of relative thickness more than ``tol`` on both sides; thinner slivers are merged
-into the neighbouring region (so regions thinner than ``tol`` relative to the size of the
-coordinates are not reported). Defaults: ``1e-9`` for ``"breakpoints"`` and ``"polygons"``,
-``1e-7`` for ``"lp"`` (the zero tolerance of cddlib's floating-point arithmetic).
+Tolerances (each method takes ``tol``; ``None`` uses the method's default):
+
+* ``"breakpoints"``: ``tol`` (default 1e-12) multiplies the rounding scale of each root (its
+  componentwise condition number, from absolute-value accumulations of the weights). Every cell
+  float64 can resolve is kept, however thin; roots closer than their rounding uncertainty are one
+  breakpoint. See :mod:`.enumerate_1d`.
+* ``"polygons"``: a vertex lies on a line when ``|G·X| <= tol |G|⁺`` (chart coordinates are O(1),
+  ``|G|⁺`` is the absolute-value accumulation of the line's homogeneous coefficients); default
+  1e-11. Cells thinner than that band (relative to the chart) are merged into a neighbour.
+* ``"lp"``: a generator lies on a hyperplane when ``|t(x)| <= tol (|a| |x| + |b| + |a|)``; default
+  ``1e-7``, the zero tolerance of cddlib's floating-point arithmetic, so cells thinner than about
+  1e-7 relative to the size of the coordinates are merged into a neighbour.
+
+Cost: the budget ``max_regions`` is checked as the regions grow (after every unit for
+``"polygons"``, every split for ``"lp"``, every layer for ``"breakpoints"``, whose layers are
+cheap), so a refusal comes promptly and memory stays proportional to the budget. A progress bar
+(tqdm, on stderr) appears when an enumeration runs for more than two seconds; ``progress=False``
+turns it off. :func:`pyro_cpa.geometry.estimate_cost` predicts regions, pairs and memory first.
 """
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..nn.network import CPANetwork
@@ -34,9 +48,11 @@ def _budget_error(net: CPANetwork, max_regions: int):
         return RegionBudgetExceeded(
             f"region enumeration of the decoder (latent dim S={net.in_features}, hidden widths "
             f"{list(net.widths)}) found more than max_regions={max_regions} linear regions: at least "
-            f"{found} regions after {layers_done} of {len(net.widths)} activation layers. Raise "
-            f"max_regions (linear_regions(decoder, max_regions=...)) or shrink the network (fewer or "
-            f"narrower hidden layers, or a smaller latent dimension).",
+            f"{found} regions after {layers_done} of {len(net.widths)} activation layers. Fixes: raise "
+            f"max_regions (linear_regions(decoder, max_regions=...), or max_regions=... of CPAMarginal / "
+            f"EM / log_evidence) if the time and memory are affordable (see "
+            f"pyro_cpa.geometry.estimate_cost), narrow the network (fewer or narrower hidden layers), or "
+            f"use fewer latent dimensions.",
             regions_found=found, layers_done=layers_done)
     return make
 
@@ -53,17 +69,23 @@ def resolve_method(method: str, S: int) -> str:
     return method
 
 
+#: Seconds an enumeration runs before its progress bar appears.
+PROGRESS_DELAY = 2.0
+
+
 def enumerate_regions(net: CPANetwork, max_regions: int = DEFAULT_MAX_REGIONS, method: str = "auto",
-                      tol: float | None = None) -> tuple[RegionEnumeration, str]:
+                      tol: float | None = None, progress: bool = True) -> tuple[RegionEnumeration, str]:
     """Enumerate every full-dimensional linear region of ``net`` over R^S.
 
     Args:
         net: the canonical view of the decoder.
         max_regions: raise :class:`~pyro_cpa.errors.RegionBudgetExceeded` once more regions are found
-            (checked after every layer, and within a layer for ``"lp"``).
+            (checked as regions are found, see the module docstring).
         method: ``"auto"``, ``"breakpoints"`` (S=1), ``"polygons"`` (S=2) or ``"lp"`` (any S).
         tol: relative tolerance below which slivers are merged (see the module docstring);
             ``None`` uses the method's default.
+        progress: show a tqdm progress bar (stderr) once the enumeration has run for
+            ``PROGRESS_DELAY`` seconds; ``False`` never shows one.
 
     Returns:
         the :class:`RegionEnumeration` and the name of the method used.
@@ -77,12 +99,16 @@ def enumerate_regions(net: CPANetwork, max_regions: int = DEFAULT_MAX_REGIONS, m
                                    "cannot enumerate its linear regions")
     err = _budget_error(net, max_regions)
     if used == "breakpoints":
-        from .enumerate_1d import DEFAULT_TOL, enumerate_breakpoints
-        enum = enumerate_breakpoints(net, max_regions, tol=DEFAULT_TOL if tol is None else tol, budget_error=err)
+        from .enumerate_1d import DEFAULT_TOL, enumerate_breakpoints as run
     elif used == "polygons":
-        from .enumerate_2d import DEFAULT_TOL, enumerate_polygons
-        enum = enumerate_polygons(net, max_regions, tol=DEFAULT_TOL if tol is None else tol, budget_error=err)
+        from .enumerate_2d import DEFAULT_TOL, enumerate_polygons as run
     else:
-        from .enumerate_nd import DEFAULT_TOL, enumerate_lp
-        enum = enumerate_lp(net, max_regions, tol=DEFAULT_TOL if tol is None else tol, budget_error=err)
+        from .enumerate_nd import DEFAULT_TOL, enumerate_lp as run
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be a non-negative number, got {tol}")
+    with tqdm(desc=f"linear regions (S={S}, {used})", unit=" regions", delay=PROGRESS_DELAY,
+              disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        def report(found: int) -> None:
+            bar.update(found - bar.n)
+        enum = run(net, max_regions, tol=DEFAULT_TOL if tol is None else tol, budget_error=err, progress=report)
     return enum, used

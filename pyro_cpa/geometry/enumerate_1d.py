@@ -3,12 +3,34 @@
 The real line is kept as a sorted list of breakpoints ``β_1 < ... < β_K`` splitting it into the
 K + 1 intervals ``(-inf, β_1), (β_1, β_2), ..., (β_K, +inf)``. On every interval the input of the
 current layer is affine in z, so every pre-activation ``t_j(z) = M_j z + m_j`` of the next layer is
-affine there and has at most one root ``-m_j / M_j``; roots strictly inside an interval split it.
+affine there and has at most one root ``r = -m_j / M_j``; roots inside an interval split it.
 Everything is vectorised over intervals and units in torch: the only Python loop is over layers.
 
-Tolerance: a root closer than ``tol * max(1, |x|)`` to an endpoint ``x`` of its interval, or to
-another new root, does not create a new breakpoint, i.e. intervals thinner than that are merged
-into a neighbour.
+Every cell is kept, however thin (a cell of width 1e-9 carrying a slope of 1e9 is as important as a
+wide one). Only roots that floating point cannot tell apart are identified. Along with ``M`` and
+``m`` the enumerator carries their *absolute-value accumulations* ``|M|⁺, |m|⁺`` (the same products
+and sums taken over absolute values: running error analysis, the rounding error of ``M`` and ``m``
+is at most ``γ_n |M|⁺``, ``γ_n |m|⁺``). A root's rounding scale is its componentwise condition
+
+    cond(r) = (|m|⁺ + |M|⁺ |r|) / |M|,
+
+(how far r moves under relative perturbations of all the weights, to first order) and its
+uncertainty is ``err(r) = tol · cond(r) + 4 ulp(r)``. Decisions, each with that named tolerance:
+
+* a slope with ``|M| <= tol |M|⁺`` is rounding noise: t is constant on the interval (no root);
+  a constant with ``m >= -tol |m|⁺`` counts as active (ties go to "active", as in ``t >= 0``);
+* a root within ``err(r) + err(β)`` of an endpoint β of its interval lies *on* β (it does not
+  split; the unit changes sign at β);
+* roots in the same interval closer than the sum of their ``err`` are one breakpoint (its facet
+  is the unit with the smallest index, as for the other enumerators).
+
+The activation pattern of a new interval is read from the position of each unit's root relative
+to the interval (left of it: sign of M; right of it: minus the sign of M), never from the sign of
+a pre-activation evaluated near zero, so patterns and breakpoints are consistent by construction.
+The result is the exact partition of a network whose weights differ from the given ones by a
+relative perturbation of order ``tol`` (to first order); a cell is lost only if such a perturbation
+can close it. ``tol = 0`` identifies only roots within 4 ulps of each other (float64 cannot place a
+point strictly between them).
 """
 from __future__ import annotations
 
@@ -17,65 +39,111 @@ import torch
 from ..nn.network import CPANetwork
 from .regions import RegionEnumeration
 
-DEFAULT_TOL = 1e-9
+#: Relative rounding tolerance (multiplies the absolute-value accumulations, see module docstring).
+DEFAULT_TOL = 1e-12
+#: Roots closer than this many ulps are always identified (no float64 point lies strictly between).
+ULP_FLOOR = 4.0
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
 
 
 def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
-                          budget_error=None) -> RegionEnumeration:
+                          budget_error=None, progress=None) -> RegionEnumeration:
     """All intervals of linearity of a CPA network with one latent dimension.
 
     Args:
         net: the network (``net.in_features`` must be 1).
         max_regions: budget, checked after each layer (``budget_error(found, layers_done)`` is raised).
-        tol: relative tolerance, see the module docstring.
+        tol: relative rounding tolerance, see the module docstring.
+        progress: optional callback ``progress(regions_so_far)`` called after every layer.
     """
     if net.in_features != 1:
         raise ValueError(f"the 'breakpoints' method needs a one-dimensional latent space, got S={net.in_features}")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
     dt = torch.float64
     with torch.no_grad():
         maps = [(W.detach().to(dt).cpu(), v.detach().to(dt).cpu()) for W, v in net.affine_maps()]
-    bps = torch.zeros(0, dtype=dt)          # sorted breakpoints (K,)
+    bps = torch.zeros(0, dtype=dt)            # sorted breakpoints (K,)
+    berr = torch.zeros(0, dtype=dt)           # their uncertainty err(β)
     bunit = torch.zeros(0, dtype=torch.long)  # global unit creating each breakpoint
-    P = torch.ones(1, 1, dtype=dt)          # layer input h = P z + p on each interval, (K+1, n_in)
-    p = torch.zeros(1, 1, dtype=dt)
+    # layer input h = P z + p on each interval, (K+1, n_in), and its absolute-value accumulation
+    P, p = torch.ones(1, 1, dtype=dt), torch.zeros(1, 1, dtype=dt)
+    Pa, pa = P.clone(), p.clone()
     patterns: list[torch.Tensor] = []
     offset = 0
     inf = torch.tensor([float("inf")], dtype=dt)
+    zero = torch.zeros(1, dtype=dt)
     for l, (W, v) in enumerate(maps[:-1]):
         n = W.shape[0]
-        M = P @ W.T                          # (K+1, n)
-        m = p @ W.T + v
-        nz = M != 0
-        root = torch.where(nz, -m / torch.where(nz, M, torch.ones_like(M)), torch.zeros_like(M))
-        lo_m = torch.cat([-inf, bps + tol * bps.abs().clamp(min=1.0)])
-        hi_m = torch.cat([bps - tol * bps.abs().clamp(min=1.0), inf])
-        inside = nz & torch.isfinite(root) & (root > lo_m[:, None]) & (root < hi_m[:, None])
-        new_r = root[inside]
-        new_u = torch.nonzero(inside)[:, 1] + offset
-        if new_r.numel():
-            new_r, order = torch.sort(new_r, stable=True)
-            new_u = new_u[order]
-            keep = torch.ones_like(new_r, dtype=torch.bool)
-            keep[1:] = (new_r[1:] - new_r[:-1]) > tol * new_r[1:].abs().clamp(min=1.0)
-            new_r, new_u = new_r[keep], new_u[keep]
-            all_r = torch.cat([bps, new_r])
-            all_u = torch.cat([bunit, new_u])
-            all_r, order = torch.sort(all_r, stable=True)
-            all_u = all_u[order]
-        else:
-            all_r, all_u = bps, bunit
-        # parent (old interval) of every new interval, from its left endpoint
-        parent = torch.zeros(all_r.numel() + 1, dtype=torch.long)
-        parent[1:] = torch.searchsorted(bps, all_r, right=True)
-        bps, bunit = all_r, all_u
-        x = _interior(bps)
-        t = M[parent] * x[:, None] + m[parent]
-        q = t >= 0
+        I = bps.numel() + 1
+        M, m = P @ W.T, p @ W.T + v                                   # (I, n)
+        Ma, ma = Pa @ W.abs().T, pa @ W.abs().T + v.abs()
+        sloped = M.abs() > tol * Ma
+        Msafe = torch.where(sloped, M, torch.ones_like(M))
+        root = torch.where(sloped, -m / Msafe, torch.zeros_like(M))
+        err = torch.where(sloped, tol * (ma + Ma * root.abs()) / Msafe.abs() + ULP_FLOOR * _ulp(root),
+                          torch.zeros_like(M))
+        lo, hi = torch.cat([-inf, bps])[:, None], torch.cat([bps, inf])[:, None]
+        elo, ehi = torch.cat([zero, berr])[:, None], torch.cat([berr, zero])[:, None]
+        at_lo = root <= lo + (elo + err)        # the root lies on or left of the interval
+        at_hi = root >= hi - (ehi + err)        # on or right of it
+        inside = sloped & ~at_lo & ~at_hi
+        # sign of t on an interval the unit does not split
+        mid = _interior_of(lo[:, 0], hi[:, 0])[:, None]
+        q_const = m >= -tol * ma
+        q_flat = torch.where(at_lo & at_hi, M * mid + m >= -tol * (ma + Ma * mid.abs()), at_lo == (M > 0))
+        q_base = torch.where(sloped, q_flat, q_const)                # (I, n)
+
+        ii, jj = torch.nonzero(inside, as_tuple=True)               # row-major: by interval, then unit
+        r, e, u = root[ii, jj], err[ii, jj], jj + offset
+        # sort by position (intervals are disjoint and ordered, so this sorts by interval first)
+        order = torch.argsort(r, stable=True)
+        ii, jj, r, e, u = ii[order], jj[order], r[order], e[order], u[order]
+        # clusters of roots that cannot be told apart (same interval, gap <= sum of uncertainties)
+        newc = torch.ones_like(r, dtype=torch.bool)
+        if r.numel() > 1:
+            newc[1:] = (ii[1:] != ii[:-1]) | (r[1:] - r[:-1] > e[1:] + e[:-1])
+        cid = torch.cumsum(newc.long(), 0) - 1                      # cluster of each root
+        C = int(newc.sum())
+        # representative of a cluster: the root of its smallest unit; uncertainty covers all members
+        big = torch.iinfo(torch.long).max
+        umin = torch.full((C,), big, dtype=torch.long).scatter_reduce(0, cid, u, "amin")
+        rep_idx = torch.nonzero(u == umin[cid])[:, 0]                # one per cluster, in order
+        c_r = r[rep_idx]
+        c_e = torch.zeros(C, dtype=dt).scatter_reduce(0, cid, (r - c_r[cid]).abs() + e, "amax")
+        c_u = u[rep_idx]
+        c_int = ii[rep_idx]
+        # merge the cluster breakpoints into the sorted list (they lie strictly between old ones)
+        all_r = torch.cat([bps, c_r])
+        all_e = torch.cat([berr, c_e])
+        all_u = torch.cat([bunit, c_u])
+        order = torch.argsort(all_r, stable=True)
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(order.numel())
+        new_pos = pos[bps.numel():]                                 # index of each cluster breakpoint
+        bps, berr, bunit = all_r[order], all_e[order], all_u[order]
+        # parent (old interval) of every new interval: number of old breakpoints left of it
+        is_old = torch.zeros(bps.numel(), dtype=torch.long)
+        is_old[pos[:all_r.numel() - C]] = 1
+        parent = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(is_old, 0)])
+        # breakpoint index of the root of each (old interval, unit) that splits it, else -1
+        KB = torch.full((I, n), -1, dtype=torch.long)
+        KB[ii, jj] = new_pos[cid]
+        child = torch.arange(bps.numel() + 1)[:, None]
+        kb = KB[parent]
+        Mp = M[parent]
+        q = torch.where(kb >= 0, (child > kb) == (Mp > 0), q_base[parent])
         patterns = [pt[parent] for pt in patterns] + [q]
-        d = torch.where(q, torch.ones_like(t), torch.full_like(t, net.negative_slopes[l]))
-        P = d * M[parent]
-        p = d * m[parent]
+        d = torch.where(q, torch.ones_like(Mp), torch.full_like(Mp, net.negative_slopes[l]))
+        P, p = d * Mp, d * m[parent]
+        Pa, pa = d.abs() * Ma[parent], d.abs() * ma[parent]
         offset += n
+        if progress is not None:
+            progress(bps.numel() + 1)
         if budget_error is not None and bps.numel() + 1 > max_regions:
             raise budget_error(bps.numel() + 1, l + 1)
     K = bps.numel()
@@ -88,18 +156,22 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
             facets[1:, 0] = bunit            # left endpoint of intervals 1..K
             facets[:-1, 1] = bunit           # right endpoint of intervals 0..K-1
             facets[0, 0], facets[0, 1] = bunit[0], -1
-    return RegionEnumeration(patterns=patterns, facets=facets, interior_points=_interior(bps)[:, None])
+    lo = torch.cat([-inf, bps])
+    hi = torch.cat([bps, inf])
+    return RegionEnumeration(patterns=patterns, facets=facets, interior_points=_interior_of(lo, hi)[:, None])
 
 
-def _interior(bps: torch.Tensor) -> torch.Tensor:
-    """A point inside every interval: midpoints, and for the outer rays a point well inside."""
-    K = bps.numel()
-    if K == 0:
-        return torch.zeros(1, dtype=bps.dtype)
-    span = (bps[-1] - bps[0]).clamp(min=1.0)
-    x = torch.empty(K + 1, dtype=bps.dtype)
-    x[0] = bps[0] - span
-    x[-1] = bps[-1] + span
-    if K > 1:
-        x[1:-1] = 0.5 * (bps[1:] + bps[:-1])
-    return x
+def _interior_of(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """A point inside every interval (lo, hi): midpoints, and for the outer rays a point well inside.
+
+    Breakpoints are at least ``ULP_FLOOR`` ulps apart, so every midpoint is strictly inside.
+    """
+    fin = torch.isfinite(lo) & torch.isfinite(hi)
+    both = torch.cat([lo[torch.isfinite(lo)], hi[torch.isfinite(hi)]])
+    if both.numel() == 0:
+        return torch.zeros_like(lo)
+    span = (both.max() - both.min()).clamp(min=1.0)
+    lo_f = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+    hi_f = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    return torch.where(fin, 0.5 * lo_f + 0.5 * hi_f,
+                       torch.where(torch.isfinite(lo), lo_f + span, hi_f - span))

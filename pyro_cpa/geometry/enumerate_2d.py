@@ -24,12 +24,27 @@ Edges carry the index of the unit that created them (``-2`` for the chart walls,
 relabelled to a unit whose line runs along them, ``-3`` for the line at infinity); the facets of a
 region are the labels >= 0 of the edges of its pieces.
 
-Tolerance: a vertex with ``|G·X| <= tol * |G|`` is taken to lie on the line, so a line splits a
-polygon only when it leaves vertices beyond that band on both sides (chart coordinates are O(1)).
-Thinner slivers are merged into the neighbouring cell. Chart coordinates shrink like ρ/|z| far from
-the origin, so a cell at distance r ≫ ρ is resolved down to a size of about ``tol r² / ρ``.
+Tolerance (``tol``, default ``1e-11``): a vertex X is on the line of the form g when
+``|g·X| <= tol |g|⁺``, where ``|g|⁺`` is the norm of the absolute-value accumulation of g (the
+same products and sums as g over absolute values, carried through the layers: it bounds the
+rounding error of g, and unlike |g| it does not shrink when g cancels). A line splits a polygon
+only when it leaves vertices beyond that band on both sides (chart coordinates are O(1)); thinner
+slivers are merged into the neighbouring cell. Chart coordinates shrink like ρ/|z| far from the
+origin, so a cell at distance r ≫ ρ is resolved down to a size of about ``tol r² / ρ``.
+
+Exact by construction: the activation pattern of a piece is the side of each line that the
+clipping step decided (``>= 0`` side for pieces within the band), never the sign of a form
+evaluated again near zero; wall vertices have an exactly zero coordinate (convex combinations of
+two vertices with a zero coordinate), so "the piece touches a chart wall" is an exact test.
+
+Budget: after every unit, the number of cells is bounded below by the number of pieces not
+touching a chart wall plus a quarter of those touching one (a cell is cut into at most four pieces,
+one per chart, and only along the walls); the enumeration is refused as soon as this bound passes
+``max_regions``, so memory stays proportional to the budget.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -37,7 +52,7 @@ import torch
 from ..nn.network import CPANetwork
 from .regions import RegionEnumeration
 
-DEFAULT_TOL = 1e-9
+DEFAULT_TOL = 1e-11
 WALL = -2
 INFINITY = -3
 PAD = -9
@@ -51,15 +66,17 @@ def _initial_charts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(X), np.full(4, 3, dtype=np.int64), np.array(labs, dtype=np.int64)
 
 
-def _clip(X, cnt, lab, g, label, tol):
-    """Split every polygon cut by the linear form ``g`` (P, 3); returns the new arrays and ``src``.
+def _clip(X, cnt, lab, g, gabs, label, tol):
+    """Split every polygon cut by the linear form ``g`` (P, 3); returns the new arrays, ``src`` and
+    ``side``.
 
-    ``src`` maps each output polygon to its input polygon. Polygons cut by ``g`` are replaced by
-    their ``g >= 0`` part, their ``g <= 0`` part is appended at the end.
+    ``src`` maps each output polygon to its input polygon; ``side`` says whether it lies on the
+    ``g >= 0`` side (within the band ``tol |gabs|``, see the module docstring). Polygons cut by
+    ``g`` are replaced by their ``g >= 0`` part, their ``g <= 0`` part is appended at the end.
     """
     P, V, _ = X.shape
     s = np.einsum("pvk,pk->pv", X, g)
-    eps = tol * np.sqrt(np.einsum("pk,pk->p", g, g))
+    eps = tol * np.sqrt(np.einsum("pk,pk->p", gabs, gabs))
     kk = np.arange(V)
     valid = kk[None, :] < cnt[:, None]
     s[(np.abs(s) <= eps[:, None]) | ~valid] = 0.0
@@ -75,8 +92,9 @@ def _clip(X, cnt, lab, g, label, tol):
         lab = lab.copy()
         lab[wall] = label
     idx = np.nonzero(cut)[0]
+    side = ~hasneg
     if idx.size == 0:
-        return X, cnt, lab, np.arange(P)
+        return X, cnt, lab, np.arange(P), side
     Xc, lc, sc, sbc, vc = X[idx], lab[idx], s[idx], sb[idx], valid[idx]
     Xb = np.take_along_axis(Xc, nxt[idx][..., None], 1)
     cross = vc & (sc * sbc < 0)
@@ -114,7 +132,47 @@ def _clip(X, cnt, lab, g, label, tol):
         Xn[rows[cr], pos] = Xx[cr, ck]
         Ln[rows[cr], pos] = lx[cr, ck]
     src = np.concatenate([np.arange(P), idx])
-    return Xn, cntn, Ln, src
+    side = np.concatenate([side | cut, np.zeros(C, dtype=bool)])
+    return Xn, cntn, Ln, src, side
+
+
+def _cells_lower_bound(X, cnt) -> int:
+    """A lower bound on the number of cells the pieces ``X`` make up (see the module docstring)."""
+    V = X.shape[1]
+    nxt = np.arange(V)[None, :] + 1
+    nxt = np.where(nxt >= cnt[:, None], 0, nxt)
+    Xb = np.take_along_axis(X, nxt[..., None], 1)
+    valid = np.arange(V)[None, :] < cnt[:, None]
+    on_wall = valid & (((X[..., 0] == 0) & (Xb[..., 0] == 0)) | ((X[..., 1] == 0) & (Xb[..., 1] == 0)))
+    n_wall = int(on_wall.any(1).sum())
+    return len(X) - n_wall + -(-n_wall // 4)
+
+
+#: Seconds between progress reports (each costs a pass over the pieces).
+REPORT_EVERY = 0.5
+#: Pieces per chunk when the next layer's linear forms are built (bounds the temporary memory).
+FORM_CHUNK = 8192
+
+
+def _next_forms(W, v, d, G, Ga, par):
+    """Linear forms of the next layer on every piece: ``W (d ⊙ G[par]) + v e_3`` and its
+    absolute-value accumulation, built in chunks of pieces."""
+    P, n = len(par), W.shape[0]
+    Gn = np.empty((P, n, 3))
+    Gan = np.empty((P, n, 3))
+    Wa = np.abs(W)
+    def gemm(A, B):        # (m, n) @ (p, n, 3) -> (p, m, 3) as one matrix product
+        p = B.shape[0]
+        return (A @ B.transpose(1, 0, 2).reshape(B.shape[1], 3 * p)).reshape(n, p, 3).transpose(1, 0, 2)
+
+    for a in range(0, P, FORM_CHUNK):
+        sl = slice(a, a + FORM_CHUNK)
+        pp, dd = par[sl], d[sl][..., None]
+        Gn[sl] = gemm(W, dd * G[pp])
+        Gan[sl] = gemm(Wa, np.abs(dd) * Ga[pp])
+    Gn[:, :, 2] += v
+    Gan[:, :, 2] += np.abs(v)
+    return Gn, Gan
 
 
 def _codes_unique(codes: np.ndarray):
@@ -128,7 +186,7 @@ def _codes_unique(codes: np.ndarray):
 
 
 def enumerate_polygons(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
-                       budget_error=None) -> RegionEnumeration:
+                       budget_error=None, progress=None) -> RegionEnumeration:
     """All linear regions of a CPA network with a two-dimensional latent space (see module docstring)."""
     if net.in_features != 2:
         raise ValueError(f"the 'polygons' method needs a two-dimensional latent space, got S={net.in_features}")
@@ -141,28 +199,36 @@ def enumerate_polygons(net: CPANetwork, max_regions: int, tol: float = DEFAULT_T
     rho = max(1.0, float(np.quantile(dist, 0.9))) if dist.size else 1.0
 
     X, cnt, lab = _initial_charts()
-    # homogeneous linear forms of the current layer's pre-activations, one set per polygon
+    # homogeneous linear forms of the current layer's pre-activations, one set per polygon, and
+    # their absolute-value accumulations
     G = np.concatenate([rho * W0, v0[:, None]], axis=1)[None].repeat(len(X), 0)   # (P, n, 3)
+    Ga = np.abs(G)
     pats: list[np.ndarray] = []
     offset = 0
     L = len(maps) - 1
+    next_report = time.monotonic() + REPORT_EVERY
     for l in range(L):
         n = maps[l][0].shape[0]
         par = np.arange(len(X))
+        q = np.zeros((len(X), n), dtype=bool)
         for j in range(n):
-            X, cnt, lab, src = _clip(X, cnt, lab, G[par, j], offset + j, tol)
-            par = par[src]
-            if budget_error is not None and len(X) // 4 > max_regions:
-                raise budget_error(len(X) // 4, l)
-        centre = X.sum(1) / cnt[:, None]
-        Gp = G[par]
-        q = np.einsum("pnk,pk->pn", Gp, centre) >= 0
+            X, cnt, lab, src, side = _clip(X, cnt, lab, G[par, j], Ga[par, j], offset + j, tol)
+            par, q = par[src], q[src]
+            q[:, j] = side
+            due = progress is not None and time.monotonic() >= next_report
+            if len(X) > max_regions or due:       # pieces >= cells: the bound only when it can matter
+                found = _cells_lower_bound(X, cnt)
+                if due:
+                    progress(found)
+                    next_report = time.monotonic() + REPORT_EVERY
+                if budget_error is not None and found > max_regions:
+                    raise budget_error(found, l)
         pats = [pt[par] for pt in pats] + [q]
         offset += n
-        W, v = maps[l + 1]
-        d = np.where(q, 1.0, net.negative_slopes[l])
-        G = np.einsum("mn,pnk->pmk", W, d[..., None] * Gp)
-        G[:, :, 2] += v
+        if l + 1 < L:
+            W, v = maps[l + 1]
+            d = np.where(q, 1.0, net.negative_slopes[l])
+            G, Ga = _next_forms(W, v, d, G, Ga, par)
         if budget_error is not None:
             first, _ = _codes_unique(np.concatenate(pats, axis=1))
             if first.size > max_regions:

@@ -24,6 +24,8 @@ strictly inside all its rows. The default ``1e-7`` is cddlib's own floating-poin
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -32,6 +34,11 @@ from .polytope import VRep, facet_masks, vrep
 from .regions import RegionEnumeration
 
 DEFAULT_TOL = 1e-7
+#: A child polyhedron is full-dimensional when its interior point has slack above
+#: ``INTERIOR_TOL * (1 + max|x|)`` in every (normalised) row.
+INTERIOR_TOL = 1e-9
+#: Seconds between progress reports.
+REPORT_EVERY = 0.5
 
 
 class _Region:
@@ -75,7 +82,7 @@ def _child(H, c, labels, row: np.ndarray, rhs: float, label: int):
     # full-dimensional iff the point inside (a positive combination of all generators) is strictly
     # inside every row: a lower-dimensional result would make some row an implicit equality
     x = v.interior_point()
-    if not (c - H @ x > 1e-9 * (1.0 + np.abs(x).max())).all():
+    if not (c - H @ x > INTERIOR_TOL * (1.0 + np.abs(x).max())).all():
         return None
     keep = facet_masks(v.masks, labels.tolist())
     v.masks = [v.masks[i] for i in keep]
@@ -83,7 +90,7 @@ def _child(H, c, labels, row: np.ndarray, rhs: float, label: int):
 
 
 def enumerate_lp(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
-                 budget_error=None) -> RegionEnumeration:
+                 budget_error=None, progress=None) -> RegionEnumeration:
     """All linear regions of a CPA network with any latent dimension (see module docstring)."""
     S = net.in_features
     with torch.no_grad():
@@ -95,6 +102,7 @@ def enumerate_lp(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
                        np.eye(S), np.zeros(S))]
     offset = 0
     L = len(maps) - 1
+    next_report = time.monotonic() + REPORT_EVERY
     for l in range(L):
         W, b = maps[l]
         slope = net.negative_slopes[l]
@@ -129,13 +137,15 @@ def enumerate_lp(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
                         bts[j] = not ng[0]
                     new.append((H, c, labels, v, bts))
                 pieces = new
-                if budget_error is not None:
-                    found = len(out) + len(pieces) + len(regions) - idx - 1
-                    if found > max_regions:
-                        raise budget_error(found, l)
+                found = len(out) + len(pieces) + len(regions) - idx - 1
+                if budget_error is not None and found > max_regions:
+                    raise budget_error(found, l)
             for H, c, labels, v, bts in pieces:
                 d = np.where(bts, 1.0, slope)
                 out.append(_Region(H, c, labels, v, reg.bits + [bts], d[:, None] * M, d * m))
+            if progress is not None and time.monotonic() >= next_report:
+                progress(len(out) + len(regions) - idx - 1)
+                next_report = time.monotonic() + REPORT_EVERY
         regions = out
         offset += W.shape[0]
         if budget_error is not None and len(regions) > max_regions:

@@ -319,7 +319,7 @@ def test_budget_exceeded(S, method):
     err = info.value
     assert err.regions_found > 5
     assert err.layers_done in (0, 1, 2)
-    assert f"S={S}" in str(err) and "Raise max_regions" in str(err)
+    assert f"S={S}" in str(err) and "raise max_regions" in str(err) and "narrow the network" in str(err)
     assert len(linear_regions(dec, max_regions=full, method=method)) == full
     with pytest.raises(RegionBudgetExceeded):
         linear_regions(dec, max_regions=full - 1, method=method)
