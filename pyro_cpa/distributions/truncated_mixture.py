@@ -117,6 +117,10 @@ class TruncatedGaussianMixture(TorchDistribution):
         new._validate_args = self._validate_args
         return new
 
+    def enumerate_support(self, expand=True):
+        raise NotImplementedError("TruncatedGaussianMixture is a continuous distribution: it has no finite support "
+                                  "to enumerate (do not mark its site for enumeration)")
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_support", None)
