@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .univariate import interval_from_constraints, log_ndtr_diff
+
 _LOG_HALF = math.log(0.5)
 
 
@@ -20,7 +22,7 @@ def log_ndtri(log_p: torch.Tensor, newton_steps: int = 4) -> torch.Tensor:
     """
     deep = log_p < -690.0
     p = torch.where(deep, torch.full_like(log_p, 0.25), log_p.exp())
-    t = -2.0 * log_p.clamp(max=-1.0)
+    t = -2.0 * log_p.clamp(max=-690.0)  # the asymptotic branch is used below −690 only (t > 1380: no NaN)
     asym = -torch.sqrt(t - torch.log(t) - math.log(2 * math.pi))
     u = torch.where(deep, asym, torch.special.ndtri(p))
     for _ in range(newton_steps):
@@ -30,23 +32,13 @@ def log_ndtri(log_p: torch.Tensor, newton_steps: int = 4) -> torch.Tensor:
     return u
 
 
-def _log_diff_ndtr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """log(Φ(b) − Φ(a)) for a <= b, computed on the side of 0 where it does not cancel."""
-    flip = a > 0
-    lo = torch.where(flip, -b, a)
-    hi = torch.where(flip, -a, b)
-    lhi = torch.special.log_ndtr(hi)
-    llo = torch.special.log_ndtr(lo)
-    return lhi + torch.log1p(-torch.exp((llo - lhi).clamp(max=0.0)))
-
-
 def sample_interval_std(lower: torch.Tensor, upper: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw of N(0, 1) restricted to [lower, upper] from a uniform draw, in log space.
 
     The target quantile q = Φ(lower) + U (Φ(upper) − Φ(lower)) is formed both as log q and
     log(1 − q), and inverted from the smaller of the two tails, so draws stay accurate in both tails.
     """
-    log_mass = _log_diff_ndtr(lower, upper)
+    log_mass = log_ndtr_diff(lower, upper)
     log_q = torch.logaddexp(torch.log(uniform) + log_mass, torch.special.log_ndtr(lower))
     log_1mq = torch.logaddexp(torch.log1p(-uniform) + log_mass, torch.special.log_ndtr(-upper))
     left = log_q <= log_1mq
@@ -55,21 +47,12 @@ def sample_interval_std(lower: torch.Tensor, upper: torch.Tensor, uniform: torch
     return torch.minimum(torch.maximum(u, lower), upper)
 
 
-def interval_from_constraints(G: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For S = 1, the interval [lower, upper] = {u : G u <= d} (padding rows G = 0 ignored)."""
-    g = G[..., 0]
-    inf = torch.full_like(d, float("inf"))
-    upper = torch.where(g > 0, d / torch.where(g > 0, g, torch.ones_like(g)), inf).min(-1).values
-    lower = torch.where(g < 0, d / torch.where(g < 0, g, -torch.ones_like(g)), -inf).max(-1).values
-    return lower, upper
-
-
 def sample_std_polytope(G: torch.Tensor, d: torch.Tensor, generator: torch.Generator | None = None,
                         **kwargs) -> torch.Tensor:
     """One exact draw of u ~ N(0, I) | G u <= d for every polytope of the batch; returns (..., S)."""
     S = G.shape[-1]
     if S == 1:
-        lower, upper = interval_from_constraints(G, d)
+        lower, upper, _ = interval_from_constraints(G, d)
         U = torch.rand(lower.shape, dtype=d.dtype, device=d.device, generator=generator)
         U = U.clamp(min=torch.finfo(d.dtype).tiny)
         return sample_interval_std(lower, upper, U).unsqueeze(-1)

@@ -114,3 +114,85 @@ def test_invalid_arguments():
     with pytest.raises(ValueError):
         TruncatedGaussianMixture(torch.tensor([float("nan"), 0.0]), d.loc, d.scale_tril, d.H, d.c,
                                  validate_args=True)
+
+
+CDF_MONOTONE_TOL = 4 * torch.finfo(torch.float64).eps
+"""Allowed decrease of the cdf between increasing points (round-off where log_ndtr_diff switches branch)."""
+
+
+def _interval_mixture(lo, hi, loc, scale, logits):
+    K = lo.shape[0]
+    H = torch.tensor([[1.0], [-1.0]]).expand(K, 2, 1)
+    return TruncatedGaussianMixture(logits, loc.view(K, 1), scale.view(K, 1, 1), H, torch.stack([hi, -lo], -1))
+
+
+def test_cdf_in_unit_interval_and_monotone_with_narrow_components():
+    """Issue 10 D6: components of width 1e-10..1 made the cdf exceed 1 (1.0000034 measured before the fix)."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        K = 3
+        lo = torch.randn(K, generator=g) * 3
+        hi = lo + 10 ** (torch.rand(K, generator=g) * 10 - 10)
+        d = _interval_mixture(lo, hi, torch.randn(K, generator=g) * 3, torch.rand(K, generator=g) * 2 + 0.1,
+                              torch.randn(K, generator=g))
+        t = torch.sort(torch.cat([torch.linspace(-10, 10, 101), lo, hi, 0.5 * (lo + hi), hi + 1e-12])).values
+        F = d.cdf(t.unsqueeze(-1))
+        assert (F >= 0).all() and (F <= 1).all()
+        assert (F.diff() >= -CDF_MONOTONE_TOL).all()
+        assert F[-1].item() == pytest.approx(1.0, abs=CDF_MONOTONE_TOL)
+
+
+def test_cdf_of_narrow_component_matches_mpmath():
+    """One component N(0.25, 2²) on [1.125, 1.125 + 2⁻²⁷] and a wide one; cdf at interior points vs mpmath.
+
+    Dyadic numbers keep the whitening exact: inside an interval of width w the cdf's condition number is
+    ~|t|/w, so a rounded input would move it by ~1e-8 relative and hide the error under test."""
+    import mpmath as mp
+    w = 2.0 ** -27
+    lo, hi = torch.tensor([1.125, -2.0]), torch.tensor([1.125 + w, 3.0])
+    loc, sc, logits = torch.tensor([0.25, 0.0]), torch.tensor([2.0, 1.0]), torch.tensor([0.4, -0.1])
+    d = _interval_mixture(lo, hi, loc, sc, logits)
+    pts = [1.125 + w / 4, 1.125 + w / 2, 1.125 + w, 2.0]
+    with mp.workdps(60):
+        w = [mp.exp(mp.mpf(x)) for x in logits.tolist()]
+        w = [x / sum(w) for x in w]
+
+        def comp(k, t):
+            a, b = (mp.mpf(lo[k].item()) - loc[k].item()) / sc[k].item(), (mp.mpf(hi[k].item()) - loc[k].item()) / sc[k].item()
+            x = min(max((mp.mpf(t) - loc[k].item()) / sc[k].item(), a), b)
+            return (mp.ncdf(x) - mp.ncdf(a)) / (mp.ncdf(b) - mp.ncdf(a))
+        ref = [float(w[0] * comp(0, t) + w[1] * comp(1, t)) for t in pts]
+    torch.testing.assert_close(d.cdf(torch.tensor(pts).unsqueeze(-1)), torch.tensor(ref), rtol=1e-12, atol=0)
+
+
+def test_covariance_is_total_variance_and_accurate_far_out():
+    """Components far from 0 with tiny spread: E[z²] − m² (≈1e10 − 1e10) would leave rounding noise of ~1e-6
+    against a variance of ~1e-7; the law of total variance is exact. Reference: mpmath moments at 80 digits."""
+    import mpmath as mp
+    lo = torch.tensor([1e5, 1e5 + 2e-4])
+    hi = torch.tensor([1e5 + 1e-3, 1e5 + 5e-4])
+    loc, sc, logits = torch.tensor([1e5 - 0.5, 1e5]), torch.tensor([0.1, 1e-3]), torch.tensor([0.2, -0.3])
+    d = _interval_mixture(lo, hi, loc, sc, logits)
+    with mp.workdps(80):
+        w = [mp.exp(mp.mpf(x)) for x in logits.tolist()]
+        w = [x / sum(w) for x in w]
+        mom = []
+        for k in range(2):
+            a = (mp.mpf(lo[k].item()) - loc[k].item()) / sc[k].item()
+            b = (mp.mpf(hi[k].item()) - loc[k].item()) / sc[k].item()
+            P = mp.ncdf(b) - mp.ncdf(a)
+            m = (mp.npdf(a) - mp.npdf(b)) / P
+            m2 = 1 + (a * mp.npdf(a) - b * mp.npdf(b)) / P
+            mom.append((loc[k].item() + sc[k].item() * m, sc[k].item() ** 2 * (m2 - m * m)))
+        mean = sum(wk * mk for wk, (mk, _) in zip(w, mom))
+        var = sum(wk * (vk + (mk - mean) ** 2) for wk, (mk, vk) in zip(w, mom))
+    cov = d.covariance_matrix
+    assert cov.item() > 0
+    assert cov.item() == pytest.approx(float(var), rel=1e-9)
+    assert d.mean.item() == pytest.approx(float(mean), rel=1e-15)
+
+
+def test_covariance_psd_in_2d():
+    d = _polygon_2d()
+    ev = torch.linalg.eigvalsh(d.covariance_matrix)
+    assert (ev > 0).all()
