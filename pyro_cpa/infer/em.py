@@ -40,7 +40,7 @@ class EM:
             expected complete log-likelihood; works for decoders with BatchNorm folded in).
         update_obs_scale: whether to update σx (needs σx to be a Pyro param).
         **em_kwargs: further options of :func:`~pyro_cpa.infer.em_engine.em_step`
-            (``max_backtracks``, ``schedule``, ``ridge``, ``max_regions``, ...).
+            (``max_backtracks``, ``schedule``, ``rcond``, ``max_regions``, ...).
     """
 
     def __init__(self, model, guide=None, *, obs_noise: str = "isotropic", m_step: str = "closed_form",

@@ -35,7 +35,7 @@ from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..geometry.regions import DEFAULT_MAX_REGIONS
 from ..nn.network import as_cpa_network
 from .estep import EStepStats, e_step, weighted_log_prob
-from .mstep import DEFAULT_RIDGE, expected_complete_loglik, m_step, prior_expansion, update_layer, update_variances
+from .mstep import DEFAULT_RCOND, expected_complete_loglik, m_step, prior_expansion, update_layer, update_variances
 
 MONOTONE_TOL = 1e-12
 
@@ -148,7 +148,7 @@ class _Verifier:
 def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str = "isotropic",
             update_prior_scale: bool = False, update_obs_scale: bool = True, m_step_method: str = "closed_form",
             schedule: str = "layerwise", px: bool = False, sweeps: int = 1, order: str = "forward",
-            ridge: float = DEFAULT_RIDGE, gradient_steps: int = 50, gradient_lr: float = 1.0, max_backtracks: int = 10,
+            rcond: float = DEFAULT_RCOND, gradient_steps: int = 50, gradient_lr: float = 1.0, max_backtracks: int = 10,
             monotone_tol: float = MONOTONE_TOL, max_regions: int = DEFAULT_MAX_REGIONS,
             marginal_kwargs: dict | None = None, weights=None) -> EMStepResult:
     """One exact EM step on ``decoder`` (modified in place) with guaranteed non-increasing exact NLL.
@@ -177,7 +177,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             without it: 100s of steps when the data are far from isotropic), but on the paper's circle it
             made the optimum reached more seed-dependent (0.15–0.34 vs 0.17–0.19 nats/sample after 200
             steps over 3 seeds), hence off by default.
-        sweeps, order, ridge: options of the closed-form :func:`~pyro_cpa.infer.mstep.m_step`
+        sweeps, order, rcond: options of the closed-form :func:`~pyro_cpa.infer.mstep.m_step`
             (``sweeps`` is ignored by ``"layerwise"``, which does one sweep per call).
         gradient_steps, gradient_lr: L-BFGS iterations and learning rate of the gradient M-step.
         max_backtracks: halvings tried before a step is rejected; monotone_tol: relative tolerance
@@ -260,7 +260,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                 sx_c, sz_c = sx, sz
             else:
                 maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps(dtype)]
-                maps[block] = update_layer(maps, block, net, stats, obs_var, ridge=ridge)
+                maps[block] = update_layer(maps, block, net, stats, obs_var, rcond=rcond)
                 net.set_affine_maps(maps)
                 sx_c, sz_c = sx, sz
             if block != "px":  # the reduction re-labels z: the frozen-E-step Q is not comparable
@@ -280,7 +280,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
     if m_step_method == "closed_form":
         res = m_step(net, stats.patterns, stats, obs_var_old, prior_var_old, obs_noise=obs_noise,
                      update_prior_scale=update_prior_scale, update_obs_scale=update_obs_scale, sweeps=sweeps,
-                     order=order, ridge=ridge)
+                     order=order, rcond=rcond)
         net.set_affine_maps(res.maps)  # validates every step before writing anything
         sx_new, sz_new = to_scale(res.obs_var), res.prior_var.sqrt()
     else:
