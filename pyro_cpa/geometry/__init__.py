@@ -1,6 +1,7 @@
 """Geometry of the partition of latent space into linear regions of a CPA decoder."""
+from .cost import CostEstimate, estimate_cost, estimate_regions
 from .maps import RegionMaps, region_hyperplanes, region_maps
 from .regions import LinearRegions, RegionEnumeration, cached_linear_regions, linear_regions
 
-__all__ = ["LinearRegions", "RegionEnumeration", "RegionMaps", "linear_regions", "cached_linear_regions", "region_maps",
-           "region_hyperplanes"]
+__all__ = ["CostEstimate", "estimate_cost", "estimate_regions", "LinearRegions", "RegionEnumeration", "RegionMaps",
+           "linear_regions", "cached_linear_regions", "region_maps", "region_hyperplanes"]

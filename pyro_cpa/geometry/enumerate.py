@@ -33,6 +33,8 @@ turns it off. :func:`pyro_cpa.geometry.estimate_cost` predicts regions, pairs an
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from tqdm.auto import tqdm
 
@@ -71,6 +73,8 @@ def resolve_method(method: str, S: int) -> str:
 
 #: Seconds an enumeration runs before its progress bar appears.
 PROGRESS_DELAY = 2.0
+#: Random lines used for the progress bar's estimated total (see :mod:`.cost`).
+PROGRESS_LINES = 16
 
 
 def enumerate_regions(net: CPANetwork, max_regions: int = DEFAULT_MAX_REGIONS, method: str = "auto",
@@ -106,9 +110,15 @@ def enumerate_regions(net: CPANetwork, max_regions: int = DEFAULT_MAX_REGIONS, m
         from .enumerate_nd import DEFAULT_TOL, enumerate_lp as run
     if tol is not None and not tol >= 0:
         raise ValueError(f"tol must be a non-negative number, got {tol}")
+    start = time.monotonic()
     with tqdm(desc=f"linear regions (S={S}, {used})", unit=" regions", delay=PROGRESS_DELAY,
               disable=not progress, leave=False, dynamic_ncols=True) as bar:
         def report(found: int) -> None:
+            if bar.total is None and not bar.disable and time.monotonic() - start >= PROGRESS_DELAY:
+                # the bar is about to show: give it the a-priori estimate as its total (an ETA)
+                from .cost import estimate_regions
+                bar.total = int(round(estimate_regions(net, num_lines=PROGRESS_LINES)[0]))
+                bar.set_postfix_str(f"total ~{bar.total} estimated, max_regions={max_regions}", refresh=False)
             bar.update(found - bar.n)
         enum = run(net, max_regions, tol=DEFAULT_TOL if tol is None else tol, budget_error=err, progress=report)
     return enum, used

@@ -150,7 +150,7 @@ class LinearRegions:
 
 
 def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str = "auto",
-                   tol: float | None = None) -> LinearRegions:
+                   tol: float | None = None, progress: bool = True) -> LinearRegions:
     """Enumerate the linear regions of a CPA ``decoder`` over the whole latent space R^S.
 
     Args:
@@ -159,10 +159,16 @@ def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str 
             (reporting how far it got) once more regions than this are found.
         method: ``"auto"`` (breakpoints for S=1, polygon splitting for S=2, LP refinement for S>=3),
             or one of ``"breakpoints"``, ``"polygons"``, ``"lp"``.
-        tol: relative tolerance deciding whether a hyperplane cuts a region (default 1e-9 for S <= 2,
-            1e-7 for the LP method); cells thinner than this are merged into a neighbour.
+        tol: tolerance deciding whether a hyperplane cuts a region (defaults: 1e-12 times each
+            root's rounding scale for S=1, 1e-11 for S=2, 1e-7 for the LP method; see
+            :mod:`pyro_cpa.geometry.enumerate`).
+        progress: show a tqdm progress bar once the enumeration has run for 2 s (``False``: never).
 
-    The enumeration is exact: every region of positive volume is found once.
+    The enumeration is exact: every region of positive volume is found once, except, for S >= 2,
+    cells thinner than the tolerance band, which are merged into a neighbour (for S = 1 only cells
+    a relative perturbation of the weights of order ``tol`` can close). The budget is checked as
+    regions are found, so a refusal comes promptly; :func:`~pyro_cpa.geometry.estimate_cost`
+    predicts the count first.
     """
     from .enumerate import enumerate_regions
 
@@ -170,7 +176,7 @@ def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str 
     net.check_eval_mode()
     if max_regions < 1:
         raise ValueError(f"max_regions must be a positive integer, got {max_regions}")
-    enum, used = enumerate_regions(net, max_regions=max_regions, method=method, tol=tol)
+    enum, used = enumerate_regions(net, max_regions=max_regions, method=method, tol=tol, progress=progress)
     return LinearRegions(net, enum, method=used)
 
 
