@@ -193,14 +193,6 @@ def test_elbo_identity_q_plus_entropy_is_loglik(S, widths):
     assert abs(float((Q + ent).detach()) - float(st.loglik.sum())) < 1e-8 * (1 + abs(float(st.loglik.sum())))
 
 
-def test_e_step_rejects_missing_data():
-    dec = _net([1, 3, 2])
-    x = _circle(5)
-    x[1, 0] = float("nan")
-    with pytest.raises(PyroCPAError, match="missing"):
-        e_step(CPAMarginal(dec, 0.5), x)
-
-
 # ------------------------------------------------------------------------------------------ M-step
 def _setup(S=1, widths=(1, 6, 5, 2), seed=4, N=60, sx=0.5):
     dec = _net(list(widths), seed=seed)
