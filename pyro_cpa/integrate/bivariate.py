@@ -68,7 +68,9 @@ __all__ = ["std_moments_2d", "polygon_edges", "log_mass_2d", "DEFAULT_SWITCH_MAS
 DEFAULT_SWITCH_MASS = 1e-4
 DEFAULT_NUM_NODES = 16
 DEFAULT_S_CUTS = (0.0, 0.5, 1.5, 3.5, 7.5, 15.0, 30.0, 50.0)
-DEFAULT_LEVELS = (-4.0, 0.0, 4.0)
+# slice-bound levels ±sqrt(2 s), s in DEFAULT_S_CUTS: the Gaussian factor falls by a bounded amount per piece
+DEFAULT_LEVELS = tuple(sorted({sg * math.sqrt(2.0 * s) for s in DEFAULT_S_CUTS for sg in (-1.0, 1.0)}))
+_DIV_TINY = 1e-300     # guards divisions whose result is then discarded (continuous: the cut moves to infinity)
 _TWO_PI = 2.0 * math.pi
 _LOG_2PI = math.log(_TWO_PI)
 DEFAULT_PARALLEL_TOL = 1e-14   # |g_i × g_k| <= this: lines i, k are parallel (see polygon_edges)
@@ -211,7 +213,8 @@ def _decay_cuts(r: torch.Tensor, inside: torch.Tensor, sc: torch.Tensor) -> torc
     return torch.cat([decay, torch.where(inside.unsqueeze(-1), -decay, decay)], dim=-1)
 
 
-def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
+def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels,
+                     parallel_tol=DEFAULT_PARALLEL_TOL):
     """log P by log-space Gauss–Legendre slicing along the direction of the nearest point (flat batch)."""
     dtype, device = ds.dtype, ds.device
     # nearest point of the polygon to the origin
@@ -240,13 +243,15 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     lo = torch.where(inside, -vmax, r)
     vert = torch.where(vfin, vert, lo.unsqueeze(-1))
     decay = _decay_cuts(r, inside, sc)
-    # where each line's slice bound (d_k − al_k v1)/be_k crosses the levels (kinks of lines parallel to
-    # the slices, steep transitions of Φ for nearly parallel ones)
+    # where each edge's slice bound v2 = d_k be_k + t al_k crosses the levels, within the edge (t_lo <= t <= t_hi):
+    # resolves the Φ transition of edges nearly parallel to the slices and the Gaussian factor of thin slivers
     lev = torch.tensor(levels, dtype=dtype, device=device)
-    al_ok = real & (al != 0)
+    al_ok = exists & (al.abs() > _DIV_TINY)              # |al| <= tiny: the bound is constant along the edge
     al_s = torch.where(al_ok, al, torch.ones_like(al))
-    lcut = (ds.unsqueeze(-1) - be.unsqueeze(-1) * lev) / al_s.unsqueeze(-1)
-    lcut = torch.where(al_ok.unsqueeze(-1), lcut, lo[:, None, None]).reshape(lcut.shape[0], -1)
+    tl = (lev - (ds * be).unsqueeze(-1)) / al_s.unsqueeze(-1)
+    on_edge = al_ok.unsqueeze(-1) & (tl >= t_lo.unsqueeze(-1)) & (tl <= t_hi.unsqueeze(-1))
+    lcut = (ds * al).unsqueeze(-1) - torch.where(on_edge, tl, torch.zeros_like(tl)) * be.unsqueeze(-1)
+    lcut = torch.where(on_edge, lcut, lo[:, None, None]).reshape(lcut.shape[0], -1)
     cuts = torch.cat([vert, decay, lcut], dim=-1)
     # clamp to [lo, vmax]; ties resolve to the bound (no gradient on zero-length pieces)
     cuts = torch.where(cuts <= lo.unsqueeze(-1), lo.unsqueeze(-1), cuts)
@@ -267,11 +272,11 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     # slice intervals
     rk = real.index_select(0, nb)
     ben = be.index_select(0, nb)
-    bpos = rk & (ben > 0)
-    bneg = rk & (ben < 0)
-    bzero = rk & (ben == 0)
+    bzero = rk & (ben.abs() <= parallel_tol)          # line parallel to the slices: a bound on v1 only
+    bpos = rk & (ben > parallel_tol)
+    bneg = rk & (ben < -parallel_tol)
     rhs = ds.index_select(0, nb) - al.index_select(0, nb) * v1.unsqueeze(-1)      # (nodes, F)
-    bnd = rhs / torch.where(ben == 0, torch.ones_like(ben), ben)
+    bnd = rhs / torch.where(bzero, torch.ones_like(ben), ben)
     inf = torch.full_like(bnd, float("inf"))
     hi = torch.where(bpos, bnd, inf).amin(-1)
     lo_ = torch.where(bneg, bnd, -inf).amax(-1)

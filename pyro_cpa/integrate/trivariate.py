@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from .bivariate import _decay_cuts, _in_chunks, DEFAULT_LEVELS, DEFAULT_NUM_NODES as DEFAULT_NUM_NODES_2D, DEFAULT_S_CUTS, \
+from .bivariate import _decay_cuts, _in_chunks, DEFAULT_NUM_NODES as DEFAULT_NUM_NODES_2D, DEFAULT_S_CUTS, \
     DEFAULT_SWITCH_MASS, log_mass_2d, std_moments_2d
 from .types import StandardMoments
 from .univariate import LOG_SQRT_2PI, _gl_nodes
@@ -50,6 +50,7 @@ DEFAULT_NUM_NODES_3D = 8
 DEFAULT_FEAS_TOL = 1e-10
 DEFAULT_RIDGE_LEVELS = (2.0, 5.0, 8.0)
 DEFAULT_SLICE_REL_TOL = 1e-12
+DEFAULT_LEVELS = (-4.0, 0.0, 4.0)   # in-slice distances of a plane where the slicing axis is cut
 _CHUNK_3D = 16   # polytopes per chunk (each has a few hundred slices)
 _OWENS_ABS_ERR = 1e-15
 _SLICE_MAX_AMP = 1e4   # flux-formula cancellation accepted in the slices (error <~ 1e-12 relative)
@@ -316,7 +317,7 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
         rest.append((idx, vals))
         return torch.ones_like(idx, dtype=torch.bool)
 
-    lp2 = log_mass_2d(G2s, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts, levels=levels,
+    lp2 = log_mass_2d(G2s, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts,
                       _accept_owens=accept_all, _max_amp=_SLICE_MAX_AMP)
     if rest and rest[0][0].numel():
         idx, vals = rest[0]
@@ -330,8 +331,7 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
         sub = idx[need]
         if sub.numel():
             lp2 = lp2.index_put((sub,), log_mass_2d(G2s.index_select(0, sub), d2.index_select(0, sub),
-                                                    switch_mass=2.0, num_nodes=num_nodes_2d, s_cuts=s_cuts,
-                                                    levels=levels))
+                                                    switch_mass=2.0, num_nodes=num_nodes_2d, s_cuts=s_cuts))
     logP = _segment_logsumexp(lw + lp2, sb, B)
     no_real = ~real.any(-1)
     logP = torch.where(no_real, torch.zeros_like(logP), logP)
@@ -393,7 +393,7 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
         & (idx.unsqueeze(0) < idx.unsqueeze(-1))
     d2 = torch.where(dup, -torch.ones_like(d2), d2)
     G2 = torch.where(dup.unsqueeze(-1), torch.zeros_like(G2), G2)
-    fac = std_moments_2d(G2, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts, levels=levels)
+    fac = std_moments_2d(G2, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts)
     empty = torch.isneginf(logP)
     lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
     ok = real & ~torch.isneginf(fac.log_mass)
