@@ -131,3 +131,44 @@ def test_bad_parameters_raise():
         Bernoulli().validate_x(torch.tensor([0.0, 0.5]))
     with pytest.raises(ValueError):
         Poisson().distribution(torch.zeros(2), validate_args=True).log_prob(torch.tensor([1.5, 1.0]))
+
+
+#: log1p / logaddexp and the final sums are correctly rounded to a few ulps: relative agreement with mpmath.
+MPMATH_RTOL = 1e-14
+#: below the smallest normal float64 only absolute precision exists (e.g. log(1 + e^−745) = 5e-324).
+SUBNORMAL_ATOL = torch.finfo(torch.float64).tiny
+#: log C(n, x) = lgamma(n + 1) − lgamma(x + 1) − lgamma(n − x + 1) is exact to a few ulps of lgamma(n + 1).
+LGAMMA_ULPS = 4
+
+
+@pytest.mark.parametrize("fam, xs", [(Bernoulli(), (0.0, 1.0)), (Binomial(5), (0.0, 2.0, 5.0))])
+def test_item10_bernoulli_binomial_log_prob_is_exact_for_large_logits(fam, xs):
+    """x ϑ − n log(1 + e^ϑ) + log C(n, x) against mpmath (400 digits, so that ϑ − log(1 + e^ϑ) keeps e^{−|ϑ|}),
+    including |ϑ| > 20 where softplus's threshold used to return ϑ itself (Bernoulli at ϑ = 20.05: 0.0 instead of
+    −1.96e-9)."""
+    import mpmath
+
+    n = fam.total_count
+    eps = torch.finfo(torch.float64).eps
+    atol = SUBNORMAL_ATOL + (LGAMMA_ULPS * eps * math.lgamma(n + 1) if n > 1 else 0.0)
+    thetas = [-745.0, -40.0, -20.05, -1.5, 0.0, 0.7, 20.05, 35.0, 40.0, 700.0]
+    with mpmath.workdps(400):
+        for x in xs:
+            th = torch.tensor(thetas)
+            got = fam.log_prob(torch.full_like(th, x), th)
+            for t, g in zip(thetas, got.tolist()):
+                T = mpmath.mpf(t)
+                F = n * mpmath.log1p(mpmath.exp(T))
+                ref = float(x * T - F + mpmath.log(mpmath.binomial(n, int(x))))
+                assert abs(g - ref) <= MPMATH_RTOL * abs(ref) + atol, (x, t, g, ref)
+                assert abs(fam.log_normalizer(torch.tensor(t)).item() - float(F)) <= MPMATH_RTOL * float(F) + \
+                    SUBNORMAL_ATOL
+    assert Bernoulli().log_prob(torch.tensor(1.0), torch.tensor(20.05)).item() == pytest.approx(-1.960629972e-9,
+                                                                                                 rel=1e-9)
+
+
+def test_item10_bernoulli_log_prob_gradient_is_exact_at_zero():
+    """d/dϑ [x ϑ − log(1 + e^ϑ)] = x − σ(ϑ): 0.5 and −0.5 at ϑ = 0 (no branch on the sign of ϑ)."""
+    th = torch.zeros(2, requires_grad=True)
+    Bernoulli().log_prob(torch.tensor([1.0, 0.0]), th).sum().backward()
+    assert th.grad.tolist() == [0.5, -0.5]

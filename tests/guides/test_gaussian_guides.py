@@ -116,3 +116,27 @@ def test_amortized_normal_custom_encoder_returning_a_tuple():
     assert guide.median(x)["z"].shape == (10, 2)
     with pytest.raises(PyroCPAError, match="nn.Module"):
         AmortizedNormal(model, encoder=lambda x: x)
+
+
+def test_item10_lower_triangular_is_pyros_softplus_cholesky_with_the_documented_layout():
+    """The raw vector fills the lower triangle row by row ((0,0), (1,0), (1,1), (2,0), ...), the diagonal goes through
+    softplus (+ min_scale): written out entry by entry here, and equal to Pyro's transform on vec_to_tril_matrix."""
+    from pyro.distributions.transforms import SoftplusLowerCholeskyTransform
+    from torch.distributions.utils import vec_to_tril_matrix
+
+    from pyro_cpa.guides.amortized import _lower_triangular
+
+    S, min_scale = 3, 1e-6
+    raw = torch.randn(4, 2, S * (S + 1) // 2) * 3
+    L = _lower_triangular(raw, S, min_scale)
+    expected = torch.zeros(4, 2, S, S)
+    k = 0
+    for i in range(S):
+        for j in range(i + 1):
+            expected[..., i, j] = torch.nn.functional.softplus(raw[..., k]) + min_scale if i == j else raw[..., k]
+            k += 1
+    torch.testing.assert_close(L, expected, rtol=0, atol=0)
+    pyro_L = SoftplusLowerCholeskyTransform()(vec_to_tril_matrix(raw)) + min_scale * torch.eye(S)
+    torch.testing.assert_close(L, pyro_L, rtol=0, atol=0)
+    with pytest.raises(PyroCPAError, match="lower-triangular entries"):
+        _lower_triangular(raw[..., :4], S, min_scale)

@@ -104,3 +104,39 @@ def test_network_pickles():
     net = pickle.loads(pickle.dumps(as_cpa_network(dec)))
     z = torch.randn(4, 1)
     torch.testing.assert_close(net(z), net.module(z))
+
+
+@pytest.mark.parametrize("layer", [nn.ReLU6(), nn.Hardtanh(), nn.PReLU(), nn.Hardsigmoid(), nn.MaxPool1d(2),
+                                   nn.Conv1d(1, 1, 2)])
+def test_item9_cpa_layers_are_refused_as_not_supported_yet(layer):
+    """ReLU6, Hardtanh, PReLU, Conv1d, ... are continuous piecewise affine: the refusal must not say otherwise."""
+    first = [] if isinstance(layer, nn.Conv1d) else [nn.Linear(1, 4)]
+    with pytest.raises(NotCPAError, match="is continuous piecewise affine.*does not support it yet") as info:
+        as_cpa_network(nn.Sequential(*first, layer, nn.Linear(4, 2)))
+    assert type(layer).__name__ in str(info.value) and "not piecewise affine" not in str(info.value)
+
+
+@pytest.mark.parametrize("layer", [nn.Tanh(), nn.Sigmoid(), nn.GELU(), nn.Softplus(), nn.SiLU(), nn.ELU(),
+                                   nn.LayerNorm(4)])
+def test_item9_smooth_layers_are_refused_as_not_piecewise_affine(layer):
+    with pytest.raises(NotCPAError, match="is not piecewise affine"):
+        as_cpa_network(nn.Sequential(nn.Linear(1, 4), layer, nn.Linear(4, 2)))
+
+
+def test_item9_discontinuous_unknown_and_overriding_layers_are_refused_truthfully():
+    with pytest.raises(NotCPAError, match="Hardshrink.*not continuous"):
+        as_cpa_network(nn.Sequential(nn.Linear(1, 4), nn.Hardshrink(), nn.Linear(4, 2)))
+
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(NotCPAError, match="Custom.*not a layer pyro-cpa knows"):
+        as_cpa_network(nn.Sequential(nn.Linear(1, 4), Custom(), nn.Linear(4, 2)))
+
+    class Squared(nn.ReLU):
+        def forward(self, x):
+            return torch.relu(x) ** 2
+
+    with pytest.raises(NotCPAError, match="Squared.*overrides forward"):
+        as_cpa_network(nn.Sequential(nn.Linear(1, 4), Squared(), nn.Linear(4, 2)))
