@@ -14,13 +14,14 @@ Three methods (``method="auto"`` picks by the latent dimension S):
 
 Tolerances (each method takes ``tol``; ``None`` uses the method's default):
 
-* ``"breakpoints"``: ``tol`` (default 1e-12) multiplies the rounding scale of each root (its
-  componentwise condition number, from absolute-value accumulations of the weights). Every cell
-  float64 can resolve is kept, however thin; roots closer than their rounding uncertainty are one
-  breakpoint. See :mod:`.enumerate_1d`.
-* ``"polygons"``: a vertex lies on a line when ``|G·X| <= tol |G|⁺`` (chart coordinates are O(1),
-  ``|G|⁺`` is the absolute-value accumulation of the line's homogeneous coefficients); default
-  1e-11. Cells thinner than that band (relative to the chart) are merged into a neighbour.
+* ``"breakpoints"``: ``tol`` (default 16 unit roundoffs) times the number of accumulated terms
+  multiplies the rounding scale of each root (its componentwise condition number, from
+  absolute-value accumulations of the weights). Every cell float64 can resolve is kept, however
+  thin; roots closer than their rounding uncertainty are one breakpoint. See :mod:`.enumerate_1d`.
+* ``"polygons"``: a vertex lies on a line when ``|G·X| <= tol (n + 2) |G|⁺`` (chart coordinates are
+  O(1), ``|G|⁺`` is the absolute-value accumulation of the line's homogeneous coefficients, n the
+  number of accumulated terms); default 16 unit roundoffs. Only cells that thin (relative to the
+  chart) are merged into a neighbour. See :mod:`.enumerate_2d`.
 * ``"lp"``: a generator lies on a hyperplane when ``|t(x)| <= tol (|a| |x| + |b| + |a|)``; default
   ``1e-7``, the zero tolerance of cddlib's floating-point arithmetic, so cells thinner than about
   1e-7 relative to the size of the coordinates are merged into a neighbour.

@@ -15,10 +15,15 @@ is at most ``γ_n |M|⁺``, ``γ_n |m|⁺``). A root's rounding scale is its com
     cond(r) = (|m|⁺ + |M|⁺ |r|) / |M|,
 
 (how far r moves under relative perturbations of all the weights, to first order) and its
-uncertainty is ``err(r) = tol · cond(r) + 4 ulp(r)``. Decisions, each with that named tolerance:
+uncertainty is ``err(r) = tol · (n + 2) · cond(r) + 4 ulp(r)``, where n is the number of terms
+accumulated on the way to the root (the latent dimension plus the widths of the earlier layers,
+the factor of the rounding bound γ_n) and ``tol`` defaults to 16 unit roundoffs (3.6e-15): a
+root is uncertain by 16 roundoffs per accumulated term, which covers the rounding and a nudge of
+every weight by a few ulps. Decisions, each with that named tolerance:
 
-* a slope with ``|M| <= tol |M|⁺`` is rounding noise: t is constant on the interval (no root);
-  a constant with ``m >= -tol |m|⁺`` counts as active (ties go to "active", as in ``t >= 0``);
+* a slope with ``|M| <= tol (n + 2) |M|⁺`` is rounding noise: t is constant on the interval (no
+  root); a constant with ``m >= -tol (n + 2) |m|⁺`` counts as active (ties go to "active", as in
+  ``t >= 0``);
 * a root within ``err(r) + err(β)`` of an endpoint β of its interval lies *on* β (it does not
   split; the unit changes sign at β);
 * roots in the same interval closer than the sum of their ``err`` are one breakpoint (its facet
@@ -28,8 +33,9 @@ The activation pattern of a new interval is read from the position of each unit'
 to the interval (left of it: sign of M; right of it: minus the sign of M), never from the sign of
 a pre-activation evaluated near zero, so patterns and breakpoints are consistent by construction.
 The result is the exact partition of a network whose weights differ from the given ones by a
-relative perturbation of order ``tol`` (to first order); a cell is lost only if such a perturbation
-can close it. ``tol = 0`` identifies only roots within 4 ulps of each other (float64 cannot place a
+relative perturbation of order ``tol (n + 2)`` (to first order); a cell is lost only if such a
+perturbation can close it (e.g. a cell 1e-12 wide at z = 0.7 in the first layer is kept; one of
+1e-15 is not). ``tol = 0`` identifies only roots within 4 ulps of each other (float64 cannot place a
 point strictly between them).
 """
 from __future__ import annotations
@@ -39,8 +45,9 @@ import torch
 from ..nn.network import CPANetwork
 from .regions import RegionEnumeration
 
-#: Relative rounding tolerance (multiplies the absolute-value accumulations, see module docstring).
-DEFAULT_TOL = 1e-12
+#: Rounding tolerance per accumulated term, relative to the absolute-value accumulations (16 unit
+#: roundoffs; see the module docstring).
+DEFAULT_TOL = 16 * 2.0 ** -53
 #: Roots closer than this many ulps are always identified (no float64 point lies strictly between).
 ULP_FLOOR = 4.0
 
@@ -75,17 +82,20 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
     Pa, pa = P.clone(), p.clone()
     patterns: list[torch.Tensor] = []
     offset = 0
+    acc = 0
     inf = torch.tensor([float("inf")], dtype=dt)
     zero = torch.zeros(1, dtype=dt)
     for l, (W, v) in enumerate(maps[:-1]):
         n = W.shape[0]
         I = bps.numel() + 1
+        acc += W.shape[1] + 1                                          # terms accumulated so far
+        rtol = tol * (acc + 1)
         M, m = P @ W.T, p @ W.T + v                                   # (I, n)
         Ma, ma = Pa @ W.abs().T, pa @ W.abs().T + v.abs()
-        sloped = M.abs() > tol * Ma
+        sloped = M.abs() > rtol * Ma
         Msafe = torch.where(sloped, M, torch.ones_like(M))
         root = torch.where(sloped, -m / Msafe, torch.zeros_like(M))
-        err = torch.where(sloped, tol * (ma + Ma * root.abs()) / Msafe.abs() + ULP_FLOOR * _ulp(root),
+        err = torch.where(sloped, rtol * (ma + Ma * root.abs()) / Msafe.abs() + ULP_FLOOR * _ulp(root),
                           torch.zeros_like(M))
         lo, hi = torch.cat([-inf, bps])[:, None], torch.cat([bps, inf])[:, None]
         elo, ehi = torch.cat([zero, berr])[:, None], torch.cat([berr, zero])[:, None]
@@ -94,8 +104,8 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         inside = sloped & ~at_lo & ~at_hi
         # sign of t on an interval the unit does not split
         mid = _interior_of(lo[:, 0], hi[:, 0])[:, None]
-        q_const = m >= -tol * ma
-        q_flat = torch.where(at_lo & at_hi, M * mid + m >= -tol * (ma + Ma * mid.abs()), at_lo == (M > 0))
+        q_const = m >= -rtol * ma
+        q_flat = torch.where(at_lo & at_hi, M * mid + m >= -rtol * (ma + Ma * mid.abs()), at_lo == (M > 0))
         q_base = torch.where(sloped, q_flat, q_const)                # (I, n)
 
         ii, jj = torch.nonzero(inside, as_tuple=True)               # row-major: by interval, then unit

@@ -24,13 +24,16 @@ Edges carry the index of the unit that created them (``-2`` for the chart walls,
 relabelled to a unit whose line runs along them, ``-3`` for the line at infinity); the facets of a
 region are the labels >= 0 of the edges of its pieces.
 
-Tolerance (``tol``, default ``1e-11``): a vertex X is on the line of the form g when
-``|g·X| <= tol |g|⁺``, where ``|g|⁺`` is the norm of the absolute-value accumulation of g (the
-same products and sums as g over absolute values, carried through the layers: it bounds the
-rounding error of g, and unlike |g| it does not shrink when g cancels). A line splits a polygon
-only when it leaves vertices beyond that band on both sides (chart coordinates are O(1)); thinner
-slivers are merged into the neighbouring cell. Chart coordinates shrink like ρ/|z| far from the
-origin, so a cell at distance r ≫ ρ is resolved down to a size of about ``tol r² / ρ``.
+Tolerance (``tol``, default 16 unit roundoffs, 3.6e-15): a vertex X is on the line of the form g
+when ``|g·X| <= tol (n + 2) |g|⁺``, where n is the number of terms accumulated in g (2 plus the
+widths of the earlier layers, the factor of the rounding bound γ_n) and ``|g|⁺`` the norm of the
+absolute-value accumulation of g (the same products and sums as g over absolute values, carried
+through the layers: it bounds the rounding error of g and, unlike |g|, does not shrink when g
+cancels). A line splits a polygon only when it leaves vertices beyond that band on both sides
+(chart coordinates are O(1)); thinner slivers are merged into the neighbouring cell, so a cell is
+lost only if it is within a few hundred roundoffs of degenerate (e.g. a first-layer cell 1e-12
+wide is kept). Chart coordinates shrink like ρ/|z| far from the origin, so a cell at distance
+r ≫ ρ is resolved down to a size of about ``tol (n + 2) r² / ρ``.
 
 Exact by construction: the activation pattern of a piece is the side of each line that the
 clipping step decided (``>= 0`` side for pieces within the band), never the sign of a form
@@ -52,7 +55,7 @@ import torch
 from ..nn.network import CPANetwork
 from .regions import RegionEnumeration
 
-DEFAULT_TOL = 1e-11
+DEFAULT_TOL = 16 * 2.0 ** -53
 WALL = -2
 INFINITY = -3
 PAD = -9
@@ -66,17 +69,17 @@ def _initial_charts() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(X), np.full(4, 3, dtype=np.int64), np.array(labs, dtype=np.int64)
 
 
-def _clip(X, cnt, lab, g, gabs, label, tol):
+def _clip(X, cnt, lab, g, gabs, label, band):
     """Split every polygon cut by the linear form ``g`` (P, 3); returns the new arrays, ``src`` and
     ``side``.
 
     ``src`` maps each output polygon to its input polygon; ``side`` says whether it lies on the
-    ``g >= 0`` side (within the band ``tol |gabs|``, see the module docstring). Polygons cut by
+    ``g >= 0`` side (within the band ``band |gabs|``, see the module docstring). Polygons cut by
     ``g`` are replaced by their ``g >= 0`` part, their ``g <= 0`` part is appended at the end.
     """
     P, V, _ = X.shape
     s = np.einsum("pvk,pk->pv", X, g)
-    eps = tol * np.sqrt(np.einsum("pk,pk->p", gabs, gabs))
+    eps = band * np.sqrt(np.einsum("pk,pk->p", gabs, gabs))
     kk = np.arange(V)
     valid = kk[None, :] < cnt[:, None]
     s[(np.abs(s) <= eps[:, None]) | ~valid] = 0.0
@@ -207,12 +210,15 @@ def enumerate_polygons(net: CPANetwork, max_regions: int, tol: float = DEFAULT_T
     offset = 0
     L = len(maps) - 1
     next_report = time.monotonic() + REPORT_EVERY
+    acc = 0
     for l in range(L):
         n = maps[l][0].shape[0]
+        acc += maps[l][0].shape[1] + 1
+        band = tol * (acc + 1)
         par = np.arange(len(X))
         q = np.zeros((len(X), n), dtype=bool)
         for j in range(n):
-            X, cnt, lab, src, side = _clip(X, cnt, lab, G[par, j], Ga[par, j], offset + j, tol)
+            X, cnt, lab, src, side = _clip(X, cnt, lab, G[par, j], Ga[par, j], offset + j, band)
             par, q = par[src], q[src]
             q[:, j] = side
             due = progress is not None and time.monotonic() >= next_report

@@ -159,9 +159,9 @@ def linear_regions(decoder, max_regions: int = DEFAULT_MAX_REGIONS, method: str 
             (reporting how far it got) once more regions than this are found.
         method: ``"auto"`` (breakpoints for S=1, polygon splitting for S=2, LP refinement for S>=3),
             or one of ``"breakpoints"``, ``"polygons"``, ``"lp"``.
-        tol: tolerance deciding whether a hyperplane cuts a region (defaults: 1e-12 times each
-            root's rounding scale for S=1, 1e-11 for S=2, 1e-7 for the LP method; see
-            :mod:`pyro_cpa.geometry.enumerate`).
+        tol: tolerance deciding whether a hyperplane cuts a region (defaults: 16 unit roundoffs per
+            accumulated term, relative to the rounding scale, for S <= 2; 1e-7 for the LP method;
+            see :mod:`pyro_cpa.geometry.enumerate`).
         progress: show a tqdm progress bar once the enumeration has run for 2 s (``False``: never).
 
     The enumeration is exact: every region of positive volume is found once, except, for S >= 2,
