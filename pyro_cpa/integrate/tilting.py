@@ -64,17 +64,6 @@ def _log1mexp(x: Tensor) -> Tensor:
     return torch.log(-torch.expm1(x.clamp(max=0.0)))
 
 
-def _fast_log_ndtr(x: Tensor) -> Tensor:
-    """log Φ(x): log(erfc(−x/√2)/2) above −30 (relative-accurate there), torch's log_ndtr below (≈3x faster).
-
-    (torch's ``ndtr`` is not relative-accurate in the lower tail: 0 below −8.4.)"""
-    y = torch.log(0.5 * torch.erfc(x * -_SQRT1_2))
-    deep = x < -30.0
-    if bool(deep.any()):
-        y = torch.where(deep, torch.special.log_ndtr(torch.where(deep, x, -30.0)), y)
-    return y
-
-
 def _flip(a: Tensor, b: Tensor):
     """Reflect [a, b] to [−b, −a] where a > 0, so that the interval never lies in the upper tail."""
     flip = a > 0
@@ -84,12 +73,15 @@ def _flip(a: Tensor, b: Tensor):
 def _log_ndtr_diff(a: Tensor, b: Tensor) -> Tensor:
     """log(Φ(b) − Φ(a)), −inf where a >= b; stable in both tails."""
     _, a2, b2 = _flip(a, b)
-    return _log_ndtr_diff_lower(_fast_log_ndtr(a2), _fast_log_ndtr(b2))
+    return _log_ndtr_diff_lower(torch.special.log_ndtr(a2), torch.special.log_ndtr(b2))
 
 
 def _log_ndtr_diff_lower(la: Tensor, lb: Tensor) -> Tensor:
     """log(Φ(b) − Φ(a)) from la = log Φ(a), lb = log Φ(b) (a <= 0 after reflection); −inf if a >= b."""
-    return torch.where(la < lb, lb + _log1mexp(la - lb), torch.full_like(la, -math.inf))
+    ok = la < lb
+    # double where: log1mexp(0) = log(0) would give a NaN gradient even where it is not selected
+    return torch.where(ok, lb + _log1mexp(torch.where(ok, la - lb, torch.full_like(la, -1.0))),
+                       torch.full_like(la, -math.inf))
 
 
 def _log_phi(x: Tensor) -> Tensor:
@@ -128,7 +120,7 @@ def _trunc_inv(a: Tensor, b: Tensor, v: Tensor) -> Tensor:
     """Inverse-CDF draw of N(0,1) truncated to [a, b] (a < b) from uniforms v in (0, 1)."""
     flip, a2, b2 = _flip(a, b)
     v2 = torch.where(flip, 1.0 - v, v)
-    x = _trunc_inv_lower(a2, b2, _fast_log_ndtr(a2), _fast_log_ndtr(b2), v2, precise=True)
+    x = _trunc_inv_lower(a2, b2, torch.special.log_ndtr(a2), torch.special.log_ndtr(b2), v2, precise=True)
     return torch.where(flip, -x, x)
 
 
@@ -541,7 +533,7 @@ def _propose(prop: TiltingProposal, V: Tensor, last: str):
         mk = mu[:, k].unsqueeze(1) if k < m else V.new_zeros(B, 1)
         al, be = Lo - mk, Up - mk
         flip, a2, b2 = _flip(al, be)
-        la, lb = _fast_log_ndtr(a2), _fast_log_ndtr(b2)
+        la, lb = torch.special.log_ndtr(a2), torch.special.log_ndtr(b2)
         logZ = _log_ndtr_diff_lower(la, lb)
         logw = logw + logZ
         if k < m or last == "sample":
@@ -607,7 +599,8 @@ def _rep_stats(prop: TiltingProposal, base: Tensor, generator, chunk_elems: int)
 
 
 def std_moments_tilting(G: Tensor, d: Tensor, *, num_samples: int = 256, num_replicates: int = 8,
-                        rtol: float = 1e-3, max_samples: int = 2 ** 15, generator: torch.Generator | None = None,
+                        rtol: float = 1e-3, min_samples: int = 2 ** 13, max_samples: int = 2 ** 15,
+                        generator: torch.Generator | None = None,
                         chunk_elems: int = 2 ** 22, **proposal_kwargs) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_S) on {u : G u <= d} by minimax-tilting RQMC.
 
@@ -623,6 +616,11 @@ def std_moments_tilting(G: Tensor, d: Tensor, *, num_samples: int = 256, num_rep
         num_replicates: independent randomisations per round (the stderr uses their spread).
         rtol: target for ``log_mass_stderr``; polytopes above it get further rounds of
             ``num_replicates`` replicates until it is met or ``max_samples`` draws were used.
+        min_samples: draws per polytope before ``rtol`` is trusted. The weights are bounded above by
+            exp(ψ*) but their low tail can be heavy: rare draws far below the bound carry most of the
+            error, and with too few draws the replicate spread misses them (measured on 270 non-box
+            polytopes, S = 4–6, exact reference: with 2048 draws the standardised errors had sd 1.41 and
+            max |z| 10.3; with 8192, sd 1.15 and max |z| 3.8).
         max_samples: cap on the draws per polytope.
         generator: torch generator for all randomness (on the device of G).
         chunk_elems: memory budget (elements of the largest temporary) per chunk of polytopes.
@@ -646,7 +644,7 @@ def std_moments_tilting(G: Tensor, d: Tensor, *, num_samples: int = 256, num_rep
     while used + K * n <= max_samples:
         lrall = torch.cat(reps, -1) if len(reps) > 1 else reps[0]
         lp, se = _combine(lrall)
-        need = (se > rtol) & torch.isfinite(lp)
+        need = ((se > rtol) | (used < min_samples)) & torch.isfinite(lp)
         if not bool(need.any()):
             break
         idx = need.nonzero().squeeze(-1)
