@@ -676,10 +676,12 @@ def std_moments_tilting(G: Tensor, d: Tensor, *, num_samples: int = 256, num_rep
     second = 0.5 * (second + second.transpose(-1, -2))
     mean_u = torch.where(empty.unsqueeze(-1), torch.zeros_like(mean_u), mean_u)
     second = torch.where(empty.view(-1, 1, 1), torch.zeros_like(second), second)
+    cov_u = Q @ COV @ Q.transpose(-1, -2)  # pooled weighted covariance: no E[uuᵀ] − m mᵀ subtraction
+    cov_u = torch.where(empty.view(-1, 1, 1), torch.zeros_like(cov_u), 0.5 * (cov_u + cov_u.transpose(-1, -2)))
     log_mass = torch.where(empty, torch.full_like(log_mass, -math.inf), log_mass)
     stderr = torch.where(empty, torch.zeros_like(stderr), stderr)
     return StandardMoments(log_mass.reshape(batch), mean_u.reshape(batch + (S,)),
-                           second.reshape(batch + (S, S)), stderr.reshape(batch))
+                           second.reshape(batch + (S, S)), stderr.reshape(batch), cov_u.reshape(batch + (S, S)))
 
 
 def _combine(lr: Tensor) -> tuple[Tensor, Tensor]:
