@@ -60,7 +60,7 @@ import torch
 
 from .owens_t import DEFAULT_OWENS_T_NODES, owens_t
 from .types import StandardMoments
-from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_moments, log_ndtr_diff
+from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_moments, interval_stats, log_ndtr_diff
 
 __all__ = ["std_moments_2d", "polygon_edges", "log_mass_2d", "DEFAULT_SWITCH_MASS", "DEFAULT_NUM_NODES",
            "DEFAULT_S_CUTS"]
@@ -70,6 +70,7 @@ DEFAULT_NUM_NODES = 16
 DEFAULT_S_CUTS = (0.0, 0.5, 1.5, 3.5, 7.5, 15.0, 30.0, 50.0)
 # slice-bound levels ±sqrt(2 s), s in DEFAULT_S_CUTS: the Gaussian factor falls by a bounded amount per piece
 DEFAULT_LEVELS = tuple(sorted({sg * math.sqrt(2.0 * s) for s in DEFAULT_S_CUTS for sg in (-1.0, 1.0)}))
+DEFAULT_COV_MAX_AMP = 1e3   # see std_moments_2d
 _DIV_TINY = 1e-300     # guards divisions whose result is then discarded (continuous: the cut moves to infinity)
 _TWO_PI = 2.0 * math.pi
 _LOG_2PI = math.log(_TWO_PI)
@@ -165,7 +166,8 @@ def _in_chunks(fn, G: torch.Tensor, d: torch.Tensor, chunk: int, **kw):
     outs = [fn(Gf[i:i + chunk], df[i:i + chunk], **kw) for i in range(0, n, chunk)]
     if isinstance(outs[0], torch.Tensor):
         return torch.cat(outs).reshape(batch)
-    return type(outs[0])(*(torch.cat(f).reshape(batch + f[0].shape[1:]) for f in zip(*outs)))
+    return type(outs[0])(*(None if f[0] is None else torch.cat(f).reshape(batch + f[0].shape[1:])
+                           for f in zip(*outs)))
 
 
 def _cross(x, y):
@@ -213,9 +215,13 @@ def _decay_cuts(r: torch.Tensor, inside: torch.Tensor, sc: torch.Tensor) -> torc
     return torch.cat([decay, torch.where(inside.unsqueeze(-1), -decay, decay)], dim=-1)
 
 
-def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels,
-                     parallel_tol=DEFAULT_PARALLEL_TOL):
-    """log P by log-space Gauss–Legendre slicing along the direction of the nearest point (flat batch)."""
+def _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels, parallel_tol=DEFAULT_PARALLEL_TOL):
+    """Nodes of the log-space Gauss–Legendre slicing along the direction w of the nearest point (flat batch).
+
+    Returns a dict: per node the slice coordinate ``v1``, the slice interval ``(lo, hi)`` in v2 = w⊥·u, the
+    log weight ``integrand`` (log of GL weight · φ(v1) · (Φ(hi) − Φ(lo))) and the owning polygon ``nb``; per
+    polygon ``r`` (distance of the nearest point, 0 if inside), ``w`` and ``wp`` = w⊥.
+    """
     dtype, device = ds.dtype, ds.device
     # nearest point of the polygon to the origin
     tc = torch.clamp(torch.zeros_like(t_lo), t_lo, t_hi)
@@ -281,13 +287,58 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels,
     hi = torch.where(bpos, bnd, inf).amin(-1)
     lo_ = torch.where(bneg, bnd, -inf).amax(-1)
     viol = (bzero & (rhs < 0)).any(-1)
+    lo_ = torch.where(viol, hi, lo_)                  # an empty slice: lo = hi
     lS = log_ndtr_diff(lo_, hi)
-    lS = torch.where(viol, torch.full_like(lS, float("-inf")), lS)
     integrand = logw + lS - 0.5 * v1 * v1 - LOG_SQRT_2PI
-    m = integrand.new_full((B,), float("-inf")).scatter_reduce(0, nb, integrand.detach(), "amax")
+    return dict(v1=v1, lo=lo_, hi=hi, integrand=integrand, nb=nb, B=B, r=r, w=w, wp=wp)
+
+
+def _segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+    """logsumexp of ``x`` within segments ``seg`` (values in [0, n)); -inf for empty segments."""
+    m = x.new_full((n,), float("-inf")).scatter_reduce(0, seg, x.detach(), "amax")
     mf = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-    tot = integrand.new_zeros(B).index_add(0, nb, torch.exp(integrand - mf.index_select(0, nb)))
+    tot = x.new_zeros(n).index_add(0, seg, torch.exp(x - mf.index_select(0, seg)))
     return mf + torch.log(tot)
+
+
+def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
+    """log P by log-space Gauss–Legendre slicing along the direction of the nearest point (flat batch)."""
+    nd = _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels)
+    return _segment_logsumexp(nd["integrand"], nd["nb"], nd["B"])
+
+
+def _covariance_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
+    r"""Cov[u | ω] without cancellation, by the slicing quadrature in the frame of the nearest point (flat batch).
+
+    With s = w·u − r (>= 0 off the mean: the distance beyond the nearest point) and y = w⊥·u, each slice
+    contributes its weight W_n = exp(integrand_n − log P) and the exact 1-D conditional mean m_n and variance
+    c_n of y on its interval (:func:`interval_stats`, accurate in the tails and for narrow intervals). Then,
+    with two passes (means first, then centred sums of squares: every term is non-negative),
+
+        Var s = Σ W_n (s_n − s̄)²,  Cov(s, y) = Σ W_n (s_n − s̄)(m_n − ȳ),  Var y = Σ W_n [c_n + (m_n − ȳ)²],
+
+    and Cov[u] = R [[Var s, Cov], [Cov, Var y]] Rᵀ with R = [w, w⊥]. Its relative error is ~eps·(1 + r²), the
+    conditioning of the covariance w.r.t. the offsets (E[uuᵀ] − E[u]E[u]ᵀ loses eps·r⁴ instead).
+    """
+    nd = _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels)
+    nb, B = nd["nb"], nd["B"]
+    logP = _segment_logsumexp(nd["integrand"], nb, B)
+    W = torch.exp(nd["integrand"] - logP.index_select(0, nb))
+    W = torch.where(torch.isfinite(W), W, torch.zeros_like(W))
+    _, m, c = interval_stats(nd["lo"], nd["hi"])
+    s = nd["v1"] - nd["r"].index_select(0, nb)
+
+    def seg_sum(x):
+        return x.new_zeros(B).index_add(0, nb, W * x)
+
+    sbar, ybar = seg_sum(s), seg_sum(m)
+    ds_ = s - sbar.index_select(0, nb)
+    dy = m - ybar.index_select(0, nb)
+    vss, vsy, vyy = seg_sum(ds_ * ds_), seg_sum(ds_ * dy), seg_sum(c + dy * dy)
+    w, wp = nd["w"], nd["wp"]
+    outer = lambda a, b: a.unsqueeze(-1) * b.unsqueeze(-2)     # noqa: E731
+    return (vss[:, None, None] * outer(w, w) + vsy[:, None, None] * (outer(w, wp) + outer(wp, w))
+            + vyy[:, None, None] * outer(wp, wp))
 
 
 def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z_cuts=DEFAULT_FLUX_Z_CUTS,
@@ -416,7 +467,7 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
 def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAULT_SWITCH_MASS,
                    num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
                    owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS,
-                   need_moments: bool = True) -> StandardMoments:
+                   need_moments: bool = True, cov_max_amp: float | None = DEFAULT_COV_MAX_AMP) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_2) on the polygon {u : G u <= d}, exact.
 
     Args:
@@ -428,15 +479,19 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
         owens_nodes: Gauss–Legendre nodes of Owen's T.
         levels: the slicing quadrature is also cut where a line's slice bound crosses these values
             (resolves lines nearly parallel to the slices, and the kinks of exactly parallel ones).
-        need_moments: if False only log_mass is computed (mean and second_moment are returned as zeros).
+        need_moments: if False only log_mass is computed (mean, second_moment, covariance are returned as zeros).
+        cov_max_amp: the covariance is E[uuᵀ] − E[u]E[u]ᵀ where this subtraction amplifies rounding by at most
+            (1 + |E[u]|²)/λ_min <= cov_max_amp, and the centred slicing quadrature otherwise (far-out or thin
+            polygons; relative error ~eps·(1 + r²), r the distance of the polygon from the mean).
+            None: the covariance is not computed (returned as None).
 
     Returns:
         :class:`StandardMoments` (log_mass (...,), mean (..., 2), second_moment (..., 2, 2),
-        log_mass_stderr = 0). Exact to machine precision (~1e-13 relative); see the module doc for the
+        log_mass_stderr = 0, covariance (..., 2, 2), symmetric positive semi-definite). Exact to machine precision (~1e-13 relative); see the module doc for the
         formulas. Empty polygons: log_mass = -inf, mean = 0, second_moment = 0.
     """
     out = _in_chunks(std_moments_2d, G, d, _CHUNK, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
-                     owens_nodes=owens_nodes, levels=levels, need_moments=need_moments)
+                     owens_nodes=owens_nodes, levels=levels, need_moments=need_moments, cov_max_amp=cov_max_amp)
     if out is not None:
         return out
     edges = polygon_edges(G, d)
@@ -444,8 +499,8 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
     logP = log_mass_2d(G, d, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
                        owens_nodes=owens_nodes, levels=levels, _edges=edges)
     if not need_moments:
-        return StandardMoments(logP, logP.new_zeros(logP.shape + (2,)), logP.new_zeros(logP.shape + (2, 2)),
-                               torch.zeros_like(logP))
+        z2 = logP.new_zeros(logP.shape + (2, 2))
+        return StandardMoments(logP, logP.new_zeros(logP.shape + (2,)), z2, torch.zeros_like(logP), z2)
     empty = empty | torch.isneginf(logP)
     # edge masses and conditional edge means
     ldphi, mu, _ = interval_moments(t_lo, t_hi)
@@ -457,7 +512,24 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
     M = (r.unsqueeze(-1).unsqueeze(-1) * m.unsqueeze(-1) * Gs.unsqueeze(-2)).sum(-3)
     eye = torch.eye(2, dtype=ds.dtype, device=ds.device)
     second = eye - 0.5 * (M + M.transpose(-1, -2))
+    # covariance: E[uuᵀ] − E[u]E[u]ᵀ where that subtraction is well conditioned, the centred slicing otherwise
     zero = torch.zeros((), dtype=ds.dtype, device=ds.device)
     mean = torch.where(empty.unsqueeze(-1), zero, mean)
     second = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, second)
-    return StandardMoments(logP, mean, second, torch.zeros_like(logP))
+    if cov_max_amp is None:
+        return StandardMoments(logP, mean, second, torch.zeros_like(logP))
+    cov = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    cd_ = cov.detach()                                   # a decision only: no gradient through it
+    a, b, c = cd_[..., 0, 0], cd_[..., 0, 1], cd_[..., 1, 1]
+    lam_min = 0.5 * (a + c) - torch.sqrt(0.25 * (a - c) ** 2 + b * b)
+    scale = 1.0 + (mean.detach() ** 2).sum(-1)
+    redo = ~empty & ~whole & ~(lam_min * cov_max_amp > scale)
+    idx = redo.reshape(-1).nonzero().squeeze(-1)
+    if idx.numel():
+        F = ds.shape[-1]
+        flat = (Gs.reshape(-1, F, 2), ds.reshape(-1, F), e.reshape(-1, F, 2), t_lo.reshape(-1, F),
+                t_hi.reshape(-1, F), exists.reshape(-1, F))
+        cs = _covariance_slices(*(x.index_select(0, idx) for x in flat), num_nodes, s_cuts, levels)
+        cov = cov.reshape(-1, 2, 2).index_put((idx,), cs).reshape(cov.shape)
+    cov = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, cov)
+    return StandardMoments(logP, mean, second, torch.zeros_like(logP), cov)

@@ -393,7 +393,7 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
         & (idx.unsqueeze(0) < idx.unsqueeze(-1))
     d2 = torch.where(dup, -torch.ones_like(d2), d2)
     G2 = torch.where(dup.unsqueeze(-1), torch.zeros_like(G2), G2)
-    fac = std_moments_2d(G2, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts)
+    fac = std_moments_2d(G2, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts, cov_max_amp=None)
     empty = torch.isneginf(logP)
     lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
     ok = real & ~torch.isneginf(fac.log_mass)
