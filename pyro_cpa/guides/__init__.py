@@ -1,6 +1,7 @@
-"""Guides for CPA models: the exact posterior (and, later, Gaussian and mixture guides)."""
+"""Guides for CPA models: the exact posterior, amortised Gaussian and (amortised) mixture guides."""
 from .amortized import AmortizedNormal
-from .exact import ExactPosterior
+from .exact import ExactPosterior, ExactPosteriorSite
 from .mixture import AmortizedMixture, AutoMixture, GaussianMixture
 
-__all__ = ["ExactPosterior", "AmortizedNormal", "AutoMixture", "AmortizedMixture", "GaussianMixture"]
+__all__ = ["ExactPosterior", "ExactPosteriorSite", "AmortizedNormal", "AutoMixture", "AmortizedMixture",
+           "GaussianMixture"]
