@@ -28,10 +28,8 @@ from ..distributions import CPALikelihood, CPAMarginal
 from ..distributions.likelihood import real_vector_or_missing
 from ..errors import PyroCPAError, check_not_tracing
 from .estep import _log_temper_constant, tempered_marginal
-from .structure import _prior_scale, _unmask
+from .structure import TEMPER_RTOL, _prior_scale, _unmask
 
-#: Relative tolerance deciding that the tempers t_n = s_x,n / s_z,n of all data are one value.
-TEMPER_RTOL = 1e-12
 
 
 class _TemperedMarginal(TorchDistribution):

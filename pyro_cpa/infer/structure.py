@@ -49,6 +49,11 @@ from ..errors import PyroCPAError
 from ..nn.network import CPANetwork
 
 
+#: Relative tolerance deciding that the tempers t_n = s_x,n / s_z,n are 1 (or one value): the two sites' scales are
+#: products of the same floats in the usual cases, so this only absorbs round-off of the user's own arithmetic.
+TEMPER_RTOL = 1e-12
+
+
 @dataclass
 class DataWeights:
     r"""Per-datum weights of the observed and latent sites (module docstring), flattened like ``x[..., 0]``.
@@ -97,8 +102,9 @@ class DataWeights:
 
     @property
     def is_tempered(self) -> bool:
-        """True if some active datum has s_x ≠ s_z (a tempered likelihood)."""
-        return bool((self.temper != 1).any())
+        """True if some active datum has s_x ≠ s_z beyond ``TEMPER_RTOL`` (a tempered likelihood)."""
+        t = self.temper
+        return not bool(torch.isclose(t, torch.ones_like(t), rtol=TEMPER_RTOL, atol=0.0).all())
 
     def __getitem__(self, idx) -> "DataWeights":
         return DataWeights(self.obs[idx], self.latent[idx])
