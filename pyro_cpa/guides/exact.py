@@ -23,7 +23,8 @@ class ExactPosteriorSite(TruncatedGaussianMixture):
     :meth:`~pyro_cpa.distributions.CPAMarginal.posterior`, computed in float64 (``self.loc.dtype``), with
     what crosses into the Pyro program cast to the model's dtype ``model_dtype``: ``sample`` /
     ``rsample`` values, ``log_prob`` (its argument is cast up to the exact dtype first), ``mean``,
-    ``covariance_matrix``, ``variance``, ``entropy`` and ``cdf``.
+    ``covariance_matrix``, ``variance`` and ``cdf``. ``entropy`` (which Pyro's ELBOs do not call; the exact
+    evaluation in :mod:`pyro_cpa.infer.evaluation` does) and the component quantities stay in float64.
 
     ``has_rsample`` is True, and that is exact, not an approximation: the posterior is built under
     ``torch.no_grad()``, so it has no parameter through which a sample could carry a gradient, and the
@@ -66,9 +67,6 @@ class ExactPosteriorSite(TruncatedGaussianMixture):
     @property
     def covariance_matrix(self) -> torch.Tensor:
         return super().covariance_matrix.to(self.model_dtype)
-
-    def entropy(self, num_samples: int = 20000) -> torch.Tensor:
-        return super().entropy(num_samples).to(self.model_dtype)
 
     def cdf(self, value: torch.Tensor) -> torch.Tensor:
         return super().cdf(value.to(self.loc.dtype)).to(self.model_dtype)
