@@ -219,3 +219,23 @@ def test_item7_log_evidence_and_information_criteria_take_max_regions():
         information_criteria(model, x, max_regions=2)
     ic = information_criteria(model, x, max_regions=1000)
     assert math.isclose(ic.log_likelihood, float(log_evidence(model, x).sum()), rel_tol=1e-12)
+
+
+def test_item1_subsampled_plate_with_mask_and_scale_uses_all_data_unscaled_by_the_subsampling():
+    """The plate's subsampling factor N/B is not a user weight: a subsampled masked, tempered model has the
+    evidence of the full-plate one."""
+    dec, x = _decoder(), _data(30)
+    keep = torch.arange(30) % 4 != 0
+
+    def model(x, subsample_size=None):
+        pyro.module("decoder", dec)
+        s = pyro.param("obs_scale", torch.tensor(SIGMA), constraint=constraints.positive)
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+            with poutine.scale(scale=0.5), poutine.mask(mask=keep[idx]):
+                pyro.sample("x", CPALikelihood(dec, z, s), obs=x[idx])
+    pyro.clear_param_store()
+    full = log_evidence(model, x)
+    sub = log_evidence(model, x, subsample_size=7)
+    torch.testing.assert_close(sub, full, rtol=1e-12, atol=0)
+    torch.testing.assert_close(full, keep * _quad_log_evidence(dec, x, t=0.5), rtol=QUAD_RTOL, atol=0)
