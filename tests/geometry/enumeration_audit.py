@@ -3,7 +3,8 @@ benchmarks/audit_enumeration.py).
 
 A random small CPA network, optionally with degeneracies that make decisions hang on exact zeros
 (duplicated units, zero rows, hyperplanes exactly through the origin, through a vertex of the
-first layer's arrangement, or a second-layer bent hyperplane through such a vertex), is checked
+first layer's arrangement, or a second-layer bent hyperplane through such a vertex) or a thin but
+resolvable strip (two parallel hyperplanes 1e-9 apart), is checked
 against references that do not use the enumerator's own decisions:
 
 * tiling: many points (grid + Gaussian + the constructed degenerate points) get their activation
@@ -28,13 +29,16 @@ from pyro_cpa.integrate import gaussian_polytope_moments
 
 #: A point outside every region by at most this much (relative to 1 + |z|, per normalised facet)
 #: counts as on a boundary; for the LP method (S >= 3) the band is cddlib's 1e-7 zero tolerance.
-BOUNDARY_TOL = {1: 1e-9, 2: 1e-9, 3: 1e-6}
+BOUNDARY_TOL = {1: 1e-11, 2: 1e-11, 3: 1e-6}
 #: Sum of the standard-normal masses of all regions: |sum - 1| <= MASS_TOL (S <= 2, exact integrals).
 MASS_TOL = 1e-12
 #: Relative tolerance of the per-region maps A, b after a few-ulp nudge of the weights.
 MAP_RTOL = 1e-8
 ACTIVATIONS = ("relu", "leaky", "leakyneg", "abs")
-DEGENERACIES = ("duplicate", "zero_row", "origin", "vertex", "vertex2")
+DEGENERACIES = ("duplicate", "zero_row", "origin", "vertex", "vertex2", "thin")
+#: Width (relative to the weights) of the strip the "thin" degeneracy puts between two parallel
+#: first-layer hyperplanes: resolvable in float64, so the enumeration must keep it.
+THIN_GAP = 1e-9
 
 
 def _act(name):
@@ -42,8 +46,11 @@ def _act(name):
             "abs": Abs}[name]()
 
 
-def _vertex(W: torch.Tensor, v: torch.Tensor, rows) -> torch.Tensor:
-    """Common point of the first-layer hyperplanes ``rows`` (S of them)."""
+def _vertex(W: torch.Tensor, v: torch.Tensor, rows) -> torch.Tensor | None:
+    """Common point of the first-layer hyperplanes ``rows`` (S of them); None if they have none
+    (parallel, duplicated or zero rows: condition number above 1e8)."""
+    if float(torch.linalg.cond(W[rows])) > 1e8:
+        return None
     return torch.linalg.solve(W[rows], -v[rows])
 
 
@@ -82,16 +89,28 @@ def random_network(rng: np.random.Generator, S: int, widths, act: str, degenerac
             elif kind == "zero_row":
                 lin = lins[int(rng.integers(len(lins)))]
                 lin.weight[int(rng.integers(lin.weight.shape[0]))] = 0.0
+            elif kind == "thin" and n0 >= 2:    # a strip THIN_GAP wide between two parallel hyperplanes
+                i, k = rng.choice(n0, 2, replace=False)
+                if float(W0[i].norm()) == 0.0:
+                    continue
+                W0[k] = W0[i]
+                v0[k] = v0[i] + THIN_GAP * float(W0[i].norm()) * (1.0 + abs(float(v0[i])))
+                z = -(v0[i] + v0[k]) / 2 * W0[i] / W0[i].norm() ** 2          # the middle of the strip
+                special.append(z[None])
             elif kind == "origin":           # a first-layer hyperplane exactly through the origin
                 v0[int(rng.integers(n0))] = 0.0
             elif kind == "vertex" and n0 > S:   # a first-layer hyperplane through a vertex of S others
                 rows = rng.choice(n0, S + 1, replace=False)
                 z = _vertex(W0, v0, rows[:S])
+                if z is None:
+                    continue
                 v0[rows[S]] = -(W0[rows[S]] @ z)
                 special.append(z[None])
             elif kind == "vertex2" and len(lins) > 1 and n0 >= S:   # a layer-2 unit through a vertex
                 rows = rng.choice(n0, S, replace=False)
                 z = _vertex(W0, v0, rows)
+                if z is None:
+                    continue
                 net = nn.Sequential(*layers[:2])
                 h = net(z[None])[0]
                 lin = lins[1]
@@ -141,7 +160,8 @@ def sample_points(regions, special: torch.Tensor, rng: np.random.Generator, n_ra
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, S)
     rand = torch.from_numpy(rng.standard_normal((n_random, S))) * float(rng.choice([1.0, 3.0, 10.0]))
     near = special.repeat(8, 1) + 1e-6 * torch.from_numpy(rng.standard_normal((8 * len(special), S)))
-    return torch.cat([grid, rand, special, near, x])
+    near_thin = special.repeat(8, 1) + 1e-12 * torch.from_numpy(rng.standard_normal((8 * len(special), S)))
+    return torch.cat([grid, rand, special, near, near_thin, x])
 
 
 def check_tiling(regions, z: torch.Tensor) -> dict:

@@ -132,3 +132,38 @@ def test_single_linear_decoder():
     z = torch.randn(10, 2)
     assert (regions.locate(z) == 0).all()
     torch.testing.assert_close(regions.A[0], regions.network.module[0].weight)
+
+
+# ----------------------------------------------------------------------------------------- cost (issue 11 item 7)
+def test_budget_refused_promptly_inside_a_layer():
+    """S=2: the budget is checked after every unit, not only between layers (or at 4x the budget)."""
+    dec = decoder(2, (48, 48), nn.ReLU, D=2, seed=3)
+    full = len(linear_regions(dec, progress=False))
+    budget = full // 3
+    with pytest.raises(RegionBudgetExceeded, match="narrow the network") as info:
+        linear_regions(dec, max_regions=budget, progress=False)
+    assert budget < info.value.regions_found < 1.5 * budget
+    assert "fewer latent dimensions" in str(info.value) and "estimate_cost" in str(info.value)
+
+
+def test_estimate_cost_exact_and_estimated():
+    from pyro_cpa.geometry import BYTES_PER_PAIR, BYTES_PER_PAIR_AUTOGRAD, estimate_cost
+
+    dec = decoder(2, (24, 24), nn.LeakyReLU, D=2, seed=4)
+    R = len(linear_regions(dec, progress=False))
+    exact = estimate_cost(dec, num_data=50)
+    assert exact.exact and exact.regions == R and exact.pairs == 50 * R
+    assert exact.log_prob_bytes == 50 * R * BYTES_PER_PAIR
+    assert exact.autograd_bytes == 50 * R * BYTES_PER_PAIR_AUTOGRAD
+    est = estimate_cost(dec, num_data=50, exact_budget=R // 4)
+    assert not est.exact and 0.5 * R < est.regions < 2.0 * R          # an estimate, not a bound
+    assert "estimate" in str(est) and "pairs" in str(est)
+    with pytest.raises(ValueError, match="num_data"):
+        estimate_cost(dec, num_data=-1)
+
+
+def test_progress_bar_quiet_on_short_enumerations(capsys):
+    linear_regions(decoder(2, (8, 8)), progress=True)
+    linear_regions(decoder(1, (8, 8)), progress=False)
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""
