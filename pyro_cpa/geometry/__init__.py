@@ -3,5 +3,5 @@ from .cost import BYTES_PER_PAIR, BYTES_PER_PAIR_AUTOGRAD, CostEstimate, estimat
 from .maps import RegionMaps, region_hyperplanes, region_maps
 from .regions import LinearRegions, RegionEnumeration, cached_linear_regions, linear_regions
 
-__all__ = ["BYTES_PER_PAIR", "BYTES_PER_PAIR_AUTOGRAD", "CostEstimate", "estimate_cost", "estimate_regions", "LinearRegions", "RegionEnumeration", "RegionMaps",
-           "linear_regions", "cached_linear_regions", "region_maps", "region_hyperplanes"]
+__all__ = ["BYTES_PER_PAIR", "BYTES_PER_PAIR_AUTOGRAD", "CostEstimate", "estimate_cost", "estimate_regions",
+           "LinearRegions", "RegionEnumeration", "RegionMaps", "linear_regions", "cached_linear_regions", "region_maps", "region_hyperplanes"]

@@ -11,6 +11,11 @@ import cdd
 import numpy as np
 
 
+#: cdd omits the apex of a cone at the origin: the origin is the apex when every row has
+#: ``c >= -APEX_TOL |h|`` and lies on the rows with ``|c| <= APEX_TOL |h|``.
+APEX_TOL = 1e-9
+
+
 @dataclass
 class VRep:
     """V-representation of ``{z : H z <= c}`` with the incidence of its rows.
@@ -80,18 +85,18 @@ def vrep(H: np.ndarray, c: np.ndarray) -> VRep | None:
     V = G[isv, 1:]
     D = G[:, 1:]
     nrm = np.linalg.norm(D, axis=1)
-    nrm[nrm == 0] = 1.0
+    nrm[nrm == 0] = 1.0     # only vertex rows at the origin have a zero direction part; never used below
     # cdd appends an artificial row (the hyperplane at infinity) for unbounded polyhedra: drop it
     masks = [sum(1 << g for g in st) for st in cdd.copy_input_incidence(poly)[:k]]
     masks += [0] * (k - len(masks))
     if V.shape[0] == 0:
         # cdd leaves out the apex of a cone when it is the origin
         rn = np.linalg.norm(H, axis=1)
-        if (c < -1e-9 * rn).any():
+        if (c < -APEX_TOL * rn).any():
             return None
         V = np.zeros((1, S))
         apex = G.shape[0]
-        on = np.abs(c) <= 1e-9 * rn
+        on = np.abs(c) <= APEX_TOL * rn
         masks = [m | (1 << apex) if o else m for m, o in zip(masks, on.tolist())]
         order = [apex] + order
     return VRep(vertices=V, rays=D[isr] / nrm[isr, None], lines=D[lin] / nrm[lin, None], masks=masks, bits=order)
