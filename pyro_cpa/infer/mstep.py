@@ -56,7 +56,7 @@ from .estep import EStepStats
 
 DEFAULT_RCOND = 1e-8
 DEFAULT_MIN_OBS_VAR = 1e-12
-DEFAULT_DENSE_MAX = 4096
+DEFAULT_DENSE_MAX = 6144
 
 
 class MStepResult(NamedTuple):
