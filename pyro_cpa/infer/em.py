@@ -11,6 +11,42 @@ from .estep import weighted_log_prob
 from .structure import full_data_structure
 
 
+def _store_links(module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(module parameter, param-store tensor)] for the parameters of ``module`` that ``pyro.module`` registered
+    in the store under tensors other than the module's own (the store was loaded or set after the module was
+    built, and ``update_module_params`` was not used). Empty when the store and the module share tensors, or
+    when the module is not in the store.
+
+    ``pyro.module(name, m)`` stores ``m``'s parameter ``path`` as ``f"{name}$$$" + path`` (a submodule of a
+    registered module as ``f"{name}$$${sub}." + path``); the prefix is found from the store's names, and must
+    be unique (shapes equal) unless one candidate already shares the module's tensors.
+    """
+    store = pyro.get_param_store()
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not params:
+        return []
+    first = params[0][0]
+    prefixes = set()
+    for key in store.keys():
+        if "$$$" in key and (key.endswith("$$$" + first) or key.endswith("." + first)):
+            prefixes.add(key[:len(key) - len(first)])
+    candidates = []
+    for prefix in sorted(prefixes):
+        if all(prefix + n in store and store[prefix + n].shape == p.shape for n, p in params):
+            candidates.append([(p, store[prefix + n]) for n, p in params])
+    for links in candidates:
+        if all(stored is p for p, stored in links):
+            return []  # the store holds the module's own tensors (pyro.module's usual state)
+    if len(candidates) > 1:
+        raise PyroCPAError("the decoder's parameters match several modules in the param store "
+                           f"({len(candidates)} candidates); register the decoder with "
+                           "pyro.module(name, decoder, update_module_params=True) so that EM knows which is its state")
+    if not candidates:
+        return []
+    return [(p, stored.unconstrained() if hasattr(stored, "unconstrained") else stored)
+            for p, stored in candidates[0]]
+
+
 class EM:
     r"""Exact EM on a Pyro model whose observation site is a CPA likelihood.
 
@@ -25,7 +61,11 @@ class EM:
     patterns), then evaluates the exact likelihood and backtracks so that the NLL never increases
     (see :func:`~pyro_cpa.infer.em_engine.em_step`). The decoder is updated in place and σx is written to
     its Pyro param, so the model, the parameter store and ``decoder.state_dict()`` always hold the
-    current state: resuming from them continues the same trajectory.
+    current state: resuming from them continues the same trajectory. In particular, after
+    ``pyro.get_param_store().load(path)`` with a newly built decoder registered by ``pyro.module(name,
+    decoder)`` (no ``update_module_params`` needed), EM reads the decoder's weights from the store
+    entries ``f"{name}$$$..."`` before each step (overwriting the decoder object's own values) and writes
+    the new weights back to those same store tensors, in place.
 
     Args:
         model: a CPA model (see :mod:`pyro_cpa.infer.structure`); a subsampled data plate is evaluated
@@ -59,7 +99,17 @@ class EM:
         structure = full_data_structure(self.model, *args, **kwargs)
         if structure.latent is None:
             raise PyroCPAError("EM needs a model with a latent site and a CPALikelihood observation")
+        self._store_links = _store_links(structure.network.module)
+        with torch.no_grad():  # the param store holds the state: a loaded store overrides a fresh decoder object
+            for p, stored in self._store_links:
+                p.copy_(stored)
         return structure
+
+    def _write_back(self) -> None:
+        """Copy the decoder's new weights into the param store entries they were read from (in place)."""
+        with torch.no_grad():
+            for p, stored in self._store_links:
+                stored.copy_(p)
 
     @staticmethod
     def _weights(structure):
@@ -83,6 +133,7 @@ class EM:
         result = em_step(structure.network.module, obs_scale, structure.prior_scale, structure.x.detach(),
                          obs_noise=self.obs_noise, m_step_method=self.m_step,
                          update_obs_scale=self.update_obs_scale, weights=self._weights(structure), **self.em_kwargs)
+        self._write_back()
         if self.update_obs_scale:
             store = pyro.get_param_store()
             old = store[structure.obs_scale_param]
