@@ -1,17 +1,31 @@
 """The README's usage example runs as written, and .ci/run runs the README's test command."""
+import contextlib
+import io
+import math
 import pathlib
 import re
 
 import pyro
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUMBER = r"(-?[0-9.]+(?:e[+-]?[0-9]+)?|nan|-?inf)"
 
 
-def test_readme_usage_example_runs():
+def test_readme_usage_example_fits_three_copies_and_prints_three_exact_nlls():
     text = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     pyro.clear_param_store()
-    exec(compile(code, "README.md", "exec"), {})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    printed = out.getvalue()
+    m = re.search(rf"EM {NUMBER}, exact MLE {NUMBER}, SVI \+ AutoNormal {NUMBER}", printed)
+    assert m, f"the example must print the three exact NLLs side by side; it printed:\n{printed}"
+    em, mle, svi = (float(v) for v in m.groups())
+    assert math.isfinite(em) and math.isfinite(mle) and math.isfinite(svi)
+    # each fit has its own copy of the model: EM's exact fit is not damaged by the later SVI fit
+    assert em <= svi
+    assert re.search(rf"exact KL\(q \|\| p\(z\|x\)\) of AutoNormal: {NUMBER}", printed)
 
 
 def test_ci_runs_the_readme_test_command():
