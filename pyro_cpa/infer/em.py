@@ -6,9 +6,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PyroCPAError
-from .em_engine import EMStepResult, em_step
+from .em_engine import DEFAULT_MIN_OBS_SCALE, EMStepResult, em_step
 from .estep import weighted_log_prob
-from .structure import full_data_structure
+from .structure import full_data_structure, trace_model
 
 
 def _store_links(module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -79,12 +79,15 @@ class EM:
         m_step: ``"closed_form"`` (default) or ``"gradient"`` (generalised EM: an optimiser on the exact
             expected complete log-likelihood; works for decoders with BatchNorm folded in).
         update_obs_scale: whether to update σx (needs σx to be a Pyro param).
+        min_obs_scale: floor of the updated σx (default 1e-6, in the data's units). With too few data for
+            the decoder (N = 1, N = 2, identical points) the likelihood is unbounded as σx → 0; σx then stops
+            at this floor and an :class:`~pyro_cpa.infer.em_engine.ObsScaleFloorWarning` is issued.
         **em_kwargs: further options of :func:`~pyro_cpa.infer.em_engine.em_step`
             (``max_backtracks``, ``schedule``, ``rcond``, ``max_regions``, ...).
     """
 
     def __init__(self, model, guide=None, *, obs_noise: str = "isotropic", m_step: str = "closed_form",
-                 update_obs_scale: bool = True, **em_kwargs):
+                 update_obs_scale: bool = True, min_obs_scale: float = DEFAULT_MIN_OBS_SCALE, **em_kwargs):
         from ..guides import ExactPosterior
 
         if guide is not None and not isinstance(guide, ExactPosterior):
@@ -92,13 +95,23 @@ class EM:
                                f"not {type(guide).__name__}. Use pyro.infer.SVI for other guides.")
         self.model, self.guide = model, guide
         self.obs_noise, self.m_step, self.update_obs_scale = obs_noise, m_step, update_obs_scale
-        self.em_kwargs = em_kwargs
+        self.em_kwargs = dict(em_kwargs, min_obs_scale=min_obs_scale)
         self.history: list[EMStepResult] = []
 
     def _structure(self, *args, **kwargs):
-        structure = full_data_structure(self.model, *args, **kwargs)
+        try:
+            structure = full_data_structure(self.model, *args, **kwargs)
+        except ZeroDivisionError as e:  # pyro.plate(name, 0)
+            raise PyroCPAError(f"EM: the model's data plate is empty ({e}); EM needs at least one datum") from e
         if structure.latent is None:
             raise PyroCPAError("EM needs a model with a latent site and a CPALikelihood observation")
+        obs_fn = trace_model(self.model, *args, **kwargs).nodes[structure.observed]["fn"]
+        if obs_fn.batch_shape.numel() > structure.x.shape[:-1].numel():
+            raise PyroCPAError(
+                f"EM: the observed site '{structure.observed}' has batch shape {tuple(obs_fn.batch_shape)} but its "
+                f"value x has shape {tuple(structure.x.shape)}: the model broadcasts fewer data than it has latents "
+                "(e.g. x of shape (D,) — one datum — inside a plate of size D). Pass x of shape (N, D), N data "
+                "(x.unsqueeze(0) for one datum), with the plate sized by x.shape[0].")
         self._store_links = _store_links(structure.network.module)
         with torch.no_grad():  # the param store holds the state: a loaded store overrides a fresh decoder object
             for p, stored in self._store_links:

@@ -27,6 +27,7 @@ Schedules of :func:`em_step`:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,15 @@ MONOTONE_TOL = 1e-12
 #: measured ×10–50 per block update on the circle — so a 1e-16 difference in a sum grew to 1e-3 in the
 #: NLL within 10 steps when the summation order followed ``chunk_size``.)
 STATS_BLOCK = 256
+#: Default floor of σx (``min_obs_scale``). The likelihood is unbounded as σx → 0 when the decoder can pass
+#: through every datum (N = 1, N = 2, identical points, N ≤ the decoder's capacity): EM then drives σx down
+#: to this floor, and warns (:class:`ObsScaleFloorWarning`).
+DEFAULT_MIN_OBS_SCALE = 1e-6
+
+
+class ObsScaleFloorWarning(UserWarning):
+    """EM's σx update reached its floor ``min_obs_scale``: the maximum-likelihood σx is 0 (the decoder fits
+    the data exactly, e.g. too few or identical data), so the likelihood is unbounded and the fit degenerate."""
 
 
 @dataclass
@@ -180,7 +190,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             schedule: str = "layerwise", px: bool = False, sweeps: int = 1, order: str = "forward",
             rcond: float = DEFAULT_RCOND, gradient_steps: int = 50, gradient_lr: float = 1.0, max_backtracks: int = 10,
             monotone_tol: float = MONOTONE_TOL, max_regions: int = DEFAULT_MAX_REGIONS,
-            marginal_kwargs: dict | None = None, weights=None) -> EMStepResult:
+            marginal_kwargs: dict | None = None, weights=None,
+            min_obs_scale: float = DEFAULT_MIN_OBS_SCALE) -> EMStepResult:
     """One exact EM step on ``decoder`` (modified in place) with guaranteed non-increasing exact NLL.
 
     Args:
@@ -216,6 +227,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         weights: optional per-datum :class:`~pyro_cpa.infer.structure.DataWeights` (Pyro's scale × mask of the
             observed and latent sites); the NLL is then −Σ_n L_n, the weighted / tempered objective of
             :mod:`pyro_cpa.infer.estep`. NaN entries of ``x`` are missing coordinates (exact incomplete-data EM).
+        min_obs_scale: floor of the updated σx (default ``DEFAULT_MIN_OBS_SCALE`` = 1e-6, in the data's
+            units); an :class:`ObsScaleFloorWarning` is issued when the kept σx is at the floor.
 
     Returns:
         :class:`EMStepResult` (the new σx, σz are in ``obs_scale``, ``prior_scale``). With
@@ -234,6 +247,9 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         raise PyroCPAError(f"order must be 'forward' or 'backward', got {order!r}")
     if max_backtracks < 0:
         raise PyroCPAError(f"max_backtracks must be >= 0, got {max_backtracks}")
+    if not (math.isfinite(min_obs_scale) and min_obs_scale > 0):
+        raise PyroCPAError(f"min_obs_scale must be a positive finite number, got {min_obs_scale}")
+    min_obs_var = min_obs_scale ** 2
     net = as_cpa_network(decoder)
     mkw = dict(marginal_kwargs or {})
     mkw.setdefault("max_regions", max_regions)
@@ -252,7 +268,17 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         raise PyroCPAError("update_prior_scale=True is not supported with a tempered likelihood (a scale or mask on "
                            "only one of the latent and observed sites); scale both sites alike or keep σz fixed")
     x = marginal._check_x(x).reshape(-1, D)
-    stats = _block_e_step(marginal, x, weights)
+    if x.shape[0] == 0:
+        raise PyroCPAError("em_step: x holds no data (shape (0, D)); EM needs at least one datum")
+    try:
+        stats = _block_e_step(marginal, x, weights)
+    except torch.linalg.LinAlgError as e:
+        scale = max(float(p.detach().abs().max()) for p in decoder.parameters())
+        raise PyroCPAError(
+            f"em_step: the exact E-step failed at the current parameters ({e.__class__.__name__}: the per-region "
+            f"posterior covariances are not positive definite in float64). The decoder's largest weight is "
+            f"{scale:.3g} and σx is {float(sx_old.min()):.3g}: products of that size overflow or lose all precision. "
+            "Rescale the data and the decoder (e.g. standardise x, re-initialise the weights).") from e
     nll_before = float(-stats.loglik.sum())
     old_params = _snapshot(decoder)
     num_regions = stats.num_regions
@@ -263,8 +289,17 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                                                   (sx ** 2).expand(D), sz ** 2))
 
     def to_scale(var):
-        s = var.sqrt()
+        s = var.sqrt().clamp_min(min_obs_scale) if update_obs_scale else var.sqrt()
         return s[0].clone() if obs_noise == "isotropic" else s
+
+    def finish(result: EMStepResult) -> EMStepResult:
+        if update_obs_scale and bool((result.obs_scale <= min_obs_scale).any()):
+            warnings.warn(f"EM: σx reached its floor min_obs_scale={min_obs_scale:g} with N={x.shape[0]} data: the "
+                          "decoder fits the data exactly, so the likelihood is unbounded as σx → 0 and this fit is "
+                          "degenerate (too few or identical data?). Use more data, keep σx fixed "
+                          "(update_obs_scale=False) or set min_obs_scale to the data's known noise level.",
+                          ObsScaleFloorWarning, stacklevel=3)
+        return result
 
     if m_step_method == "closed_form" and schedule == "layerwise":
         ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=True, weights=weights)
@@ -282,7 +317,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                 maps = [(W.detach(), v.detach()) for W, v in net.affine_maps(dtype)]
                 new_ov, new_pv = update_variances(maps, net, stats, obs_var, prior_var, obs_noise=obs_noise,
                                                   update_prior_scale=update_prior_scale,
-                                                  update_obs_scale=update_obs_scale)
+                                                  update_obs_scale=update_obs_scale, min_obs_var=min_obs_var)
                 sx_c, sz_c = to_scale(new_ov), new_pv.sqrt()
             elif block == "px":
                 maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps(dtype)]
@@ -301,8 +336,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             if ok:
                 moved = True
                 nll, sx, sz, stats = nll_c, sx_k, sz_k, stats_c
-        return EMStepResult(nll_before, nll, total_bt, moved, 1.0 if moved else 0.0, sx.clone(), sz.clone(),
-                            num_regions, q_gain, ver.trials)
+        return finish(EMStepResult(nll_before, nll, total_bt, moved, 1.0 if moved else 0.0, sx.clone(), sz.clone(),
+                                   num_regions, q_gain, ver.trials))
 
     obs_var_old = (sx_old ** 2).expand(D)
     prior_var_old = sz_old ** 2
@@ -310,7 +345,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
     if m_step_method == "closed_form":
         res = m_step(net, stats.patterns, stats, obs_var_old, prior_var_old, obs_noise=obs_noise,
                      update_prior_scale=update_prior_scale, update_obs_scale=update_obs_scale, sweeps=sweeps,
-                     order=order, rcond=rcond)
+                     order=order, rcond=rcond, min_obs_var=min_obs_var)
         net.set_affine_maps(res.maps)  # validates every step before writing anything
         sx_new, sz_new = to_scale(res.obs_var), res.prior_var.sqrt()
     else:
@@ -318,12 +353,13 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                                           update_prior_scale=update_prior_scale,
                                           update_obs_scale=update_obs_scale, steps=gradient_steps,
                                           lr=gradient_lr)
+        sx_new = sx_new.clamp_min(min_obs_scale) if update_obs_scale else sx_new
     q_new = Q(stats, sx_new, sz_new)
     new_params = _snapshot(decoder)
     ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False, weights=weights)
     ok, k, nll, _, sx, sz = ver.line_search(nll_before, old_params, new_params, sx_old, sx_new, sz_old, sz_new)
-    return EMStepResult(nll_before, nll, k, ok, 0.5 ** k if ok else 0.0, sx.clone(), sz.clone(), num_regions,
-                        q_new - q_old, ver.trials)
+    return finish(EMStepResult(nll_before, nll, k, ok, 0.5 ** k if ok else 0.0, sx.clone(), sz.clone(), num_regions,
+                               q_new - q_old, ver.trials))
 
 
 def run_em(decoder, obs_scale, prior_scale, x: torch.Tensor, num_steps: int, *, callback=None,

@@ -148,6 +148,9 @@ def _filter(C: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
     One Cholesky factor of A = C + λI: f(C) = C (A⁻² + 2λ A⁻³). If rounding made C indefinite by more
     than λ (Cholesky fails), the same f is applied to the eigenvalues clamped at 0.
     """
+    if not (bool(torch.isfinite(C).all()) and bool(torch.isfinite(rhs).all())):
+        raise PyroCPAError("m_step: the layer's normal equations overflowed (non-finite entries); the decoder's "
+                           "weights or the data are too large for float64 — rescale the data or the decoder")
     L, info = torch.linalg.cholesky_ex(C + lam * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device))
     if int(info) == 0:
         y2 = torch.cholesky_solve(torch.cholesky_solve(rhs, L), L)
