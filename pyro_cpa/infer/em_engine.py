@@ -5,8 +5,10 @@ while the partition does not move, so every candidate is checked against the exa
 is re-enumerated for the new weights) and backtracked: θ = θ_old + 2^{-k}(θ_new − θ_old) for
 k = 0 … ``max_backtracks`` (decoder parameters and σx, σz alike), the first k with
 NLL ≤ NLL(θ_old) + tol being kept, θ_old restored exactly if none is; tol = ``monotone_tol`` ·
-max(1, |NLL(θ_old)|), ``MONOTONE_TOL`` = 1e-12 (round-off of the likelihood evaluation). Hence the exact
-NLL never increases by more than tol.
+max(1, Σ_n |log p(x_n; θ_old)|), ``MONOTONE_TOL`` = 1e-12. The scale Σ_n |ℓ_n| bounds the rounding of
+the NLL's evaluation (relative errors of each term and of their sum, even when the terms cancel), which is
+~1e-15 of it: the accept decision is not decided by that rounding unless a step's true change lies within
+~1e-15·Σ|ℓ_n| of tol. Hence the exact NLL never increases by more than tol.
 
 Schedules of :func:`em_step`:
 
@@ -169,9 +171,11 @@ class _Verifier:
             return math.inf, None
         return (nll, stats) if math.isfinite(nll) else (math.inf, None)
 
-    def line_search(self, nll_ref, old, new, sx_old, sx_new, sz_old, sz_new):
-        """First t = 1, 1/2, … with NLL(θ_old + t(θ_new − θ_old)) <= nll_ref + tol; restores θ_old if none."""
-        tol = self.monotone_tol * max(1.0, abs(nll_ref))
+    def line_search(self, nll_ref, abs_ref, old, new, sx_old, sx_new, sz_old, sz_new):
+        """First t = 1, 1/2, … with NLL(θ_old + t(θ_new − θ_old)) <= nll_ref + tol; restores θ_old if none.
+
+        tol = monotone_tol · max(1, abs_ref), abs_ref = Σ_n |ℓ_n| at θ_old (module docstring)."""
+        tol = self.monotone_tol * max(1.0, abs_ref)
         for k in range(self.max_backtracks + 1):
             t = 0.5 ** k
             _load(self.decoder, new if k == 0 else [a + t * (b - a) for a, b in zip(old, new)])
@@ -331,7 +335,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             if block != "px":  # the reduction re-labels z: the frozen-E-step Q is not comparable
                 q_gain += Q(stats, sx_c, sz_c) - q0
             new = _snapshot(decoder)
-            ok, k, nll_c, stats_c, sx_k, sz_k = ver.line_search(nll, old, new, sx, sx_c, sz, sz_c)
+            ok, k, nll_c, stats_c, sx_k, sz_k = ver.line_search(nll, float(stats.loglik.abs().sum()), old, new,
+                                                                sx, sx_c, sz, sz_c)
             total_bt += k
             if ok:
                 moved = True
@@ -357,7 +362,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
     q_new = Q(stats, sx_new, sz_new)
     new_params = _snapshot(decoder)
     ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False, weights=weights)
-    ok, k, nll, _, sx, sz = ver.line_search(nll_before, old_params, new_params, sx_old, sx_new, sz_old, sz_new)
+    ok, k, nll, _, sx, sz = ver.line_search(nll_before, float(stats.loglik.abs().sum()), old_params, new_params,
+                                            sx_old, sx_new, sz_old, sz_new)
     return finish(EMStepResult(nll_before, nll, k, ok, 0.5 ** k if ok else 0.0, sx.clone(), sz.clone(), num_regions,
                                q_new - q_old, ver.trials))
 

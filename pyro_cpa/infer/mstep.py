@@ -55,6 +55,11 @@ from ..geometry.maps import region_maps_from_affine
 from .estep import EStepStats
 
 DEFAULT_RCOND = 1e-8
+#: Relative floor of the PX-EM latent covariance's eigenvalues (:func:`prior_expansion`).
+PX_MIN_REL = 1e-10
+#: A sweep of :func:`m_step` must raise Q by more than this · (1 + |Q|) (besides ``tol``) to count as a gain:
+#: Q's own evaluation rounding is ~1e-15 relative, so a "gain ≤ 0" stop rule would be decided by rounding.
+SWEEP_GAIN_FLOOR = 1e-13
 DEFAULT_MIN_OBS_VAR = 1e-12
 DEFAULT_DENSE_MAX = 6144
 
@@ -293,7 +298,8 @@ def prior_expansion(maps, stats: EStepStats, prior_var) -> list:
     Expand the prior to z ~ N(α, Σ) (θ fixed). Its EM update only involves the prior term of Q, which does
     not depend on the partition, so it is an exact EM step of the expanded model:
     α = (1/N) Σ_n E[z | x_n], Σ = (1/N) Σ_n E[z zᵀ | x_n] − α αᵀ. The expanded model is reduced to the
-    original one exactly by z = α + L diag(σz)⁻¹ u, u ~ N(0, diag σz²), L = chol(Σ):
+    original one exactly by z = α + L diag(σz)⁻¹ u, u ~ N(0, diag σz²), L = chol(Σ) (Σ's eigenvalues floored
+    at ``PX_MIN_REL`` · max σz², so that L always exists and depends continuously on Σ):
 
         W_0 ← W_0 L diag(σz)⁻¹,   v_0 ← v_0 + W_0 α,
 
@@ -308,9 +314,11 @@ def prior_expansion(maps, stats: EStepStats, prior_var) -> list:
     alpha = stats.Z[:, :S, S].sum(0) / N
     Sigma = stats.Z[:, :S, :S].sum(0) / N - torch.outer(alpha, alpha)
     Sigma = 0.5 * (Sigma + Sigma.T)
-    L, info = torch.linalg.cholesky_ex(Sigma)
-    if int(info) != 0:  # degenerate posterior spread: keep the shape, move the location only
-        L = torch.diag(sz)
+    # Eigenvalues floored at PX_MIN_REL·max σz² (a continuous map, no fail/succeed branch on a computed
+    # matrix): a collapsed posterior spread shrinks the first layer by at most √PX_MIN_REL per step.
+    e, V = torch.linalg.eigh(Sigma)
+    e = e.clamp_min(PX_MIN_REL * float(sz.square().max()))
+    L = torch.linalg.cholesky((V * e) @ V.T)
     out = list(maps)
     out[0] = (W0 @ L / sz, v0 + W0 @ alpha)
     return out
@@ -331,7 +339,7 @@ def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: s
         update_obs_scale: update σx² (else it is kept fixed).
         update_prior_scale: also update σz² (note the scale of W_0 and σz are not separately identified).
         sweeps: maximum number of sweeps (layers in ``order``, then variances).
-        tol: stop early when a sweep raises Q by less than ``tol · (1 + |Q|)``.
+        tol: stop early when a sweep raises Q by less than ``max(tol, SWEEP_GAIN_FLOOR) · (1 + |Q|)``.
         order: ``"forward"`` (T_0 … T_L) or ``"backward"`` (T_L … T_0).
         rcond: damping λ of the layer solves in Jacobi-scaled units (:func:`_damped_prox_solve`): directions
             of curvature ≫ λ are solved exactly, those ≪ λ keep their old values; min_obs_var: floor of σx².
@@ -367,6 +375,6 @@ def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: s
                                                   update_prior_scale=update_prior_scale,
                                                   update_obs_scale=update_obs_scale, min_obs_var=min_obs_var)
             q_trace.append(float(expected_complete_loglik(maps, net, patterns, stats, obs_var, prior_var)))
-            if q_trace[-1] - q_trace[-2] <= tol * (1.0 + abs(q_trace[-1])):
+            if q_trace[-1] - q_trace[-2] <= max(tol, SWEEP_GAIN_FLOOR) * (1.0 + abs(q_trace[-1])):
                 break
     return MStepResult(maps, obs_var, prior_var, q_trace)
