@@ -68,16 +68,21 @@ def _human(b: float) -> str:
 
 
 class _Line:
-    """The restriction of a network to the line ``z0 + t u`` (duck-types what enumerators read)."""
+    """The restriction of a network to the line ``z0 + t u`` (duck-types what the 1-D enumerator reads:
+    the first affine step becomes ``t -> (W_0 u) t + T_0(z0)``, taken as exact weights)."""
 
-    def __init__(self, maps, negative_slopes, z0: torch.Tensor, u: torch.Tensor):
-        W0, v0 = maps[0]
-        self._maps = [(W0 @ u[:, None], W0 @ z0 + v0)] + list(maps[1:])
-        self.negative_slopes = negative_slopes
+    def __init__(self, net, z0: torch.Tensor, u: torch.Tensor):
+        self._net = net
+        self._w = net.affine_step(0, u[None], bias=False)            # (1, n_0)
+        self._c = net.affine_step(0, z0[None])                       # (1, n_0)
+        self.activations = net.activations
         self.in_features = 1
 
-    def affine_maps(self):
-        return self._maps
+    def affine_step(self, l: int, x: torch.Tensor, bias: bool = True, absolute: bool = False) -> torch.Tensor:
+        if l > 0:
+            return self._net.affine_step(l, x, bias=bias, absolute=absolute)
+        w, c = (self._w.abs(), self._c.abs()) if absolute else (self._w, self._c)
+        return x @ w + c if bias else x @ w
 
 
 def line_breakpoints(decoder, num_lines: int = 32, seed: int = 0) -> torch.Tensor:
@@ -87,17 +92,15 @@ def line_breakpoints(decoder, num_lines: int = 32, seed: int = 0) -> torch.Tenso
 
     net = as_cpa_network(decoder)
     S = net.in_features
-    with torch.no_grad():
-        maps = [(W.detach().to(torch.float64).cpu(), v.detach().to(torch.float64).cpu())
-                for W, v in net.affine_maps()]
     gen = torch.Generator().manual_seed(seed)
     counts = []
-    for _ in range(num_lines):
-        z0 = torch.randn(S, generator=gen, dtype=torch.float64)
-        u = torch.randn(S, generator=gen, dtype=torch.float64)
-        u = u / u.norm()
-        enum = enumerate_breakpoints(_Line(maps, net.negative_slopes, z0, u), max_regions=2 ** 62)
-        counts.append(enum.interior_points.shape[0] - 1)
+    with torch.no_grad():
+        for _ in range(num_lines):
+            z0 = torch.randn(S, generator=gen, dtype=torch.float64)
+            u = torch.randn(S, generator=gen, dtype=torch.float64)
+            u = u / u.norm()
+            enum = enumerate_breakpoints(_Line(net, z0, u), max_regions=2 ** 62)
+            counts.append(enum.interior_points.shape[0] - 1)
     return torch.tensor(counts, dtype=torch.float64)
 
 

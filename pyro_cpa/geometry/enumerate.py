@@ -97,11 +97,19 @@ def enumerate_regions(net: CPANetwork, max_regions: int = DEFAULT_MAX_REGIONS, m
     """
     S = net.in_features
     used = resolve_method(method, S)
+    net.check_eval_mode()
     with torch.no_grad():
-        for l, (W, v) in enumerate(net.affine_maps()):
-            if not (torch.isfinite(W).all() and torch.isfinite(v).all()):
-                raise PyroCPAError(f"the decoder's affine map T_{l} has NaN or infinite weights; "
-                                   "cannot enumerate its linear regions")
+        for l, step in enumerate(net._affine_steps):
+            for name, m in step.modules:
+                if not all(bool(torch.isfinite(t).all()) for t in list(m.parameters()) + list(m.buffers())
+                           if t.is_floating_point()):
+                    raise PyroCPAError(f"the decoder's affine map T_{l} has NaN or infinite weights (layer "
+                                       f"'{name}'); cannot enumerate its linear regions")
+        for a in net.activations:
+            prelu = getattr(a, "prelu", None)
+            if prelu is not None and not bool(torch.isfinite(prelu.weight).all()):
+                raise PyroCPAError(f"the decoder's activation {a!r} has NaN or infinite slopes; cannot "
+                                   "enumerate its linear regions")
     err = _budget_error(net, max_regions)
     if used == "breakpoints":
         from .enumerate_1d import DEFAULT_TOL, enumerate_breakpoints as run

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from ..nn.network import CPANetwork
+from .maps import form_maps, push_step, select_maps
 from .regions import RegionEnumeration
 
 #: Rounding tolerance per accumulated term, relative to the absolute-value accumulations (16 unit
@@ -57,6 +58,7 @@ def _ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
 
 
+@torch.no_grad()
 def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
                           budget_error=None, progress=None) -> RegionEnumeration:
     """All intervals of linearity of a CPA network with one latent dimension.
@@ -72,26 +74,28 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
     dt = torch.float64
-    with torch.no_grad():
-        maps = [(W.detach().to(dt).cpu(), v.detach().to(dt).cpu()) for W, v in net.affine_maps()]
     bps = torch.zeros(0, dtype=dt)            # sorted breakpoints (K,)
     berr = torch.zeros(0, dtype=dt)           # their uncertainty err(β)
-    bunit = torch.zeros(0, dtype=torch.long)  # global unit creating each breakpoint
-    # layer input h = P z + p on each interval, (K+1, n_in), and its absolute-value accumulation
-    P, p = torch.ones(1, 1, dtype=dt), torch.zeros(1, 1, dtype=dt)
+    bunit = torch.zeros(0, dtype=torch.long)  # global form creating each breakpoint
+    # layer input h = P z + p on each interval, (K+1, n_in, 1), and its absolute-value accumulation
+    P, p = torch.ones(1, 1, 1, dtype=dt), torch.zeros(1, 1, dtype=dt)
     Pa, pa = P.clone(), p.clone()
     patterns: list[torch.Tensor] = []
     offset = 0
     acc = 0
     inf = torch.tensor([float("inf")], dtype=dt)
     zero = torch.zeros(1, dtype=dt)
-    for l, (W, v) in enumerate(maps[:-1]):
-        n = W.shape[0]
+    for l, act in enumerate(net.activations):
         I = bps.numel() + 1
-        acc += W.shape[1] + 1                                          # terms accumulated so far
+        # terms accumulated so far (one more for a kink other than 0 or a difference of two entries)
+        acc += P.shape[1] + 1 + (act.negative_slope is None)
         rtol = tol * (acc + 1)
-        M, m = P @ W.T, p @ W.T + v                                   # (I, n)
-        Ma, ma = Pa @ W.abs().T, pa @ W.abs().T + v.abs()
+        Mt, mt = push_step(net, l, P, p)                              # pre-activations (I, n_l, 1), (I, n_l)
+        Mat, mat = push_step(net, l, Pa, pa, absolute=True)
+        Mf, m = form_maps(act, Mt, mt)                                # forms (I, n, 1), (I, n)
+        Maf, ma = form_maps(act, Mat, mat, absolute=True)
+        M, Ma = Mf[..., 0], Maf[..., 0]
+        n = M.shape[1]
         sloped = M.abs() > rtol * Ma
         Msafe = torch.where(sloped, M, torch.ones_like(M))
         root = torch.where(sloped, -m / Msafe, torch.zeros_like(M))
@@ -148,9 +152,8 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         Mp = M[parent]
         q = torch.where(kb >= 0, (child > kb) == (Mp > 0), q_base[parent])
         patterns = [pt[parent] for pt in patterns] + [q]
-        d = torch.where(q, torch.ones_like(Mp), torch.full_like(Mp, net.negative_slopes[l]))
-        P, p = d * Mp, d * m[parent]
-        Pa, pa = d.abs() * Ma[parent], d.abs() * ma[parent]
+        P, p, sel = select_maps(act, q, Mt[parent], mt[parent])
+        Pa, pa, _ = select_maps(act, q, Mat[parent], mat[parent], absolute=True, sel=sel)
         offset += n
         if progress is not None:
             progress(bps.numel() + 1)

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ..nn.network import CPANetwork
+from .maps import form_maps, push_step, select_maps
 from .regions import RegionEnumeration
 
 DEFAULT_TOL = 16 * 2.0 ** -53
@@ -157,25 +158,31 @@ REPORT_EVERY = 0.5
 FORM_CHUNK = 8192
 
 
-def _next_forms(W, v, d, G, Ga, par):
-    """Linear forms of the next layer on every piece: ``W (d ⊙ G[par]) + v e_3`` and its
-    absolute-value accumulation, built in chunks of pieces."""
-    P, n = len(par), W.shape[0]
-    Gn = np.empty((P, n, 3))
-    Gan = np.empty((P, n, 3))
-    Wa = np.abs(W)
-    def gemm(A, B):        # (m, n) @ (p, n, 3) -> (p, m, 3) as one matrix product
-        p = B.shape[0]
-        return (A @ B.transpose(1, 0, 2).reshape(B.shape[1], 3 * p)).reshape(n, p, 3).transpose(1, 0, 2)
+def _next_pre(net, l, act, q, T, Ta, par):
+    """Homogeneous pre-activations of layer ``l + 1`` on every piece (and their absolute-value
+    accumulations): the selection of layer ``l`` under the pieces' patterns ``q`` applied to the
+    pre-activations ``T[par]`` of layer ``l``, pushed through ``T_{l+1}``; in chunks of pieces."""
+    Tt, Tat = torch.from_numpy(T), torch.from_numpy(Ta)
+    out, outa = [], []
+    for a in range(0, len(par), FORM_CHUNK):
+        pp = torch.from_numpy(par[a:a + FORM_CHUNK])
+        qq = torch.from_numpy(q[a:a + FORM_CHUNK])
+        Tp, Tap = Tt[pp], Tat[pp]
+        P, p, sel = select_maps(act, qq, Tp[..., :2], Tp[..., 2])
+        Pa, pa, _ = select_maps(act, qq, Tap[..., :2], Tap[..., 2], absolute=True, sel=sel)
+        M, m = push_step(net, l + 1, P, p)
+        Ma, ma = push_step(net, l + 1, Pa, pa, absolute=True)
+        out.append(torch.cat([M, m[..., None]], -1))
+        outa.append(torch.cat([Ma, ma[..., None]], -1))
+    return torch.cat(out).numpy(), torch.cat(outa).numpy()
 
-    for a in range(0, P, FORM_CHUNK):
-        sl = slice(a, a + FORM_CHUNK)
-        pp, dd = par[sl], d[sl][..., None]
-        Gn[sl] = gemm(W, dd * G[pp])
-        Gan[sl] = gemm(Wa, np.abs(dd) * Ga[pp])
-    Gn[:, :, 2] += v
-    Gan[:, :, 2] += np.abs(v)
-    return Gn, Gan
+
+def _forms(act, T, Ta):
+    """Homogeneous forms of a layer from its homogeneous pre-activations (and absolute accumulations)."""
+    Tt, Tat = torch.from_numpy(T), torch.from_numpy(Ta)
+    F, f = form_maps(act, Tt[..., :2], Tt[..., 2])
+    Fa, fa = form_maps(act, Tat[..., :2], Tat[..., 2], absolute=True)
+    return torch.cat([F, f[..., None]], -1).numpy(), torch.cat([Fa, fa[..., None]], -1).numpy()
 
 
 def _codes_unique(codes: np.ndarray):
@@ -188,32 +195,42 @@ def _codes_unique(codes: np.ndarray):
     return first, inv.ravel()
 
 
+@torch.no_grad()
 def enumerate_polygons(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
                        budget_error=None, progress=None) -> RegionEnumeration:
     """All linear regions of a CPA network with a two-dimensional latent space (see module docstring)."""
     if net.in_features != 2:
         raise ValueError(f"the 'polygons' method needs a two-dimensional latent space, got S={net.in_features}")
-    with torch.no_grad():
-        maps = [(W.detach().to(torch.float64).cpu().numpy(), v.detach().to(torch.float64).cpu().numpy())
-                for W, v in net.affine_maps()]
-    W0, v0 = maps[0]
+    acts = net.activations
+    if not acts:
+        return RegionEnumeration(patterns=[], facets=torch.full((1, 0), -1, dtype=torch.long),
+                                 interior_points=torch.zeros(1, 2, dtype=torch.float64))
+    # first layer's pre-activations t = M0 z + m0 and their forms (lines) W0 z + v0
+    M0, m0 = push_step(net, 0, torch.eye(2, dtype=torch.float64)[None], torch.zeros(1, 2, dtype=torch.float64))
+    Ma0, ma0 = push_step(net, 0, torch.eye(2, dtype=torch.float64)[None], torch.zeros(1, 2, dtype=torch.float64),
+                         absolute=True)
+    W0, v0 = (t[0].numpy() for t in form_maps(acts[0], M0, m0))
     rn = np.linalg.norm(W0, axis=1)
     dist = np.abs(v0[rn > 0]) / rn[rn > 0]
     rho = max(1.0, float(np.quantile(dist, 0.9))) if dist.size else 1.0
+    scale = torch.tensor([rho, rho, 1.0], dtype=torch.float64)
+    T = (torch.cat([M0, m0[..., None]], -1) * scale).numpy()
+    Ta = (torch.cat([Ma0, ma0[..., None]], -1) * scale).numpy()
 
     X, cnt, lab = _initial_charts()
-    # homogeneous linear forms of the current layer's pre-activations, one set per polygon, and
-    # their absolute-value accumulations
-    G = np.concatenate([rho * W0, v0[:, None]], axis=1)[None].repeat(len(X), 0)   # (P, n, 3)
-    Ga = np.abs(G)
+    # homogeneous pre-activations of the current layer (one set per polygon before the layer's
+    # splits) and their absolute-value accumulations; G, Ga: the layer's forms (lines)
+    T, Ta = T.repeat(len(X), 0), Ta.repeat(len(X), 0)
     pats: list[np.ndarray] = []
     offset = 0
-    L = len(maps) - 1
+    L = len(acts)
     next_report = time.monotonic() + REPORT_EVERY
     acc = 0
     for l in range(L):
-        n = maps[l][0].shape[0]
-        acc += maps[l][0].shape[1] + 1
+        act = acts[l]
+        G, Ga = _forms(act, T, Ta)
+        n = G.shape[1]
+        acc += (2 if l == 0 else acts[l - 1].n_out) + 1 + (act.negative_slope is None)
         band = tol * (acc + 1)
         par = np.arange(len(X))
         q = np.zeros((len(X), n), dtype=bool)
@@ -232,9 +249,7 @@ def enumerate_polygons(net: CPANetwork, max_regions: int, tol: float = DEFAULT_T
         pats = [pt[par] for pt in pats] + [q]
         offset += n
         if l + 1 < L:
-            W, v = maps[l + 1]
-            d = np.where(q, 1.0, net.negative_slopes[l])
-            G, Ga = _next_forms(W, v, d, G, Ga, par)
+            T, Ta = _next_pre(net, l, act, q, T, Ta, par)
         if budget_error is not None:
             first, _ = _codes_unique(np.concatenate(pats, axis=1))
             if first.size > max_regions:

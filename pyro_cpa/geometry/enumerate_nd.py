@@ -31,6 +31,7 @@ import torch
 
 from ..nn.network import CPANetwork
 from .polytope import VRep, facet_masks, vrep
+from .maps import form_maps, push_step, select_maps
 from .regions import RegionEnumeration
 
 DEFAULT_TOL = 1e-7
@@ -89,27 +90,25 @@ def _child(H, c, labels, row: np.ndarray, rhs: float, label: int):
     return H[keep], c[keep], labels[keep], v
 
 
+@torch.no_grad()
 def enumerate_lp(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
                  budget_error=None, progress=None) -> RegionEnumeration:
     """All linear regions of a CPA network with any latent dimension (see module docstring)."""
     S = net.in_features
-    with torch.no_grad():
-        maps = [(W.detach().to(torch.float64).cpu().numpy(), v.detach().to(torch.float64).cpu().numpy())
-                for W, v in net.affine_maps()]
     whole = VRep(vertices=np.zeros((1, S)), rays=np.zeros((0, S)), lines=np.eye(S), masks=[],
                  bits=list(range(S + 1)))
     regions = [_Region(np.zeros((0, S)), np.zeros(0), np.zeros(0, dtype=np.int64), whole, [],
                        np.eye(S), np.zeros(S))]
     offset = 0
-    L = len(maps) - 1
+    L = len(net.activations)
     next_report = time.monotonic() + REPORT_EVERY
     for l in range(L):
-        W, b = maps[l]
-        slope = net.negative_slopes[l]
+        act = net.activations[l]
         out: list[_Region] = []
         for idx, reg in enumerate(regions):
-            M = W @ reg.P
-            m = W @ reg.p + b
+            Mt, mt = push_step(net, l, torch.from_numpy(reg.P)[None], torch.from_numpy(reg.p)[None])
+            Mf, mf = form_maps(act, Mt, mt)
+            M, m = Mf[0].numpy(), mf[0].numpy()
             pos, neg = _sides(reg.v, M, m, tol)
             bits = ~neg
             cutting = np.nonzero(pos & neg)[0]
@@ -141,13 +140,13 @@ def enumerate_lp(net: CPANetwork, max_regions: int, tol: float = DEFAULT_TOL,
                 if budget_error is not None and found > max_regions:
                     raise budget_error(found, l)
             for H, c, labels, v, bts in pieces:
-                d = np.where(bts, 1.0, slope)
-                out.append(_Region(H, c, labels, v, reg.bits + [bts], d[:, None] * M, d * m))
+                P, p, _ = select_maps(act, torch.from_numpy(bts)[None], Mt, mt)
+                out.append(_Region(H, c, labels, v, reg.bits + [bts], P[0].numpy(), p[0].numpy()))
             if progress is not None and time.monotonic() >= next_report:
                 progress(len(out) + len(regions) - idx - 1)
                 next_report = time.monotonic() + REPORT_EVERY
         regions = out
-        offset += W.shape[0]
+        offset += act.num_forms
         if budget_error is not None and len(regions) > max_regions:
             raise budget_error(len(regions), l + 1)
 

@@ -1,5 +1,6 @@
 """CPA decoders: which ``torch.nn`` layers are supported and their canonical affine/activation view."""
-from .layers import Abs
+from .activations import Elementwise, MaxPool
+from .layers import Abs, Clamp
 from .network import SUPPORTED, CPANetwork, as_cpa_network
 
-__all__ = ["Abs", "CPANetwork", "as_cpa_network", "SUPPORTED"]
+__all__ = ["Abs", "Clamp", "CPANetwork", "Elementwise", "MaxPool", "as_cpa_network", "SUPPORTED"]

@@ -1,4 +1,6 @@
 """Layers provided by pyro-cpa."""
+from __future__ import annotations
+
 import torch
 from torch import nn
 
@@ -8,3 +10,30 @@ class Abs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs()
+
+
+class Clamp(nn.Module):
+    """Element-wise ``clamp(x, min_val, max_val)`` (either bound may be ``None``): one or two kinks per unit."""
+
+    def __init__(self, min_val: float | None = None, max_val: float | None = None):
+        super().__init__()
+        if min_val is None and max_val is None:
+            raise ValueError("Clamp needs min_val or max_val (without either it is nn.Identity)")
+        if min_val is not None and max_val is not None and not float(min_val) < float(max_val):
+            raise ValueError(f"Clamp needs min_val < max_val, got {min_val} and {max_val}")
+        self.min_val = None if min_val is None else float(min_val)
+        self.max_val = None if max_val is None else float(max_val)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(self.min_val, self.max_val)
+
+    def spec(self):
+        """``(kinks, slopes, σ(κ_1), None)`` of the canonical element-wise view."""
+        if self.max_val is None:
+            return (self.min_val,), (0.0, 1.0), self.min_val, None
+        if self.min_val is None:
+            return (self.max_val,), (1.0, 0.0), self.max_val, None
+        return (self.min_val, self.max_val), (0.0, 1.0, 0.0), self.min_val, None
+
+    def extra_repr(self) -> str:
+        return f"min_val={self.min_val}, max_val={self.max_val}"
