@@ -255,6 +255,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         raise PyroCPAError(f"min_obs_scale must be a positive finite number, got {min_obs_scale}")
     min_obs_var = min_obs_scale ** 2
     net = as_cpa_network(decoder)
+    if m_step_method == "closed_form" and net.needs_gradient_m_step is not None:
+        m_step_method = "gradient"   # convolutions, pools, PReLU: no closed-form update (issue 14)
     mkw = dict(marginal_kwargs or {})
     mkw.setdefault("max_regions", max_regions)
     marginal = CPAMarginal(decoder, obs_scale, prior_scale, **mkw)

@@ -304,15 +304,15 @@ class CPANetwork:
         return tuple(out)
 
     @property
-    def closed_form_refusal(self) -> str | None:
-        """Why the closed-form (Linear-layer) M-step cannot update this network, or ``None`` when it can:
-        every affine step must be exactly one ``nn.Linear`` with bias (Identity / eval Dropout around it
-        allowed) and every activation element-wise with fixed slopes."""
+    def needs_gradient_m_step(self) -> str | None:
+        """Why the closed-form M-step (written for ``nn.Linear`` layers) has no update for this network, or
+        ``None``: a convolution, pooling, padding, reshaping or upsampling module in an affine step, or an
+        activation that is not element-wise with fixed slopes (a max pool, PReLU). EM then uses the gradient
+        M-step. (Batch norm and bias-free Linear layers are refused by :meth:`set_affine_maps` instead.)"""
         for l, step in enumerate(self._affine_steps):
-            mods = [m for _, m in step.modules if not isinstance(m, (nn.Identity, nn.Dropout))]
-            if len(mods) != 1 or forward_owner(mods[0]) is not nn.Linear or mods[0].bias is None:
-                what = ", ".join(f"{n} ({type(m).__name__})" for n, m in step.modules) or "an implicit identity"
-                return f"affine step {l} is [{what}], not exactly one nn.Linear with bias"
+            for name, m in step.modules:
+                if not isinstance(m, (nn.Linear, nn.Identity, nn.Dropout, nn.BatchNorm1d)):
+                    return f"affine step {l} contains '{name}' ({type(m).__name__})"
         for a in self.activations:
             if not isinstance(a, Elementwise) or a.prelu is not None:
                 return f"activation layer {a!r} is not element-wise with fixed slopes"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pyro_cpa import Abs
+from pyro_cpa.nn import Clamp
 from pyro_cpa.geometry import linear_regions
 from pyro_cpa.integrate import gaussian_polytope_moments
 
@@ -35,15 +36,31 @@ MASS_TOL = 1e-12
 #: Relative tolerance of the per-region maps A, b after a few-ulp nudge of the weights.
 MAP_RTOL = 1e-8
 ACTIVATIONS = ("relu", "leaky", "leakyneg", "abs")
+#: Layers whose units have more than two states (two kinks, per-channel slopes) or whose pattern is an
+#: argmax (max pools: overlapping windows of 3 with padding, and windows of 2).
+MULTI_ACTIVATIONS = ("hardtanh", "relu6", "clamp", "prelu", "maxpool3", "maxpool2")
 DEGENERACIES = ("duplicate", "zero_row", "origin", "vertex", "vertex2", "thin")
 #: Width (relative to the weights) of the strip the "thin" degeneracy puts between two parallel
 #: first-layer hyperplanes: resolvable in float64, so the enumeration must keep it.
 THIN_GAP = 1e-9
 
 
-def _act(name):
-    return {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.2), "leakyneg": lambda: nn.LeakyReLU(-0.5),
-            "abs": Abs}[name]()
+def _act(name, rng=None, width=None):
+    """The activation module(s) ``name`` after a Linear layer of ``width`` units, and the width after them."""
+    if name == "prelu":
+        m = nn.PReLU(width).double()
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(rng.uniform(-1.0, 1.0, width)))
+        return [m], width
+    if name.startswith("maxpool"):
+        k = int(name[-1])
+        pool = nn.MaxPool1d(3, stride=2, padding=1) if k == 3 else nn.MaxPool1d(2, stride=1)
+        out = (width - 1) // 2 + 1 if k == 3 else width - 1
+        return [nn.Unflatten(1, (1, width)), pool, nn.Flatten()], out
+    make = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.2), "leakyneg": lambda: nn.LeakyReLU(-0.5),
+            "abs": Abs, "hardtanh": lambda: nn.Hardtanh(-0.5, 1.0), "relu6": nn.ReLU6,
+            "clamp": lambda: Clamp(-1.0, 0.5)}[name]
+    return [make()], width
 
 
 def _vertex(W: torch.Tensor, v: torch.Tensor, rows) -> torch.Tensor | None:
@@ -58,17 +75,18 @@ def random_network(rng: np.random.Generator, S: int, widths, act: str, degenerac
     """A float64 ``nn.Sequential`` S -> widths -> D with the requested degeneracies.
 
     Returns the network and a (k, S) tensor of points where the degeneracies meet (for sampling)."""
-    sizes = [S] + list(widths)
     layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    a = S
+    for b in widths:
         lin = nn.Linear(a, b).double()
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(rng.standard_normal((b, a))))
             lin.bias.copy_(torch.from_numpy(rng.standard_normal(b)))
-        layers += [lin, _act(act)]
-    out = nn.Linear(sizes[-1], D).double()
+        mods, a = _act(act, rng, b)
+        layers += [lin] + mods
+    out = nn.Linear(a, D).double()
     with torch.no_grad():
-        out.weight.copy_(torch.from_numpy(rng.standard_normal((D, sizes[-1]))))
+        out.weight.copy_(torch.from_numpy(rng.standard_normal((D, a))))
         out.bias.copy_(torch.from_numpy(rng.standard_normal(D)))
     layers.append(out)
     lins = [m for m in layers if isinstance(m, nn.Linear)][:-1]
@@ -111,7 +129,7 @@ def random_network(rng: np.random.Generator, S: int, widths, act: str, degenerac
                 z = _vertex(W0, v0, rows)
                 if z is None:
                     continue
-                net = nn.Sequential(*layers[:2])
+                net = nn.Sequential(*layers[:next(i for i, m in enumerate(layers) if m is lins[1])])
                 h = net(z[None])[0]
                 lin = lins[1]
                 k = int(rng.integers(lin.weight.shape[0]))
@@ -177,6 +195,9 @@ def check_tiling(regions, z: torch.Tensor) -> dict:
     nmatch = (score == U).sum(-1)
     assert int(nmatch.max()) <= 1, "two enumerated regions have the same pattern"
     H, c = (t.detach() for t in regions.polytopes(torch.float64))
+    if H.shape[1] == 0:          # no form changes sign anywhere: one region, the whole space
+        assert len(regions) == 1 and bool((q == codes[0]).all()), "one region without facets, other patterns"
+        return dict(points=len(z), unmatched=0)
     nrm = H.norm(dim=-1).clamp(min=1e-300)
     slack = (c[None] - torch.einsum("rfs,ns->nrf", H, z)) / nrm[None]         # (N, R, F), +inf on padding
     scale = 1.0 + z.abs().max(-1).values[:, None]
@@ -242,11 +263,12 @@ def audit_network(dec, special, rng, *, nudges: int = 2, rotate: bool = True) ->
     return out
 
 
-def random_case(rng: np.random.Generator, S: int, max_width: int = 16, max_layers: int = 2):
-    """Random architecture, activation and degeneracies."""
+def random_case(rng: np.random.Generator, S: int, max_width: int = 16, max_layers: int = 2,
+                activations=ACTIVATIONS):
+    """Random architecture, activation (one of ``activations``) and degeneracies."""
     L = int(rng.integers(1, max_layers + 1))
     widths = [int(rng.integers(2, max_width + 1)) for _ in range(L)]
-    act = str(rng.choice(ACTIVATIONS))
+    act = str(rng.choice(activations))
     k = int(rng.integers(0, 4))
     degs = tuple(str(d) for d in rng.choice(DEGENERACIES, size=k, replace=True))
     return widths, act, degs

@@ -11,7 +11,7 @@ from scipy.integrate import quad
 from scipy.stats import norm
 from torch import nn
 
-from enumeration_audit import audit_network, random_case, random_network
+from enumeration_audit import MULTI_ACTIVATIONS, audit_network, random_case, random_network
 from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.geometry import linear_regions
 
@@ -80,3 +80,22 @@ def test_enumeration_perturbation_audit(S, count, max_width):
             audit_network(dec, special, rng, nudges=1, rotate=True)
         except AssertionError as e:
             raise AssertionError(f"network {i}: S={S} widths={widths} act={act} degeneracies={degs}: {e}") from e
+
+
+@pytest.mark.parametrize("S,count,max_width", [(1, 30, 12), (2, 18, 8), (3, 4, 4)])
+def test_enumeration_audit_multi_state_units_and_max_pools(S, count, max_width):
+    """Issue 14: the same audit for units with more than two states (Hardtanh(-0.5, 1), ReLU6, Clamp(-1,
+    0.5), per-channel PReLU) and max pools (windows of 3 with padding, overlapping windows of 2, whose
+    regions are bounded by ties of two entries), with the same degeneracies (duplicated units make
+    exact ties inside a pooling window)."""
+    rng = np.random.default_rng(200 + S)
+    seen = set()
+    for i in range(count):
+        widths, act, degs = random_case(rng, S, max_width=max_width, activations=MULTI_ACTIVATIONS)
+        seen.add(act)
+        dec, special = random_network(rng, S, widths, act, degs)
+        try:
+            audit_network(dec, special, rng, nudges=1, rotate=True)
+        except AssertionError as e:
+            raise AssertionError(f"network {i}: S={S} widths={widths} act={act} degeneracies={degs}: {e}") from e
+    assert len(seen) >= 3
