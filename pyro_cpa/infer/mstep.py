@@ -31,7 +31,7 @@ input spans only S+1 dimensions); a plain solve would turn rounding noise in K a
 summation order: thread count, chunking, an extra empty region) into arbitrarily large weight changes
 (measured: 1e-16 → 5e-5 relative with the former 1e-12 ridge, condition ~1e12). The solve therefore
 works in Jacobi-scaled units, where every entry of K̃ is ≤ 1 and rounding noise is ~ε, and applies
-the damped spectral filter f(e) = e (e + 3λ)/(e + λ)³, λ = ``rcond`` (default 1e-8), around the old
+the damped spectral filter f(e) = e (e + 3λ)/(e + λ)³, λ = ``rcond`` (default 1e-6), around the old
 weights (:func:`_damped_prox_solve`): directions of curvature e ≫ λ get the exact maximiser up to a
 relative 3(λ/e)², directions the data do not determine keep their old values, and no rounding noise
 is amplified by more than 1/(2λ). Dense Cholesky, or a QR of the low-rank factor of K for wide layers.
@@ -54,7 +54,7 @@ from ..errors import PyroCPAError
 from ..geometry.maps import region_maps_from_affine
 from .estep import EStepStats
 
-DEFAULT_RCOND = 1e-8
+DEFAULT_RCOND = 1e-6
 #: Relative floor of the PX-EM latent covariance's eigenvalues (:func:`prior_expansion`).
 PX_MIN_REL = 1e-10
 #: A sweep of :func:`m_step` must raise Q by more than this · (1 + |Q|) (besides ``tol``) to count as a gain:
@@ -118,7 +118,7 @@ def expected_complete_loglik(params: Sequence[tuple[torch.Tensor, torch.Tensor]]
     """
     params = list(params)
     ref = params[-1][0]
-    rm = frozen_region_maps(params, net.negative_slopes, patterns)
+    rm = frozen_region_maps(params, net.activations, patterns)
     D, S = rm.A.shape[1], rm.A.shape[2]
     sx2 = _as_var(obs_var, D, ref)
     sz2 = _as_var(prior_var, S, ref)
@@ -214,7 +214,7 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     """
     if solver not in ("auto", "dense", "factored"):
         raise PyroCPAError(f"solver must be 'auto', 'dense' or 'factored', got {solver!r}")
-    rm = frozen_region_maps(maps, net.negative_slopes, stats.patterns)
+    rm = frozen_region_maps(maps, net.activations, stats.patterns)
     W, v = maps[l]
     n_out, n_in = W.shape
     R = stats.Z.shape[0]
@@ -274,7 +274,7 @@ def update_variances(maps, net, stats: EStepStats, obs_var: torch.Tensor, prior_
                      obs_noise: str = "isotropic", update_prior_scale: bool = False, update_obs_scale: bool = True,
                      min_obs_var: float = DEFAULT_MIN_OBS_VAR) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form σx² (isotropic or diagonal; kept if not ``update_obs_scale``) and, optionally, σz²."""
-    rm = frozen_region_maps(maps, net.negative_slopes, stats.patterns)
+    rm = frozen_region_maps(maps, net.activations, stats.patterns)
     r = expected_sq_residual(rm.A, rm.b, stats)
     N = stats.num_data
     D, S = r.shape[0], stats.Z.shape[-1] - 1
