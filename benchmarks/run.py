@@ -210,6 +210,140 @@ def bench_em(rows, quick):
                      baseline=f"exact-MLE SVI ({s_mle} steps, {t_mle_target:.1f}s)", speedup=t_mle_target / t_em_target))
 
 
+def _numpy_estep_s1(x, a, b, lo, hi, obs_var, prior_var):
+    """Baseline: the exact S=1 E-step in plain vectorised NumPy/SciPy, given the regions.
+
+    a, b (R, D): g(z) = a z + b on the interval (lo, hi) of region ω. Same maths as pyro_cpa's e_step (posterior
+    N(μ, v) per pair, κ, log P = log(Φ(β) − Φ(α)) from the tail away from the mass, truncated-normal moments),
+    all (N, R) pairs at once, no pruning. Returns Z (R, 2, 2), X (R, D, 2), q (R, D), log p (N,).
+    """
+    from scipy.special import log_ndtr, logsumexp
+
+    log2pi = math.log(2 * math.pi)
+    D = x.shape[1]
+    w = 1.0 / obs_var
+    lam = 1.0 / prior_var + (a * a * w).sum(-1)
+    v = 1.0 / lam
+    r = x[:, None, :] - b
+    mu = v * (r * (a * w)).sum(-1)
+    res = r - a * mu[..., None]
+    quad = (res * res * w).sum(-1) + mu * mu / prior_var
+    log_kappa = -0.5 * (D * log2pi + np.log(obs_var).sum() + math.log(prior_var) + np.log(lam) + quad)
+    s = np.sqrt(v)
+    al, be = (lo - mu) / s, (hi - mu) / s
+    flip = al > 0
+    la, lb = log_ndtr(np.where(flip, -be, al)), log_ndtr(np.where(flip, -al, be))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_mass = lb + np.log1p(-np.exp(la - lb))
+        terms = log_kappa + log_mass
+        lp = logsumexp(terms, axis=-1)
+        e0 = np.exp(terms - lp[:, None])
+        pa = np.where(np.isfinite(al), np.exp(-0.5 * al * al - 0.5 * log2pi - log_mass), 0.0)
+        pb = np.where(np.isfinite(be), np.exp(-0.5 * be * be - 0.5 * log2pi - log_mass), 0.0)
+        mean_u = pa - pb
+        var_u = 1.0 + np.where(np.isfinite(al), al * pa, 0.0) - np.where(np.isfinite(be), be * pb, 0.0) - mean_u ** 2
+    m = np.where(e0 > 0, mu + s * mean_u, 0.0)
+    C = np.where(e0 > 0, v * var_u, 0.0)
+    Z = np.empty((a.shape[0], 2, 2))
+    Z[:, 0, 0] = (e0 * (C + m * m)).sum(0)
+    Z[:, 0, 1] = Z[:, 1, 0] = (e0 * m).sum(0)
+    Z[:, 1, 1] = e0.sum(0)
+    X = np.stack([x.T @ (e0 * m), x.T @ e0], -1).transpose(1, 0, 2)
+    return Z, X, e0.T @ (x * x), lp
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_child(case, widths, N, conn):
+    """In a fresh process: peak RSS increase of one log p evaluation (bytes), and its seconds."""
+    import resource
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    from pyro_cpa.distributions import chunked
+
+    net = random_net(widths)
+    sx = torch.tensor(0.3, requires_grad=True)
+    dist = CPAMarginal(net, sx)
+    R = len(dist.regions)
+    with torch.no_grad():
+        x = dist.sample((N,))
+    before = _rss_bytes()
+    t0 = time.perf_counter()
+    if case == "grad":  # exact-MLE path: log p under autograd, then backward
+        dist.log_prob(x).sum().backward()
+    elif case == "grad_full_graph":  # previous log_prob: one autograd graph over every (datum, region) pair
+        res = chunked.evaluate_chunk(dist._params(), x, None, 0, prune_tol=dist.prune_tol, need_moments=False,
+                                     mc_kwargs={})
+        res.terms.logsumexp(-1).sum().backward()
+    elif case == "nograd":
+        with torch.no_grad():
+            dist.log_prob(x)
+    else:  # previous no-grad log_prob: dense (N, R) terms and stderr kept over chunks of 1024 data
+        with torch.no_grad():
+            p = dist._params()
+            kept = [chunked.evaluate_chunk(p, x[i:i + 1024], None, i, prune_tol=dist.prune_tol, need_moments=False,
+                                           mc_kwargs={}) for i in range(0, N, 1024)]
+            terms = torch.cat([k.terms for k in kept])
+            err = torch.cat([k.mom.log_mass_stderr for k in kept])
+            terms.logsumexp(-1), err.sum()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    conn.send((max(0, peak - before), seconds, R))
+    conn.close()
+
+
+def _peak_rss(case, widths, N):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_peak_rss_child, args=(case, widths, N, send))
+    proc.start()
+    out = recv.recv()
+    proc.join()
+    return out
+
+
+def bench_memory(rows, quick):
+    """log_prob memory per (datum, region) pair with and without autograd (each in a fresh process, peak RSS),
+    against the previous dense evaluation; and the per-call cost of the circle E-step against plain NumPy."""
+    from pyro_cpa.datasets import noisy_circle
+    from pyro_cpa.demo.circle import make_decoder
+    from pyro_cpa.infer.estep import e_step
+
+    for case, base, widths, N in (("grad", "grad_full_graph", [2, 32, 32, 2], 16 if quick else 40),
+                                  ("nograd", "nograd_dense", [1, 64, 64, 2], 10_000 if quick else 100_000)):
+        peak, sec, R = _peak_rss(case, widths, N)
+        peak0, sec0, _ = _peak_rss(base, widths, N)
+        label = "log p + backward" if case == "grad" else "log p, no grad"
+        rows.append(dict(group="memory", case=f"{label} {widths} N={N}", n=N * R, seconds=sec, rate=peak / (N * R),
+                         unit="B/pair", baseline=f"previous dense/full-graph: {peak0 / (N * R):.0f} B/pair, "
+                                                 f"{peak0 / 1e6:.0f} MB vs {peak / 1e6:.0f} MB", speedup=peak0 / peak))
+    # circle E-step (N=500, R=16): pyro_cpa vs the same maths in plain vectorised NumPy, same run
+    dist = CPAMarginal(make_decoder(0), 0.5)
+    x = noisy_circle(500)
+    with torch.no_grad():
+        A, b, H, c = dist._region_params()
+        stats = e_step(dist, x)
+        h, real = H[..., 0], torch.isfinite(c)
+        ratio = torch.where(real, c / torch.where(real, h, torch.ones_like(h)), torch.zeros_like(c))
+        hi = torch.where(real & (h > 0), ratio, torch.full_like(c, math.inf)).amin(-1).numpy()
+        lo = torch.where(real & (h < 0), ratio, torch.full_like(c, -math.inf)).amax(-1).numpy()
+        args = (x.numpy(), A[..., 0].numpy(), b.numpy(), lo, hi, dist._variances()[0].numpy(), 1.0)
+        ref = _numpy_estep_s1(*args)
+        for mine, theirs in zip((stats.Z, stats.X, stats.q, stats.loglik), ref):  # the baseline computes the same
+            assert np.abs(mine.numpy() - theirs).max() <= 1e-10 * np.abs(theirs).max()
+        t = _timeit(lambda: e_step(dist, x), min_time=0.5, max_reps=200)
+        t_np = _timeit(lambda: _numpy_estep_s1(*args), min_time=0.5, max_reps=200)
+    rows.append(dict(group="E-step", case="circle N=500 (R=16)", n=500 * len(dist.regions), seconds=t,
+                     rate=500 * len(dist.regions) / t, unit="pairs/s",
+                     baseline=f"plain NumPy E-step ({t_np * 1e3:.2f} ms)", speedup=t_np / t))
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
@@ -245,6 +379,7 @@ def main(args):
         bench_integrals(rows, args.quick)
         bench_log_prob(rows, args.quick)
     bench_em(rows, args.quick)
+    bench_memory(rows, args.quick)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as fh:

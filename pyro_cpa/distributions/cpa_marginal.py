@@ -17,9 +17,9 @@ from torch.distributions import constraints
 
 from ..errors import PyroCPAError, check_not_tracing
 from ..geometry.regions import DEFAULT_MAX_REGIONS, LinearRegions, cached_linear_regions
-from ..integrate import PolytopeMoments, gaussian_polytope_moments, integrate_whitened, log_mass_upper_bound, whiten
+from ..integrate import PolytopeMoments, gaussian_polytope_moments
 from ..nn.network import as_cpa_network
-from .region_gaussians import region_gaussians
+from .chunked import RegionParams, chunk_rows, chunked_log_prob, evaluate_chunk
 from .truncated_mixture import TruncatedGaussianMixture
 
 
@@ -61,7 +61,9 @@ class CPAMarginal(TorchDistribution):
         prune_tol: (datum, region) pairs whose upper bound log κ + min_j log Φ(d_j) lies more than
             ``prune_tol`` nats below the running log p(x) are skipped; the relative error this causes
             is below R·exp(−prune_tol) (≈ 4e-13 for R = 1e5 at the default 40).
-        chunk_size: data processed per batch (memory ∝ chunk_size · R · F).
+        chunk_size: at most this many data per pruning chunk (fewer when R is large: a chunk's dense
+            temporaries stay within :data:`~pyro_cpa.distributions.chunked.DENSE_ELEMENTS`); results do not
+            depend on it. ``log_prob`` holds O(chunk) memory with or without autograd.
         dtype: dtype of all exact computations (float64 by default, whatever the decoder's dtype).
         mc_kwargs: options of the S >= 4 Monte-Carlo integrator.
 
@@ -101,6 +103,7 @@ class CPAMarginal(TorchDistribution):
         self.dtype = dtype
         self.mc_kwargs = dict(mc_kwargs or {})
         self._regions = regions
+        self._region_params_memo = None
         super().__init__(torch.Size(), torch.Size((D,)), validate_args=validate_args)
 
     # ------------------------------------------------------------------ Pyro contract
@@ -116,7 +119,7 @@ class CPAMarginal(TorchDistribution):
     def _with_batch_shape(self, batch_shape: torch.Size, new=None) -> "CPAMarginal":
         new = self._get_checked_instance(CPAMarginal, None) if new is None else new
         for k in ("network", "decoder", "obs_scale", "prior_scale", "max_regions", "prune_tol", "chunk_size",
-                  "dtype", "model_dtype", "mc_kwargs", "_regions"):
+                  "dtype", "model_dtype", "mc_kwargs", "_regions", "_region_params_memo"):
             setattr(new, k, getattr(self, k))
         super(CPAMarginal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -148,10 +151,17 @@ class CPAMarginal(TorchDistribution):
         return (self.obs_scale.to(self.dtype) ** 2).expand(D), (self.prior_scale.to(self.dtype) ** 2).expand(S)
 
     def _region_params(self):
+        """A (R, D, S), b (R, D), H (R, F, S), c (R, F) of the current partition, from the decoder's current
+        weights (differentiable). Without autograd they are memoised with the partition (same parameter state)."""
         regions = self.regions
+        memo = self._region_params_memo
+        if memo is not None and memo[0] is regions and not torch.is_grad_enabled():
+            return memo[1]
         maps = regions.maps(self.dtype)
         H, c = regions.polytopes(self.dtype, maps=maps)
-        return maps.A, maps.b, H, c
+        out = maps.A, maps.b, H, c
+        self._region_params_memo = (regions, out) if not torch.is_grad_enabled() else None
+        return out
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
         check_not_tracing("CPAMarginal")
@@ -165,59 +175,45 @@ class CPAMarginal(TorchDistribution):
         return x.to(self.dtype)
 
     # ------------------------------------------------------------------ the exact computation
-    def _pairs(self, x: torch.Tensor, need_moments: bool):
-        """For flat x (N, D): log κ + log P (N, R) and, if asked, the per-pair moments and Gaussians."""
+    def _params(self) -> RegionParams:
+        """A_ω, b_ω, H_ω, c_ω of the current partition, σx², σz² (differentiable in the decoder and scales)."""
         A, b, H, c = self._region_params()
-        obs_var, prior_var = self._variances()
+        return RegionParams(A, b, H, c, *self._variances())
+
+    def _pairs(self, x: torch.Tensor, need_moments: bool = True):
+        """For flat x (N, D): terms log κ + log P (N, R) (−inf on pruned pairs), their Monte-Carlo standard
+        errors, the moments and Gaussians of every pair, and (A, b, H, c). Memory O(N·R) (dense results)."""
+        params = self._params()
         observed = ~torch.isnan(x)
-        has_missing = not bool(observed.all())
-        out_terms, out_mom, out_rg, out_err = [], [], [], []
-        for start in range(0, x.shape[0], self.chunk_size):
-            xc = x[start:start + self.chunk_size]
-            obs_c = observed[start:start + self.chunk_size] if has_missing else None
-            rg = region_gaussians(A, b, xc, obs_var, prior_var, obs_c)
-            G, d = whiten(rg.loc, rg.scale_tril, H, c, validate=False)
-            bound = rg.log_kappa + log_mass_upper_bound(G, d)
-            active = bound >= bound.max(-1, keepdim=True).values - self.prune_tol
-            mom = integrate_whitened(rg.loc, rg.scale_tril, G, d, active=active, need_moments=need_moments,
-                                     **self.mc_kwargs)
-            terms = rg.log_kappa + mom.log_mass
-            lse = terms.logsumexp(-1, keepdim=True)
-            extra = (~active) & (bound >= lse - self.prune_tol)
-            if bool(extra.any()):
-                mom2 = integrate_whitened(rg.loc, rg.scale_tril, G, d, active=extra, need_moments=need_moments,
-                                          **self.mc_kwargs)
-                pick = lambda a, b2, m: torch.where(m, b2, a)  # noqa: E731
-                e = extra
-                mom = PolytopeMoments(pick(mom.log_mass, mom2.log_mass, e), pick(mom.mean, mom2.mean, e[..., None]),
-                                      pick(mom.covariance, mom2.covariance, e[..., None, None]),
-                                      pick(mom.log_mass_stderr, mom2.log_mass_stderr, e))
-                terms = rg.log_kappa + mom.log_mass
-            out_terms.append(terms)
-            out_err.append(mom.log_mass_stderr)
-            if need_moments:
-                out_mom.append(mom)
-                out_rg.append(rg)
-        terms = torch.cat(out_terms)
-        err = torch.cat(out_err)
-        if not need_moments:
-            return terms, err, None, None, (A, b, H, c)
-        mom = PolytopeMoments(*(torch.cat([getattr(m, f) for m in out_mom]) for f in PolytopeMoments._fields))
-        scale_tril = torch.cat([r.scale_tril.expand(r.loc.shape[:-1] + r.scale_tril.shape[-2:]) for r in out_rg])
-        loc = torch.cat([r.loc for r in out_rg])
-        return terms, err, mom, (loc, scale_tril), (A, b, H, c)
+        observed = None if bool(observed.all()) else observed
+        R, D, S = params.A.shape
+        rows = chunk_rows(R, D, params.H.shape[1], S, self.chunk_size)
+        res = [evaluate_chunk(params, x[i:i + rows], None if observed is None else observed[i:i + rows], i,
+                              prune_tol=self.prune_tol, need_moments=need_moments, mc_kwargs=self.mc_kwargs)
+               for i in range(0, x.shape[0], rows)]
+        terms = torch.cat([r.terms for r in res])
+        fields = PolytopeMoments._fields if need_moments else ("log_mass", "log_mass_stderr")
+        mom = PolytopeMoments(**{f: torch.cat([getattr(r.mom, f) for r in res]) if f in fields else None
+                                 for f in PolytopeMoments._fields})
+        loc = torch.cat([r.rg.loc for r in res])
+        scale_tril = torch.cat([r.rg.scale_tril.expand(r.rg.loc.shape[:-1] + (S, S)) for r in res])
+        return terms, mom.log_mass_stderr, mom, (loc, scale_tril), params[:4]
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """Exact log p(x), shape ``broadcast(value.shape[:-1], batch_shape)``; NaN entries are marginalised."""
+        """Exact log p(x), shape ``broadcast(value.shape[:-1], batch_shape)``; NaN entries are marginalised.
+
+        Memory O(chunk) with or without autograd (:mod:`~pyro_cpa.distributions.chunked`): the backward pass
+        recomputes the kept (datum, region) pairs batch by batch. ``self.log_prob_stderr`` is set to the
+        Monte-Carlo standard error of each value (S >= 4; exactly 0 for S <= 3).
+        """
         out = self._out_dtype(value if isinstance(value, torch.Tensor) else None)
         x = self._check_x(value)
         flat = x.reshape(-1, x.shape[-1])
-        terms, err, _, _, _ = self._pairs(flat, need_moments=False)
-        lp = terms.logsumexp(-1)
-        w = (terms - lp.unsqueeze(-1)).exp()
-        self.log_prob_stderr = (w.square() * err.square()).sum(-1).sqrt().reshape(x.shape[:-1]).detach().to(out)
+        lp, err = chunked_log_prob(self._params(), flat, prune_tol=self.prune_tol, chunk_size=self.chunk_size,
+                                   mc_kwargs=self.mc_kwargs)
+        self.log_prob_stderr = err.reshape(x.shape[:-1]).detach().to(out)
         lp = lp.reshape(x.shape[:-1]).to(out)
-        return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+        return lp if not self.batch_shape else lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
 
     def posterior(self, value: torch.Tensor) -> TruncatedGaussianMixture:
         """The exact posterior p(z | x) (NaN entries of x unobserved), batch shape ``value.shape[:-1]``.

@@ -27,6 +27,7 @@ class RegionGaussians(NamedTuple):
         log_kappa: (N, R) log κ_ω(x).
         loc: (N, R, S) μ_ω(x).
         scale_tril: (R, S, S) — or (N, R, S, S) with missing data — Cholesky factor of Σ_ω = Λ_ω⁻¹.
+        (:func:`affine_gaussians`: the broadcast batch shape instead of (N, R).)
     """
 
     log_kappa: torch.Tensor
@@ -36,7 +37,7 @@ class RegionGaussians(NamedTuple):
 
 def region_gaussians(A: torch.Tensor, b: torch.Tensor, x: torch.Tensor, obs_var: torch.Tensor,
                      prior_var: torch.Tensor, observed: torch.Tensor | None = None) -> RegionGaussians:
-    """Compute κ_ω(x), μ_ω(x) and chol(Σ_ω) for all pairs (see module docstring).
+    """Compute κ_ω(x), μ_ω(x) and chol(Σ_ω) for all (datum, region) pairs (see module docstring).
 
     Args:
         A: (R, D, S), b: (R, D): per-region affine maps.
@@ -44,31 +45,42 @@ def region_gaussians(A: torch.Tensor, b: torch.Tensor, x: torch.Tensor, obs_var:
         obs_var: (D,) observation variances σx²; prior_var: (S,) prior variances σz².
         observed: optional (N, D) bool mask of observed coordinates.
     """
-    R, D, S = A.shape
+    return affine_gaussians(A, b, x.unsqueeze(-2), obs_var, prior_var,
+                            None if observed is None else observed.unsqueeze(-2))
+
+
+def affine_gaussians(A: torch.Tensor, b: torch.Tensor, x: torch.Tensor, obs_var: torch.Tensor,
+                     prior_var: torch.Tensor, observed: torch.Tensor | None = None) -> RegionGaussians:
+    """:func:`region_gaussians` with broadcasting batch dimensions: A (..., D, S), b (..., D), x (..., D).
+
+    The batch shape of the result is the broadcast of those of ``A``, ``b``, ``x`` (and ``observed``).
+    Every matrix that depends only on A (the precision Λ_ω and its Cholesky factor, Σ_ω) is formed at
+    the batch shape of ``A`` (and ``observed``), so ``A`` (R, D, S) with ``x`` (N, 1, D) computes R
+    factorisations, not N·R; ``A`` (P, D, S) with ``x`` (P, D) evaluates P arbitrary (datum, region) pairs.
+    """
+    D, S = A.shape[-2:]
     w = obs_var.reciprocal().expand(D)
     prior_prec = prior_var.reciprocal().expand(S)
-    eye_prec = torch.diag_embed(prior_prec)
     if observed is None:
-        wn = w.expand(x.shape[0], D)
+        wn = w
         x0 = x
-        prec = eye_prec + torch.einsum("rds,d,rdt->rst", A, w, A)  # (R, S, S)
-        n_obs = torch.full((x.shape[0],), float(D), dtype=x.dtype, device=x.device)
-        logdet_x = obs_var.log().expand(D).sum().expand(x.shape[0])
+        n_obs = x.new_full(x.shape[:-1], float(D))
+        logdet_x = obs_var.log().expand(D).sum().expand(x.shape[:-1])
     else:
-        wn = observed.to(x.dtype) * w
+        obs = observed.to(x.dtype)
+        wn = obs * w
         x0 = torch.where(observed, x, torch.zeros_like(x))
-        prec = eye_prec + torch.einsum("rds,nd,rdt->nrst", A, wn, A)  # (N, R, S, S)
-        n_obs = observed.to(x.dtype).sum(-1)
-        logdet_x = (observed.to(x.dtype) * obs_var.log().expand(D)).sum(-1)
+        n_obs = obs.sum(-1)
+        logdet_x = (obs * obs_var.log().expand(D)).sum(-1)
+    prec = torch.diag_embed(prior_prec) + torch.einsum("...ds,...dt->...st", A * wn.unsqueeze(-1), A)
     L_prec = torch.linalg.cholesky(prec)
-    r = x0.unsqueeze(-2) - b  # (N, R, D)
-    y = torch.einsum("rds,nrd->nrs", A, wn.unsqueeze(-2) * r)
-    L_b = L_prec if observed is not None else L_prec.expand(x.shape[0], R, S, S)
-    mu = torch.cholesky_solve(y.unsqueeze(-1), L_b).squeeze(-1)  # (N, R, S)
-    resid = r - torch.einsum("rds,nrs->nrd", A, mu)
-    quad = (wn.unsqueeze(-2) * resid.square()).sum(-1) + (mu.square() * prior_prec).sum(-1)
+    r = x0 - b  # (..., D)
+    y = torch.einsum("...ds,...d->...s", A, wn * r)
+    mu = torch.cholesky_solve(y.unsqueeze(-1), L_prec).squeeze(-1)  # batch dims broadcast
+    resid = r - torch.einsum("...ds,...s->...d", A, mu)
+    quad = (wn * resid.square()).sum(-1) + (mu.square() * prior_prec).sum(-1)
     logdet_prec = 2.0 * torch.diagonal(L_prec, dim1=-2, dim2=-1).log().sum(-1)
-    log_kappa = -0.5 * ((n_obs * math.log(2 * math.pi) + logdet_x + prior_var.log().expand(S).sum()).unsqueeze(-1)
+    log_kappa = -0.5 * (n_obs * math.log(2 * math.pi) + logdet_x + prior_var.log().expand(S).sum()
                         + logdet_prec + quad)
     cov = torch.cholesky_inverse(L_prec)
     cov = 0.5 * (cov + cov.transpose(-1, -2))
