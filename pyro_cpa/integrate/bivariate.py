@@ -70,7 +70,8 @@ DEFAULT_NUM_NODES = 16
 DEFAULT_S_CUTS = (0.0, 0.5, 1.5, 3.5, 7.5, 15.0, 30.0, 50.0)
 # slice-bound levels ±sqrt(2 s), s in DEFAULT_S_CUTS: the Gaussian factor falls by a bounded amount per piece
 DEFAULT_LEVELS = tuple(sorted({sg * math.sqrt(2.0 * s) for s in DEFAULT_S_CUTS for sg in (-1.0, 1.0)}))
-DEFAULT_COV_MAX_AMP = 1e3   # see std_moments_2d
+DEFAULT_COV_MAX_AMP = 1e4   # see std_moments_2d
+DEFAULT_MEAN_MAX_AMP = 1e3  # see std_moments_2d
 _DIV_TINY = 1e-300     # guards divisions whose result is then discarded (continuous: the cut moves to infinity)
 _TWO_PI = 2.0 * math.pi
 _LOG_2PI = math.log(_TWO_PI)
@@ -282,7 +283,7 @@ def _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels, paral
     bpos = rk & (ben > parallel_tol)
     bneg = rk & (ben < -parallel_tol)
     rhs = ds.index_select(0, nb) - al.index_select(0, nb) * v1.unsqueeze(-1)      # (nodes, F)
-    bnd = rhs / torch.where(bzero, torch.ones_like(ben), ben)
+    bnd = rhs / torch.where(bpos | bneg, ben, torch.ones_like(ben))   # double where: no 0/0 in the backward
     inf = torch.full_like(bnd, float("inf"))
     hi = torch.where(bpos, bnd, inf).amin(-1)
     lo_ = torch.where(bneg, bnd, -inf).amax(-1)
@@ -298,7 +299,9 @@ def _segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tens
     m = x.new_full((n,), float("-inf")).scatter_reduce(0, seg, x.detach(), "amax")
     mf = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
     tot = x.new_zeros(n).index_add(0, seg, torch.exp(x - mf.index_select(0, seg)))
-    return mf + torch.log(tot)
+    pos = tot > 0                                        # False only for segments without mass (log = -inf)
+    out = mf + torch.log(torch.where(pos, tot, torch.ones_like(tot)))
+    return torch.where(pos, out, torch.full_like(out, float("-inf")))
 
 
 def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
@@ -307,8 +310,8 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     return _segment_logsumexp(nd["integrand"], nd["nb"], nd["B"])
 
 
-def _covariance_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
-    r"""Cov[u | ω] without cancellation, by the slicing quadrature in the frame of the nearest point (flat batch).
+def _moments_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
+    r"""(E[u | ω], Cov[u | ω]) without cancellation, by the slicing quadrature in the frame of the nearest point.
 
     With s = w·u − r (>= 0 off the mean: the distance beyond the nearest point) and y = w⊥·u, each slice
     contributes its weight W_n = exp(integrand_n − log P) and the exact 1-D conditional mean m_n and variance
@@ -317,14 +320,16 @@ def _covariance_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels)
 
         Var s = Σ W_n (s_n − s̄)²,  Cov(s, y) = Σ W_n (s_n − s̄)(m_n − ȳ),  Var y = Σ W_n [c_n + (m_n − ȳ)²],
 
-    and Cov[u] = R [[Var s, Cov], [Cov, Var y]] Rᵀ with R = [w, w⊥]. Its relative error is ~eps·(1 + r²), the
-    conditioning of the covariance w.r.t. the offsets (E[uuᵀ] − E[u]E[u]ᵀ loses eps·r⁴ instead).
+    and Cov[u] = R [[Var s, Cov], [Cov, Var y]] Rᵀ with R = [w, w⊥], E[u] = (r + s̄) w + ȳ w⊥. The covariance's
+    relative error is ~eps·(1 + r²), the conditioning of the covariance w.r.t. the offsets (E[uuᵀ] − E[u]E[u]ᵀ
+    loses eps·r⁴ instead); the mean has no cancellation (the edge formula −Σ r_i g_i cancels for small
+    polygons, whose edge weights r_i ~ 1/width).
     """
     nd = _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels)
     nb, B = nd["nb"], nd["B"]
     logP = _segment_logsumexp(nd["integrand"], nb, B)
-    W = torch.exp(nd["integrand"] - logP.index_select(0, nb))
-    W = torch.where(torch.isfinite(W), W, torch.zeros_like(W))
+    lp = torch.where(torch.isfinite(logP), logP, torch.zeros_like(logP))
+    W = torch.exp(nd["integrand"] - lp.index_select(0, nb))
     _, m, c = interval_stats(nd["lo"], nd["hi"])
     s = nd["v1"] - nd["r"].index_select(0, nb)
 
@@ -337,8 +342,10 @@ def _covariance_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels)
     vss, vsy, vyy = seg_sum(ds_ * ds_), seg_sum(ds_ * dy), seg_sum(c + dy * dy)
     w, wp = nd["w"], nd["wp"]
     outer = lambda a, b: a.unsqueeze(-1) * b.unsqueeze(-2)     # noqa: E731
-    return (vss[:, None, None] * outer(w, w) + vsy[:, None, None] * (outer(w, wp) + outer(wp, w))
-            + vyy[:, None, None] * outer(wp, wp))
+    cov = (vss[:, None, None] * outer(w, w) + vsy[:, None, None] * (outer(w, wp) + outer(wp, w))
+           + vyy[:, None, None] * outer(wp, wp))
+    mean = (nd["r"] + sbar).unsqueeze(-1) * w + ybar.unsqueeze(-1) * wp
+    return mean, cov
 
 
 def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z_cuts=DEFAULT_FLUX_Z_CUTS,
@@ -395,7 +402,8 @@ def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z
     f = torch.exp(-0.5 * (t - pp) * (t + pp)) * hh / (hh * hh + t * t)
     val = (f @ w) * hf
     integral = torch.zeros_like(pi).index_add(0, owner, val)
-    lD = -0.5 * (hi * hi + pi * pi) + torch.log(integral) - _LOG_2PI
+    # (an integral that underflows to 0 only occurs for h <~ 1e-300, where the result is not trusted anyway)
+    lD = -0.5 * (hi * hi + pi * pi) + torch.log(torch.clamp(integral, min=_DIV_TINY)) - _LOG_2PI
     # P = 1[0 in ω] + Σ -sign(d_i) D_i, combined relative to the largest term
     ninf = torch.full((B,), float("-inf"), dtype=dtype, device=device)
     m = ninf.scatter_reduce(0, bi, lD.detach(), "amax")
@@ -415,17 +423,61 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
                 num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
                 owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS, _edges=None,
                 _accept_owens=None, _max_amp: float = DEFAULT_FLUX_MAX_AMP) -> torch.Tensor:
-    """log P(u ∈ {G u <= d}) for u ~ N(0, I_2), batched (see module doc). -inf for empty polygons.
+    r"""log P(u ∈ {G u <= d}) for u ~ N(0, I_2), batched (see module doc). -inf for empty polygons.
 
     The flux formula is used where it is well conditioned (almost everywhere); the other polygons use the
     Owen's-T formula where its P >= ``switch_mass`` and the log-space slicing otherwise
     (``switch_mass > 1`` forces the slicing quadrature everywhere).
 
+    **Gradients** are analytic (divergence theorem), the same for every branch: with the edge weights
+    r_i = exp(log φ(d_i) + log ΔΦ_i − log P) and edge mean points x̄_i = d_i g_i + E[t | edge] e_i,
+
+        ∂ log P / ∂d_i = r_i,   ∂ log P / ∂g_i = −r_i x̄_i,
+
+    exact wherever log P is (no derivative of a quadrature rule, whose cuts move with the inputs).
+
     ``_accept_owens(idx, log_P_owens) -> bool mask`` (internal, used by the 3-D slicing) may accept the
     Owen's-T value of further polygons (flat indices ``idx``) whose absolute error is known to be negligible.
     """
+    kw = dict(switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts, owens_nodes=owens_nodes, levels=levels,
+              _accept_owens=_accept_owens, _max_amp=_max_amp)
+    if torch.is_grad_enabled() and (G.requires_grad or d.requires_grad):
+        batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+        return _LogMass2d.apply(G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:]), kw)
+    edges = None if _edges is None else tuple(x.detach() for x in _edges)
+    return _log_mass_2d_impl(G, d, _edges=edges, **kw)
+
+
+class _LogMass2d(torch.autograd.Function):
+    """log P with the analytic divergence-theorem gradient (see :func:`log_mass_2d`)."""
+
+    @staticmethod
+    def forward(ctx, G, d, kw):
+        with torch.no_grad():
+            lp = _log_mass_2d_impl(G, d, **kw)
+        ctx.save_for_backward(G, d, lp)
+        return lp
+
+    @staticmethod
+    def backward(ctx, gout):
+        G, d, lp = ctx.saved_tensors
+        Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d)
+        ldphi, mu, _ = interval_moments(t_lo, t_hi)
+        fin = torch.isfinite(lp)
+        ok = exists & fin.unsqueeze(-1)
+        lps = torch.where(fin, lp, torch.zeros_like(lp)).unsqueeze(-1)
+        lr = -0.5 * ds * ds - LOG_SQRT_2PI + ldphi - lps
+        r = torch.where(ok, torch.exp(torch.where(ok, lr, torch.zeros_like(lr))), torch.zeros_like(lr))
+        gr = gout.unsqueeze(-1) * r
+        xbar = ds.unsqueeze(-1) * Gs + mu.unsqueeze(-1) * e
+        return -gr.unsqueeze(-1) * xbar, gr, None
+
+
+def _log_mass_2d_impl(G: torch.Tensor, d: torch.Tensor, *, switch_mass, num_nodes, s_cuts, owens_nodes, levels,
+                      _edges=None, _accept_owens=None, _max_amp=DEFAULT_FLUX_MAX_AMP) -> torch.Tensor:
+    """:func:`log_mass_2d` without the custom gradient."""
     if _edges is None and _accept_owens is None:
-        out = _in_chunks(log_mass_2d, G, d, _CHUNK, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
+        out = _in_chunks(_log_mass_2d_impl, G, d, _CHUNK, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
                          owens_nodes=owens_nodes, levels=levels, _max_amp=_max_amp)
         if out is not None:
             return out
@@ -467,7 +519,8 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
 def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAULT_SWITCH_MASS,
                    num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
                    owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS,
-                   need_moments: bool = True, cov_max_amp: float | None = DEFAULT_COV_MAX_AMP) -> StandardMoments:
+                   need_moments: bool = True, cov_max_amp: float | None = DEFAULT_COV_MAX_AMP,
+                   mean_max_amp: float = DEFAULT_MEAN_MAX_AMP) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_2) on the polygon {u : G u <= d}, exact.
 
     Args:
@@ -481,9 +534,12 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
             (resolves lines nearly parallel to the slices, and the kinks of exactly parallel ones).
         need_moments: if False only log_mass is computed (mean, second_moment, covariance are returned as zeros).
         cov_max_amp: the covariance is E[uuᵀ] − E[u]E[u]ᵀ where this subtraction amplifies rounding by at most
-            (1 + |E[u]|²)/λ_min <= cov_max_amp, and the centred slicing quadrature otherwise (far-out or thin
-            polygons; relative error ~eps·(1 + r²), r the distance of the polygon from the mean).
+            amp = (1 + |E[u]|²)/λ_min <= cov_max_amp (measured error <= ~1e-12·amp in the metric of the
+            covariance, i.e. <= 1e-8 at the default 1e4), and the centred slicing quadrature otherwise (far-out
+            or thin polygons; relative error ~eps·(1 + r²), r the distance of the polygon from the mean).
             None: the covariance is not computed (returned as None).
+        mean_max_amp: where Σ_i r_i > mean_max_amp (1 + |E[u]|) (small polygons: the edge formula −Σ r_i g_i
+            cancels, error ~1e-12 Σ r_i), the mean and second moment come from the centred slicing too.
 
     Returns:
         :class:`StandardMoments` (log_mass (...,), mean (..., 2), second_moment (..., 2, 2),
@@ -491,7 +547,8 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
         formulas. Empty polygons: log_mass = -inf, mean = 0, second_moment = 0.
     """
     out = _in_chunks(std_moments_2d, G, d, _CHUNK, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
-                     owens_nodes=owens_nodes, levels=levels, need_moments=need_moments, cov_max_amp=cov_max_amp)
+                     owens_nodes=owens_nodes, levels=levels, need_moments=need_moments, cov_max_amp=cov_max_amp,
+                     mean_max_amp=mean_max_amp)
     if out is not None:
         return out
     edges = polygon_edges(G, d)
@@ -519,17 +576,24 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
     if cov_max_amp is None:
         return StandardMoments(logP, mean, second, torch.zeros_like(logP))
     cov = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-    cd_ = cov.detach()                                   # a decision only: no gradient through it
+    cd_ = cov.detach()                                   # decisions only: no gradient through them
     a, b, c = cd_[..., 0, 0], cd_[..., 0, 1], cd_[..., 1, 1]
     lam_min = 0.5 * (a + c) - torch.sqrt(0.25 * (a - c) ** 2 + b * b)
-    scale = 1.0 + (mean.detach() ** 2).sum(-1)
-    redo = ~empty & ~whole & ~(lam_min * cov_max_amp > scale)
+    mnorm = mean.detach().norm(dim=-1)
+    redo_cov = ~(lam_min * cov_max_amp > 1.0 + mnorm * mnorm)
+    redo_mean = r.detach().sum(-1) > mean_max_amp * (1.0 + mnorm)      # −Σ r_i g_i cancels (small polygons)
+    redo = ~empty & ~whole & (redo_cov | redo_mean)
     idx = redo.reshape(-1).nonzero().squeeze(-1)
     if idx.numel():
         F = ds.shape[-1]
         flat = (Gs.reshape(-1, F, 2), ds.reshape(-1, F), e.reshape(-1, F, 2), t_lo.reshape(-1, F),
                 t_hi.reshape(-1, F), exists.reshape(-1, F))
-        cs = _covariance_slices(*(x.index_select(0, idx) for x in flat), num_nodes, s_cuts, levels)
+        ms, cs = _moments_slices(*(x.index_select(0, idx) for x in flat), num_nodes, s_cuts, levels)
         cov = cov.reshape(-1, 2, 2).index_put((idx,), cs).reshape(cov.shape)
+        rm = redo_mean.reshape(-1).index_select(0, idx)
+        mean_new = torch.where(rm.unsqueeze(-1), ms, mean.reshape(-1, 2).index_select(0, idx))
+        mean = mean.reshape(-1, 2).index_put((idx,), mean_new).reshape(mean.shape)
+        second_new = cs + mean_new.unsqueeze(-1) * mean_new.unsqueeze(-2)
+        second = second.reshape(-1, 2, 2).index_put((idx,), second_new).reshape(second.shape)
     cov = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, cov)
     return StandardMoments(logP, mean, second, torch.zeros_like(logP), cov)
