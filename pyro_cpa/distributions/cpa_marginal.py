@@ -66,6 +66,12 @@ class CPAMarginal(TorchDistribution):
             depend on it. ``log_prob`` holds O(chunk) memory with or without autograd.
         dtype: dtype of all exact computations (float64 by default, whatever the decoder's dtype).
         mc_kwargs: options of the S >= 4 Monte-Carlo integrator.
+        partition: ``"global"`` (enumerate every region once) or ``"local"`` (S <= 2, ReLU-type layers, no
+            missing data): per datum, only the regions meeting a certified neighbourhood of its posterior mass
+            (:mod:`pyro_cpa.geometry.local`), for decoders whose global partition is too large. ``log_prob``
+            then sets ``self.log_prob_bound``: per datum, the log of a certified upper bound of the neglected
+            fraction of p(x) (log p(x) <= log_prob + log1p(exp(log_prob_bound))).
+        local_tol: the local partition's target: neglected fraction <= exp(-local_tol).
 
     Dtypes: the exact computation runs in ``dtype``; what goes back to the Pyro program is in the model's
     dtype ``model_dtype`` (the promotion of the decoder's parameters and tensor scales — float32 for a
@@ -90,8 +96,12 @@ class CPAMarginal(TorchDistribution):
 
     def __init__(self, decoder, obs_scale, prior_scale=1.0, *, max_regions: int = DEFAULT_MAX_REGIONS,
                  prune_tol: float = 40.0, chunk_size: int = 1024, dtype: torch.dtype = torch.float64,
-                 mc_kwargs: dict | None = None, regions: LinearRegions | None = None, validate_args=None):
+                 mc_kwargs: dict | None = None, regions: LinearRegions | None = None, partition: str = "global",
+                 local_tol: float = 40.0, validate_args=None):
         check_not_tracing("CPAMarginal")
+        if partition not in ("global", "local"):
+            raise PyroCPAError(f"partition must be 'global' or 'local', got {partition!r}")
+        self.partition, self.local_tol = partition, float(local_tol)
         self.network = as_cpa_network(decoder)
         self.decoder = self.network.module
         ref = next(iter(self.decoder.parameters()), torch.empty(0))
@@ -119,7 +129,7 @@ class CPAMarginal(TorchDistribution):
     def _with_batch_shape(self, batch_shape: torch.Size, new=None) -> "CPAMarginal":
         new = self._get_checked_instance(CPAMarginal, None) if new is None else new
         for k in ("network", "decoder", "obs_scale", "prior_scale", "max_regions", "prune_tol", "chunk_size",
-                  "dtype", "model_dtype", "mc_kwargs", "_regions", "_region_params_memo"):
+                  "dtype", "model_dtype", "mc_kwargs", "_regions", "_region_params_memo", "partition", "local_tol"):
             setattr(new, k, getattr(self, k))
         super(CPAMarginal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -209,8 +219,16 @@ class CPAMarginal(TorchDistribution):
         out = self._out_dtype(value if isinstance(value, torch.Tensor) else None)
         x = self._check_x(value)
         flat = x.reshape(-1, x.shape[-1])
-        lp, err = chunked_log_prob(self._params(), flat, prune_tol=self.prune_tol, chunk_size=self.chunk_size,
-                                   mc_kwargs=self.mc_kwargs)
+        if self.partition == "local":       # per-datum local partitions with a certified bound (geometry.local)
+            from ..geometry.local import local_log_prob
+            res = local_log_prob(self.network, flat, *self._variances(), self.local_tol, prune_tol=self.prune_tol,
+                                 dtype=self.dtype)
+            self.log_prob_bound = res.log_bound.reshape(x.shape[:-1]).to(out)
+            self.local_stats = {"pairs": res.pairs, "regions": res.regions, **res.partition.seconds}
+            lp, err = res.log_prob, torch.zeros_like(res.log_prob)
+        else:
+            lp, err = chunked_log_prob(self._params(), flat, prune_tol=self.prune_tol, chunk_size=self.chunk_size,
+                                       mc_kwargs=self.mc_kwargs)
         self.log_prob_stderr = err.reshape(x.shape[:-1]).detach().to(out)
         lp = lp.reshape(x.shape[:-1]).to(out)
         return lp if not self.batch_shape else lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))

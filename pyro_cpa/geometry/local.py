@@ -53,7 +53,7 @@ from ..integrate import integrate_whitened, log_mass_upper_bound, whiten
 from ..integrate.univariate import log_ndtr_diff
 from ..nn.network import CPANetwork, as_cpa_network
 from .enumerate_2d import DEFAULT_TOL as POLYGON_TOL
-from .enumerate_2d import WALL, _clip, _codes_unique, _initial_charts, _next_forms
+from .enumerate_2d import PAD, WALL, _clip, _codes_unique, _initial_charts
 from .maps import region_hyperplanes, region_maps_from_affine
 from .regions import LinearRegions, RegionEnumeration
 
@@ -233,17 +233,42 @@ def _regions_in_boxes_2d(net: CPANetwork, centre: np.ndarray, half: np.ndarray, 
         acc += maps[l][0].shape[1] + 1
         band = tol * (acc + 1)
         par = np.arange(len(X))
-        q = np.zeros((len(X), n), dtype=bool)
-        for j in range(n):
-            X, cnt, lab, src, side = _clip(X, cnt, lab, G[par, j], Ga[par, j], offset + j, band)
-            par, q, box = par[src], q[src], box[src]
-            q[:, j] = side
+        cuts, q = _cut_table(X, cnt, G, Ga, band)
+        for j in np.nonzero(cuts.any(0))[0]:
+            sel = np.nonzero(cuts[par, j])[0]
+            k = sel.size
+            Xo, co, lo, src, side = _clip(X[sel], cnt[sel], lab[sel], G[par[sel], j], Ga[par[sel], j], offset + j,
+                                          band)
+            if Xo.shape[1] > X.shape[1]:
+                X = np.concatenate([X, np.zeros((len(X), Xo.shape[1] - X.shape[1], 3))], 1)
+                lab = np.concatenate([lab, np.full((len(lab), Xo.shape[1] - lab.shape[1]), PAD)], 1)
+            Vo = Xo.shape[1]
+            X[sel, :Vo], X[sel, Vo:] = Xo[:k], 0.0
+            lab[sel, :Vo], lab[sel, Vo:] = lo[:k], PAD
+            cnt[sel] = co[:k]
+            q[sel, j] = side[:k]
+            new = sel[src[k:]]
+            Xn = np.zeros((len(new), X.shape[1], 3))
+            Xn[:, :Vo] = Xo[k:]
+            Ln = np.full((len(new), X.shape[1]), PAD, dtype=np.int64)
+            Ln[:, :Vo] = lo[k:]
+            qn = q[new]
+            qn[:, j] = side[k:]
+            X, lab, cnt = np.concatenate([X, Xn]), np.concatenate([lab, Ln]), np.concatenate([cnt, co[k:]])
+            par, q, box = np.concatenate([par, par[new]]), np.concatenate([q, qn]), np.concatenate([box, box[new]])
         pats = [pt[par] for pt in pats] + [q]
         offset += n
         if l + 2 < len(maps):
             W, v = maps[l + 1]
-            d = np.where(q, 1.0, net.negative_slopes[l])
-            G, Ga = _next_forms(W, v, d, G, Ga, par)
+            d = torch.from_numpy(np.where(q, 1.0, net.negative_slopes[l])[..., None])
+            Wt, pt_ = torch.from_numpy(W), torch.from_numpy(par)
+            Gt, Gat = torch.from_numpy(G), torch.from_numpy(Ga)
+            G = torch.cat([torch.einsum("ij,pjk->pik", Wt, d[a:a + 4096] * Gt[pt_[a:a + 4096]])
+                           for a in range(0, len(par), 4096)]).numpy()
+            Ga = torch.cat([torch.einsum("ij,pjk->pik", Wt.abs(), d[a:a + 4096].abs() * Gat[pt_[a:a + 4096]])
+                            for a in range(0, len(par), 4096)]).numpy()
+            G[..., 2] += v
+            Ga[..., 2] += np.abs(v)
     codes = np.concatenate(pats, 1)
     first, inv = _codes_unique(codes)
     V = X.shape[1]
@@ -252,7 +277,38 @@ def _regions_in_boxes_2d(net: CPANetwork, centre: np.ndarray, half: np.ndarray, 
     cand = np.zeros((first.size, offset), dtype=bool)
     r, k = np.nonzero(valid & (lab >= 0))
     cand[inv[r], lab[r, k]] = True
-    return [torch.from_numpy(np.ascontiguousarray(p[first])) for p in pats], inv, box, inner[first, :2], cand
+    open_ = np.zeros(first.size, dtype=bool)         # a piece of the region lies on a box wall
+    open_[inv[(valid & (lab == WALL)).any(1)]] = True
+    return [torch.from_numpy(np.ascontiguousarray(p[first])) for p in pats], inv, box, inner[first, :2], cand, open_
+
+
+def _cut_table(X, cnt, G, Ga, band, chunk: int = 2048):
+    """For polygons X (P, V, 3) and their forms G (P, n, 3): which forms cut each polygon (vertices beyond
+    the band ``band |Ga|`` on both sides, as in ``_clip``) and, for the others, the side (no vertex beyond
+    the band on the negative side)."""
+    P, V, _ = X.shape
+    cuts = np.zeros((P, G.shape[1]), dtype=bool)
+    side = np.zeros((P, G.shape[1]), dtype=bool)
+    for a in range(0, P, chunk):
+        sl = slice(a, a + chunk)
+        s = np.einsum("pvk,pnk->pnv", X[sl], G[sl])
+        eps = band * np.sqrt((Ga[sl] ** 2).sum(-1))[..., None]
+        valid = (np.arange(V)[None, :] < cnt[sl, None])[:, None, :]
+        pos = ((s > eps) & valid).any(-1)
+        neg = ((s < -eps) & valid).any(-1)
+        cuts[sl], side[sl] = pos & neg, ~neg
+    return cuts, side
+
+
+def _facets_from_table(table: np.ndarray) -> torch.Tensor:
+    """(R, U) bool table of facet units -> (R, F) unit indices padded with -1."""
+    rr, uu = np.nonzero(table)
+    nf = table.sum(1)
+    F = int(nf.max()) if nf.size else 0
+    out = np.full((table.shape[0], F), -1, dtype=np.int64)
+    starts = np.cumsum(nf) - nf
+    out[rr, np.arange(rr.size) - starts[rr]] = uu
+    return torch.from_numpy(out)
 
 
 #: Rounds of the facet search (each adds every line that still cuts a region's polygon).
@@ -411,6 +467,11 @@ def local_partition(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: 
     net = as_cpa_network(decoder)
     net.check_eval_mode()
     S = net.in_features
+    try:
+        net.negative_slopes
+    except PyroCPAError as err:
+        raise PyroCPAError("partition='local' needs ReLU-type activations (ReLU, LeakyReLU, Abs: one kink at 0); "
+                           f"use the global partition for this decoder ({err})") from None
     if S > 2:
         raise PyroCPAError(f"partition='local' supports latent dimension S <= 2, got S={S}; use the global "
                            "partition (partition='global') for S >= 3")
@@ -426,10 +487,17 @@ def local_partition(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: 
     cert = certify_boxes(net, x, obs_var, prior_var, tol, margin, leaf_factor, outer_radius)
     t1 = time.perf_counter()
     if S == 2:
-        patterns, inv, box, interior, cand0 = _regions_in_boxes_2d(
-            net, cert.leaf_centre.cpu().numpy(), cert.leaf_half.cpu().numpy(),
-            POLYGON_TOL if enum_tol is None else enum_tol)
-        facets = _facets_2d(net, patterns, cand0, POLYGON_TOL if enum_tol is None else enum_tol)
+        etol = POLYGON_TOL if enum_tol is None else enum_tol
+        patterns, inv, box, interior, cand0, open_ = _regions_in_boxes_2d(
+            net, cert.leaf_centre.cpu().numpy(), cert.leaf_half.cpu().numpy(), etol)
+        # a region none of whose pieces touches a box wall is that piece: its edges are its facets
+        facets = _facets_from_table(cand0)
+        idx = np.nonzero(open_)[0]
+        if idx.size:
+            sub = _facets_2d(net, [p[torch.from_numpy(idx)] for p in patterns], cand0[idx], etol)
+            F = max(facets.shape[1], sub.shape[1])
+            facets = torch.nn.functional.pad(facets, (0, F - facets.shape[1]), value=-1)
+            facets[torch.from_numpy(idx)] = torch.nn.functional.pad(sub, (0, F - sub.shape[1]), value=-1)
         inc_leaf, inc_reg = torch.from_numpy(box), torch.from_numpy(inv)
         enum = RegionEnumeration(patterns, facets, torch.from_numpy(np.ascontiguousarray(interior)))
     else:
