@@ -404,9 +404,13 @@ def _intervals_1d(regions: LinearRegions) -> tuple[torch.Tensor, torch.Tensor]:
         H, c = regions.polytopes(torch.float64)
         h = H[..., 0]
         inf = torch.full_like(c, float("inf"))
-        root = torch.where(h != 0, c / torch.where(h != 0, h, torch.ones_like(h)), inf)
-        hi = torch.where(h > 0, root, inf).amin(-1) if h.shape[-1] else inf.new_full((len(regions),), float("inf"))
-        lo = torch.where(h < 0, root, -inf).amax(-1) if h.shape[-1] else -hi
+        real = regions.facet_mask            # padding rows are H = 0; a facet's slope is nonzero by construction
+        root = torch.where(real, c / torch.where(real, h, torch.ones_like(h)), inf)
+        if not h.shape[-1]:      # one region: the whole line
+            hi = c.new_full((len(regions),), float("inf"))
+            return -hi, hi
+        hi = torch.where(real & (h > 0), root, inf).amin(-1)
+        lo = torch.where(real & (h < 0), root, -inf).amax(-1)
     return lo, hi
 
 
