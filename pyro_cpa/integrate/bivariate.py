@@ -72,6 +72,7 @@ DEFAULT_S_CUTS = (0.0, 0.5, 1.5, 3.5, 7.5, 15.0, 30.0, 50.0)
 DEFAULT_LEVELS = tuple(sorted({sg * math.sqrt(2.0 * s) for s in DEFAULT_S_CUTS for sg in (-1.0, 1.0)}))
 DEFAULT_COV_MAX_AMP = 1e4   # see std_moments_2d
 DEFAULT_MEAN_MAX_AMP = 1e3  # see std_moments_2d
+_R_TINY = 1e-150
 _DIV_TINY = 1e-300     # guards divisions whose result is then discarded (continuous: the cut moves to infinity)
 _TWO_PI = 2.0 * math.pi
 _LOG_2PI = math.log(_TWO_PI)
@@ -233,7 +234,7 @@ def _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels, paral
     p = (ds.gather(-1, j).unsqueeze(-1) * Gs.gather(-2, j.unsqueeze(-1).expand(-1, 1, 2))
          + tc.gather(-1, j).unsqueeze(-1) * e.gather(-2, j.unsqueeze(-1).expand(-1, 1, 2))).squeeze(-2)
     r = p.norm(dim=-1)
-    inside = inside | (r == 0)
+    inside = inside | (r <= _R_TINY)                 # any slicing direction is exact; avoids p/r at r ~ 0
     r = torch.where(inside, torch.zeros_like(r), r)
     w = torch.where(inside.unsqueeze(-1), torch.tensor([1.0, 0.0], dtype=dtype, device=device),
                     p / torch.where(inside, torch.ones_like(r), r).unsqueeze(-1))
@@ -400,7 +401,7 @@ def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z
     hh = hi.index_select(0, owner).unsqueeze(-1)
     pp = pi.index_select(0, owner).unsqueeze(-1)
     f = torch.exp(-0.5 * (t - pp) * (t + pp)) * hh / (hh * hh + t * t)
-    val = (f @ w) * hf
+    val = (f * w).sum(-1) * hf                      # elementwise: no shape-dependent BLAS path
     integral = torch.zeros_like(pi).index_add(0, owner, val)
     # (an integral that underflows to 0 only occurs for h <~ 1e-300, where the result is not trusted anyway)
     lD = -0.5 * (hi * hi + pi * pi) + torch.log(torch.clamp(integral, min=_DIV_TINY)) - _LOG_2PI

@@ -51,6 +51,10 @@ DEFAULT_FEAS_TOL = 1e-10
 DEFAULT_RIDGE_LEVELS = (2.0, 5.0, 8.0)
 DEFAULT_SLICE_REL_TOL = 1e-12
 DEFAULT_LEVELS = (-4.0, 0.0, 4.0)   # in-slice distances of a plane where the slicing axis is cut
+DEFAULT_FACET_TIE_TOL = 1e-12
+_PARALLEL_TOL = 1e-14   # in-slice / in-facet normal norms below this: the plane is parallel
+_DIV_TINY = 1e-300
+_R_TINY = 1e-150
 _CHUNK_3D = 16   # polytopes per chunk (each has a few hundred slices)
 _OWENS_ABS_ERR = 1e-15
 _SLICE_MAX_AMP = 1e4   # flux-formula cancellation accepted in the slices (error <~ 1e-12 relative)
@@ -69,7 +73,7 @@ def _basis(g: torch.Tensor) -> torch.Tensor:
     return torch.stack([q1, q2], dim=-1)
 
 
-def _project_rows(Gs, ds, real, Q, shift, parallel_tol=1e-14):
+def _project_rows(Gs, ds, real, Q, shift, parallel_tol=_PARALLEL_TOL):
     """2-D constraints (Qᵀg_k)ᵀ y <= d_k − shift_k, rows renormalised; parallel rows -> 0 / ±inf, -1."""
     G2 = (Gs.unsqueeze(-1) * Q.unsqueeze(-3)).sum(-2)        # (..., F, 2)
     n = G2.norm(dim=-1)
@@ -89,7 +93,8 @@ def _nearest_point(Gs, ds, real, tol):
     inside = ((ds >= 0) | ~real).all(-1)
 
     def feasible(x):  # x (B, C, 3)
-        viol = (torch.einsum("bfs,bcs->bcf", Gs, x) - ds.unsqueeze(-2)) > tol * (1.0 + ds.abs().unsqueeze(-2))
+        gx = (Gs.unsqueeze(-3) * x.unsqueeze(-2)).sum(-1)          # (B, C, F) elementwise: no shape-dependent BLAS
+        viol = (gx - ds.unsqueeze(-2)) > tol * (1.0 + ds.abs().unsqueeze(-2))
         return ~(viol & real.unsqueeze(-2)).any(-1)
 
     cands, oks = [], []
@@ -133,7 +138,7 @@ def _nearest_point(Gs, ds, real, tol):
     p = X.gather(1, j[:, None, None].expand(-1, 1, 3)).squeeze(1)
     nonempty = inside | OK.any(-1)
     r = p.norm(dim=-1)
-    inside = inside | (r == 0)
+    inside = inside | (r <= _R_TINY)                 # any slicing direction is exact; avoids p/r at r ~ 0
     return p, r, inside, nonempty, verts, vok
 
 
@@ -221,6 +226,65 @@ def _compact_rows(G: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch
     return Gf.gather(1, order.unsqueeze(-1).expand(-1, -1, 3)), df.gather(1, order)
 
 
+def _facet_terms(G, d, logP, *, switch_mass, num_nodes_2d, s_cuts, facet_tie_tol=DEFAULT_FACET_TIE_TOL):
+    r"""Facet weights r_j = exp(log φ(d_j) + log P_j − log P) and facet mean points m_j = d_j g_j + Q_j μ_j.
+
+    Flat (B, F, 3), (B, F), (B,). P_j, μ_j: 2-D mass and mean of facet j in its coordinates u = d_j g_j + Q_j y,
+    constraints (Q_jᵀg_k)ᵀ y <= d_k − (g_j·g_k) d_j (rows renormalised; g_j·g_k elementwise, no matmul).
+    Duplicated planes (the same plane twice within ``facet_tie_tol``) keep their first copy.
+    Returns (Gs, ds, r, m) with padding rows zeroed (r = 0 there).
+    """
+    F = d.shape[-1]
+    norm = G.norm(dim=-1)
+    real = (norm > 0) & (d < float("inf"))
+    Gs = torch.where(real.unsqueeze(-1), G, torch.zeros_like(G))
+    ds = torch.where(real, d, torch.zeros_like(d))
+    gj = torch.where(real.unsqueeze(-1), Gs, torch.ones_like(Gs) / 3 ** 0.5)
+    Qj = _basis(gj)                                           # (..., F, 3, 2)
+    c = (Gs.unsqueeze(-2) * Gs.unsqueeze(-3)).sum(-1)         # c[j, k] = g_j·g_k, elementwise
+    shift = c * ds.unsqueeze(-1)                              # (g_j·g_k) d_j
+    Gk = Gs.unsqueeze(-3).expand(-1, F, F, 3)
+    dk = ds.unsqueeze(-2).expand(-1, F, F)
+    rk = real.unsqueeze(-2).expand(-1, F, F) & ~torch.eye(F, dtype=torch.bool, device=d.device)
+    G2, d2, n = _project_rows(Gk, dk, rk, Qj, shift)
+    idx = torch.arange(F, device=d.device)
+    dup = rk & (n <= _PARALLEL_TOL) & (c > 0) & ((dk - shift).abs() <= facet_tie_tol * (1 + ds.abs().unsqueeze(-1))) \
+        & (idx.unsqueeze(0) < idx.unsqueeze(-1))
+    d2 = torch.where(dup, -torch.ones_like(d2), d2)
+    G2 = torch.where(dup.unsqueeze(-1), torch.zeros_like(G2), G2)
+    fac = std_moments_2d(G2, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts, cov_max_amp=None)
+    empty = torch.isneginf(logP)
+    lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
+    ok = real & ~torch.isneginf(fac.log_mass) & ~empty.unsqueeze(-1)
+    lr = -0.5 * ds * ds - LOG_SQRT_2PI + torch.where(ok, fac.log_mass, torch.zeros_like(ds)) - lp
+    rj = torch.where(ok, torch.exp(torch.where(ok, lr, torch.zeros_like(lr))), torch.zeros_like(lr))
+    m = ds.unsqueeze(-1) * Gs + (Qj * fac.mean.unsqueeze(-2)).sum(-1)
+    return Gs, ds, rj, m
+
+
+class _LogMass3d(torch.autograd.Function):
+    """log P with the analytic divergence-theorem gradient: ∂log P/∂d_j = r_j, ∂log P/∂g_j = −r_j m_j."""
+
+    @staticmethod
+    def forward(ctx, G, d, kw):
+        with torch.no_grad():
+            lp = _log_mass_3d_impl(G, d, **kw)
+        ctx.save_for_backward(G, d, lp)
+        ctx.kw = kw
+        return lp
+
+    @staticmethod
+    def backward(ctx, gout):
+        G, d, lp = ctx.saved_tensors
+        kw = ctx.kw
+        F = d.shape[-1]
+        Gs, ds, rj, m = _facet_terms(G.reshape(-1, F, 3), d.reshape(-1, F), lp.reshape(-1),
+                                     switch_mass=kw["switch_mass"], num_nodes_2d=kw["num_nodes_2d"],
+                                     s_cuts=kw["s_cuts"])
+        gr = gout.reshape(-1, 1) * rj
+        return (-gr.unsqueeze(-1) * m).reshape(G.shape), gr.reshape(d.shape), None
+
+
 def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NUM_NODES_3D,
                 s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
                 switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
@@ -230,8 +294,22 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     A slice whose flux formula is ill-conditioned uses the Owen's-T formula when its P₂ >= ``switch_mass`` or
     when its absolute error (<= 1e-15) weighted by φ(v1) is below ``slice_rel_tol`` times the polytope's
     mass over the number of slices; the nested log-space slicing otherwise.
+
+    **Gradients** are analytic (divergence theorem, from the facet masses and means): ∂log P/∂d_j = r_j,
+    ∂log P/∂g_j = −r_j m_j (see :func:`_facet_terms`), exact wherever log P is.
     """
-    out = _in_chunks(log_mass_3d, G, d, _CHUNK_3D, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels,
+    kw = dict(num_nodes=num_nodes, s_cuts=s_cuts, levels=levels, feas_tol=feas_tol, switch_mass=switch_mass,
+              num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels, slice_rel_tol=slice_rel_tol)
+    if torch.is_grad_enabled() and (G.requires_grad or d.requires_grad):
+        batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+        return _LogMass3d.apply(G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:]), kw)
+    return _log_mass_3d_impl(G, d, **kw)
+
+
+def _log_mass_3d_impl(G, d, *, num_nodes, s_cuts, levels, feas_tol, switch_mass, num_nodes_2d, ridge_levels,
+                      slice_rel_tol):
+    """:func:`log_mass_3d` without the custom gradient."""
+    out = _in_chunks(_log_mass_3d_impl, G, d, _CHUNK_3D, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels,
                      feas_tol=feas_tol, switch_mass=switch_mass, num_nodes_2d=num_nodes_2d,
                      ridge_levels=ridge_levels, slice_rel_tol=slice_rel_tol)
     if out is not None:
@@ -274,7 +352,7 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     G2 = (Gs.unsqueeze(-1) * Q.unsqueeze(-3)).sum(-2)      # in-slice normals (B, F, 2), the same in every slice
     nq = G2.norm(dim=-1)
     lev = torch.tensor(levels, dtype=dtype, device=device)
-    al_ok = real & (al != 0) & plane_ok
+    al_ok = real & (al.abs() > _DIV_TINY) & plane_ok   # |al| tiny: the cut moves to infinity (continuous)
     al_s = torch.where(al_ok, al, torch.ones_like(al))
     lcut = (ds.unsqueeze(-1) - nq.unsqueeze(-1) * lev) / al_s.unsqueeze(-1)
     lcut = torch.where(al_ok.unsqueeze(-1), lcut, lo[:, None, None]).reshape(B, -1)
@@ -301,7 +379,7 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
     lw = (torch.log(hf).unsqueeze(-1) + torch.log(wt)).reshape(-1) - 0.5 * v1 * v1 - LOG_SQRT_2PI
     sb = pb.repeat_interleave(num_nodes)                     # pair of each slice
     # slice polygons {y : G2_k·y <= d_k − al_k v1}, rows renormalised (parallel rows: 0 / ±inf, -1)
-    ok_row = real & (nq > 1e-14)
+    ok_row = real & (nq > _PARALLEL_TOL)
     ns = torch.where(ok_row, nq, torch.ones_like(nq))
     G2n = torch.where(ok_row.unsqueeze(-1), G2 / ns.unsqueeze(-1), torch.zeros_like(G2))
     rhs = ds.index_select(0, sb) - al.index_select(0, sb) * v1.unsqueeze(-1)
@@ -343,7 +421,7 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
 def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NUM_NODES_3D,
                    s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
                    switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
-                   facet_tie_tol: float = 1e-12, ridge_levels=DEFAULT_RIDGE_LEVELS,
+                   facet_tie_tol: float = DEFAULT_FACET_TIE_TOL, ridge_levels=DEFAULT_RIDGE_LEVELS,
                    need_moments: bool = True) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_3) on {u : G u <= d} (see module doc).
 
@@ -372,35 +450,11 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
         return StandardMoments(logP, logP.new_zeros(logP.shape + (3,)), logP.new_zeros(logP.shape + (3, 3)),
                                torch.zeros_like(logP))
     G, d = _compact_rows(G, d)                                # flat (B, F', 3), real rows first
-    F = d.shape[-1]
     logP = logP.reshape(-1)
-    norm = G.norm(dim=-1)
-    real = (norm > 0) & (d < float("inf"))
-    Gs = torch.where(real.unsqueeze(-1), G, torch.zeros_like(G))
-    ds = torch.where(real, d, torch.zeros_like(d))
-    # facet problems: (..., F_j, F_k)
-    gj = torch.where(real.unsqueeze(-1), Gs, torch.ones_like(Gs) / 3 ** 0.5)
-    Qj = _basis(gj)                                           # (..., F, 3, 2)
-    c = Gs @ Gs.transpose(-1, -2)                             # c[j, k]
-    shift = c * ds.unsqueeze(-1)                              # (g_j·g_k) d_j
-    Gk = Gs.unsqueeze(-3).expand(-1, F, F, 3)
-    dk = ds.unsqueeze(-2).expand(-1, F, F)
-    rk = real.unsqueeze(-2).expand(-1, F, F) & ~torch.eye(F, dtype=torch.bool, device=d.device)
-    G2, d2, n = _project_rows(Gk, dk, rk, Qj, shift)
-    # duplicated planes: facet j is dropped when an earlier k is the same plane
-    idx = torch.arange(F, device=d.device)
-    dup = rk & (n <= 1e-14) & (c > 0) & ((dk - shift).abs() <= facet_tie_tol * (1 + ds.abs().unsqueeze(-1))) \
-        & (idx.unsqueeze(0) < idx.unsqueeze(-1))
-    d2 = torch.where(dup, -torch.ones_like(d2), d2)
-    G2 = torch.where(dup.unsqueeze(-1), torch.zeros_like(G2), G2)
-    fac = std_moments_2d(G2, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts, cov_max_amp=None)
+    Gs, ds, rj, m = _facet_terms(G, d, logP, switch_mass=switch_mass, num_nodes_2d=num_nodes_2d, s_cuts=s_cuts,
+                                 facet_tie_tol=facet_tie_tol)
     empty = torch.isneginf(logP)
-    lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
-    ok = real & ~torch.isneginf(fac.log_mass)
-    lr = -0.5 * ds * ds - LOG_SQRT_2PI + torch.where(ok, fac.log_mass, torch.zeros_like(ds)) - lp
-    rj = torch.where(ok, torch.exp(torch.where(ok, lr, torch.zeros_like(lr))), torch.zeros_like(lr))
     mean = -(rj.unsqueeze(-1) * Gs).sum(-2)
-    m = ds.unsqueeze(-1) * Gs + (Qj @ fac.mean.unsqueeze(-1)).squeeze(-1)
     Mm = (rj[..., None, None] * Gs.unsqueeze(-1) * m.unsqueeze(-2)).sum(-3)
     eye = torch.eye(3, dtype=d.dtype, device=d.device)
     second = eye - 0.5 * (Mm + Mm.transpose(-1, -2))

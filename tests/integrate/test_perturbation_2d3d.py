@@ -510,3 +510,27 @@ def test_rotated_boxes_3d_nudged_batched_rotated():
     _close_logp(std_moments_3d(nudge(G, g), nudge(d, g), need_moments=False).log_mass, r.log_mass, 1e-9, 1e-9)
     Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
     _close_logp(std_moments_3d(G @ Q.T, d, need_moments=False).log_mass, r.log_mass, 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize("lo,hi,moments", [([-1, -0.5, 0.2], [2, 1.5, 1.0], True),     # near
+                                           ([6, -1, -0.5], [6.5, 2, 3], True),          # far
+                                           ([0.5, -1, -2], [0.5 + 1e-4, 1, 0.5], False)])  # thin slab
+def test_gradcheck_3d_wrt_d_and_a_rotation(lo, hi, moments):
+    """S = 3 gradients w.r.t. the offsets and the angle of one facet (with a padding row), every branch: the
+    rotation derivative of the slicing quadrature was wrong (sign flipped far out) before the analytic
+    divergence-theorem gradient."""
+    R, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(2)))
+    G, d, *_ = rotated_box(R, lo, hi)
+    G = torch.cat([G, torch.zeros(1, 3)])
+    d = torch.cat([d, torch.tensor([INF])]).requires_grad_(True)
+    th = torch.zeros(1, requires_grad=True)
+
+    def f(dx, t):
+        c, s = torch.cos(t), torch.sin(t)
+        Rz = torch.stack([torch.cat([c, -s, torch.zeros(1)]), torch.cat([s, c, torch.zeros(1)]),
+                          torch.tensor([0.0, 0.0, 1.0])])
+        r = std_moments_3d(torch.cat([G[:1] @ Rz.T, G[1:]]), dx)
+        return (r.log_mass, r.mean) if moments else r.log_mass
+
+    eps = 1e-6 if hi[0] - lo[0] > 1e-3 else 1e-8
+    assert torch.autograd.gradcheck(f, (d, th), eps=eps, atol=1e-5, rtol=1e-4)
