@@ -6,8 +6,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PyroCPAError
-from .em_engine import DEFAULT_MIN_OBS_SCALE, EMStepResult, em_step
-from .estep import weighted_log_prob
+from .distributed import comm_for, empty_shard_structure, guard, resolve_group
+from .em_engine import DEFAULT_MIN_OBS_SCALE, EMStepResult, _total_nll, em_step
 from .structure import full_data_structure, trace_model
 
 
@@ -82,12 +82,18 @@ class EM:
         min_obs_scale: floor of the updated σx (default 1e-6, in the data's units). With too few data for
             the decoder (N = 1, N = 2, identical points) the likelihood is unbounded as σx → 0; σx then stops
             at this floor and an :class:`~pyro_cpa.infer.em_engine.ObsScaleFloorWarning` is issued.
+        distributed: False (one process), True (the default ``torch.distributed`` process group) or a process
+            group. Each rank then calls :meth:`step` with its contiguous shard of the data (rank order, any sizes,
+            0 included) and the same initial decoder and σx; the E-step statistics and the exact NLLs are summed
+            exactly over the ranks, every rank takes the same step, and the trajectory is that of one process
+            with all the data (:mod:`pyro_cpa.infer.distributed`). An exception on one rank stops every rank.
         **em_kwargs: further options of :func:`~pyro_cpa.infer.em_engine.em_step`
             (``max_backtracks``, ``schedule``, ``rcond``, ``max_regions``, ...).
     """
 
     def __init__(self, model, guide=None, *, obs_noise: str = "isotropic", m_step: str = "closed_form",
-                 update_obs_scale: bool = True, min_obs_scale: float = DEFAULT_MIN_OBS_SCALE, **em_kwargs):
+                 update_obs_scale: bool = True, min_obs_scale: float = DEFAULT_MIN_OBS_SCALE, distributed=False,
+                 **em_kwargs):
         from ..guides import ExactPosterior
 
         if guide is not None and not isinstance(guide, ExactPosterior):
@@ -96,17 +102,20 @@ class EM:
         self.model, self.guide = model, guide
         self.obs_noise, self.m_step, self.update_obs_scale = obs_noise, m_step, update_obs_scale
         self.em_kwargs = dict(em_kwargs, min_obs_scale=min_obs_scale)
+        self.distributed = distributed
         self.history: list[EMStepResult] = []
 
     def _structure(self, *args, **kwargs):
         try:
             structure = full_data_structure(self.model, *args, **kwargs)
         except ZeroDivisionError as e:  # pyro.plate(name, 0)
-            raise PyroCPAError(f"EM: the model's data plate is empty ({e}); EM needs at least one datum") from e
+            if not self.distributed:
+                raise PyroCPAError(f"EM: the model's data plate is empty ({e}); EM needs at least one datum") from e
+            structure = empty_shard_structure(self.model, args, kwargs, e)
         if structure.latent is None:
             raise PyroCPAError("EM needs a model with a latent site and a CPALikelihood observation")
-        obs_fn = trace_model(self.model, *args, **kwargs).nodes[structure.observed]["fn"]
-        if obs_fn.batch_shape.numel() > structure.x.shape[:-1].numel():
+        obs_fn = trace_model(self.model, *args, **kwargs).nodes[structure.observed]["fn"] if structure.x.numel() else None
+        if obs_fn is not None and obs_fn.batch_shape.numel() > structure.x.shape[:-1].numel():
             raise PyroCPAError(
                 f"EM: the observed site '{structure.observed}' has batch shape {tuple(obs_fn.batch_shape)} but its "
                 f"value x has shape {tuple(structure.x.shape)}: the model broadcasts fewer data than it has latents "
@@ -129,13 +138,21 @@ class EM:
         return None if structure.weights.is_unit else structure.weights
 
     def evaluate_loss(self, *args, **kwargs) -> float:
-        """Exact −Σ_n L_n under the current parameters (nothing changes): −Σ_n log p(x_n) without masks or scales."""
-        structure = self._structure(*args, **kwargs)
-        with torch.no_grad():
-            return float(-weighted_log_prob(structure.marginal(), structure.x.detach(), self._weights(structure)).sum())
+        """Exact −Σ_n L_n under the current parameters (nothing changes): −Σ_n log p(x_n) without masks or scales.
+
+        Summed exactly (order-independent); over all ranks' data when ``distributed``."""
+        comm = comm_for(resolve_group(self.distributed))
+        with guard(comm):
+            structure = self._structure(*args, **kwargs)
+            return _total_nll(structure.marginal(), structure.flat_x.detach(), self._weights(structure), comm)
 
     def step(self, *args, **kwargs) -> float:
-        """One E-step + M-step (+ backtracking); returns the exact NLL after the step."""
+        """One E-step + M-step (+ backtracking); returns the exact NLL after the step (of all ranks' data)."""
+        group = resolve_group(self.distributed)
+        with guard(comm_for(group)):   # a failure here (e.g. in the model) stops every rank
+            return self._step(group, *args, **kwargs)
+
+    def _step(self, group, *args, **kwargs) -> float:
         structure = self._structure(*args, **kwargs)
         if self.update_obs_scale and structure.obs_scale_param is None:
             raise PyroCPAError("update_obs_scale=True needs σx to be a pyro.param in the model "
@@ -145,7 +162,8 @@ class EM:
             raise PyroCPAError("obs_noise='diagonal' needs a length-D obs_scale param in the model")
         result = em_step(structure.network.module, obs_scale, structure.prior_scale, structure.x.detach(),
                          obs_noise=self.obs_noise, m_step_method=self.m_step,
-                         update_obs_scale=self.update_obs_scale, weights=self._weights(structure), **self.em_kwargs)
+                         update_obs_scale=self.update_obs_scale, weights=self._weights(structure),
+                         process_group=group, **self.em_kwargs)
         self._write_back()
         if self.update_obs_scale:
             store = pyro.get_param_store()

@@ -121,35 +121,75 @@ def _load(decoder, values) -> None:
             p.copy_(v)
 
 
-def _block_e_step(marginal, x: torch.Tensor, weights=None) -> EStepStats:
-    """:func:`~pyro_cpa.infer.estep.e_step` of x (N, D) reduced over fixed blocks of ``STATS_BLOCK`` data in order."""
+#: Expected failures of evaluating a candidate step (the candidate is then rejected).
+_CANDIDATE_FAILURES = (RegionBudgetExceeded, torch.linalg.LinAlgError)
+
+
+def _block_e_step(marginal, x: torch.Tensor, weights=None, comm=None) -> EStepStats:
+    """:func:`~pyro_cpa.infer.estep.e_step` of x (N, D) reduced over fixed blocks of ``STATS_BLOCK`` data in order.
+
+    Each block's statistics are one term of an exact, order-independent sum
+    (:class:`~pyro_cpa.infer.distributed.ExactSum`), as are the per-datum L_n and |L_n|: the result does not
+    depend on chunking, threads or — with ``comm`` (a :class:`~pyro_cpa.infer.distributed.Comm`, x the rank's
+    block-aligned data, :func:`~pyro_cpa.infer.distributed.align_to_blocks`) — on the number of ranks. The
+    returned statistics are those of all data of all ranks; ``loglik`` is this process's data only.
+    """
+    from .distributed import ExactSum, agreed_failures, reduce_sums, state_signature
     from .structure import DataWeights
 
-    N = x.shape[0]
-    parts = []
-    for start in range(0, N, STATS_BLOCK):
-        sl = slice(start, start + STATS_BLOCK)
-        w = None if weights is None else DataWeights(weights.obs[sl], weights.latent[sl])
-        if w is not None and not bool(w.active.any()):
-            parts.append((None, x.new_zeros(x[sl].shape[0])))
-            continue
-        st = e_step(marginal, x[sl], chunk_size=STATS_BLOCK, weights=w)
-        parts.append((st, st.loglik))
-    done = [st for st, _ in parts if st is not None]
-    if not done:
-        return e_step(marginal, x, weights=weights)  # raises: no datum carries weight
-    Z, X, q, num = done[0].Z, done[0].X, done[0].q, done[0].num_data
-    for st in done[1:]:
-        Z, X, q, num = Z + st.Z, X + st.X, q + st.q, num + st.num_data
-    return EStepStats(Z=Z, X=X, q=q, loglik=torch.cat([ll for _, ll in parts]), patterns=done[0].patterns,
-                      num_data=num)
+    N, D = x.shape[0], marginal.event_shape[0]
+    with agreed_failures(comm, _CANDIDATE_FAILURES):
+        regions = marginal.regions
+        R, K = len(regions), marginal.latent_dim + 1
+        sizes = [R * K * K, R * D * K, R * D]
+        E = sum(sizes)
+        acc = ExactSum(E + 4, x.device)  # Z, X, q, then N = Σ s_x, Σ L_n, Σ |L_n|, the count of contributing data
+        loglik = x.new_zeros(N)
+        contributing = ~torch.isnan(x).all(-1)
+        if weights is not None:
+            contributing &= weights.active.to(x.device)
+        for start in range(0, N, STATS_BLOCK):
+            sl = slice(start, start + STATS_BLOCK)
+            count = int(contributing[sl].sum())
+            if count == 0:  # nothing in this block carries weight: it adds 0 to every statistic
+                continue
+            w = None if weights is None else DataWeights(weights.obs[sl], weights.latent[sl])
+            st = e_step(marginal, x[sl], chunk_size=STATS_BLOCK, weights=w)
+            acc.add(torch.cat([st.Z.reshape(-1), st.X.reshape(-1), st.q.reshape(-1),
+                               st.Z.new_tensor([st.num_data])]).unsqueeze(0))
+            acc.add(torch.stack([st.loglik, st.loglik.abs()], -1), start=E + 1)
+            acc.add(st.Z.new_tensor([[float(count)]]), start=E + 3)
+            loglik[sl] = st.loglik
+    sig = 0 if comm is None else state_signature(marginal.decoder, marginal.obs_scale, marginal.prior_scale,
+                                                 patterns=regions.patterns)
+    tot = reduce_sums(comm, acc, sig)
+    if int(tot[E + 3]) == 0:
+        raise PyroCPAError("e_step: no datum carries weight (every observation is masked, zero-scaled or entirely "
+                           "missing)")
+    Z, X, q = (t.to(x.dtype) for t in tot[:E].split(sizes))
+    return EStepStats(Z=Z.reshape(R, K, K), X=X.reshape(R, D, K), q=q.reshape(R, D), loglik=loglik,
+                      patterns=[p.clone() for p in regions.patterns], num_data=float(tot[E]),
+                      loglik_sum=float(tot[E + 1]), loglik_abs_sum=float(tot[E + 2]))
+
+
+def _total_nll(marginal, x: torch.Tensor, weights=None, comm=None) -> float:
+    """−Σ_n L_n over all data (all ranks with ``comm``), summed exactly."""
+    from .distributed import ExactSum, agreed_failures, exact_sum, reduce_sums, state_signature
+
+    with torch.no_grad(), agreed_failures(comm, _CANDIDATE_FAILURES):
+        patterns = marginal.regions.patterns
+        lp = weighted_log_prob(marginal, x, weights) if x.shape[0] else x.new_zeros(0)
+    if comm is None:
+        return float(-exact_sum(lp))
+    sig = state_signature(marginal.decoder, marginal.obs_scale, marginal.prior_scale, patterns=patterns)
+    return float(-reduce_sums(comm, ExactSum(1, x.device).add(lp.reshape(-1, 1)), sig)[0])
 
 
 class _Verifier:
     """Exact NLL (and, on demand, the next E-step) of candidate parameters along a backtracking line."""
 
-    def __init__(self, decoder, x, mkw, max_backtracks, monotone_tol, want_stats, weights=None):
-        self.decoder, self.x, self.mkw, self.weights = decoder, x, mkw, weights
+    def __init__(self, decoder, x, mkw, max_backtracks, monotone_tol, want_stats, weights=None, comm=None):
+        self.decoder, self.x, self.mkw, self.weights, self.comm = decoder, x, mkw, weights, comm
         self.max_backtracks, self.monotone_tol, self.want_stats = max_backtracks, monotone_tol, want_stats
         self.trials: list[float] = []
 
@@ -158,16 +198,17 @@ class _Verifier:
 
         if not (bool((sx > 0).all()) and bool((sz > 0).all())):
             return math.inf, None
+        from .distributed import SoftFailure
+
         try:
             mg = CPAMarginal(self.decoder, sx, sz, **self.mkw)
             if self.want_stats:
-                stats = _block_e_step(mg, self.x, self.weights)
-                nll = float(-stats.loglik.sum())
+                stats = _block_e_step(mg, self.x, self.weights, self.comm)
+                nll = -stats.total_loglik
             else:
                 stats = None
-                with torch.no_grad():
-                    nll = float(-weighted_log_prob(mg, self.x, self.weights).sum())
-        except (RegionBudgetExceeded, torch.linalg.LinAlgError):
+                nll = _total_nll(mg, self.x, self.weights, self.comm)
+        except _CANDIDATE_FAILURES + (SoftFailure,):  # agreed by every rank (distributed.agreed_failures)
             return math.inf, None
         return (nll, stats) if math.isfinite(nll) else (math.inf, None)
 
@@ -195,7 +236,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             rcond: float = DEFAULT_RCOND, gradient_steps: int = 50, gradient_lr: float = 1.0, max_backtracks: int = 10,
             monotone_tol: float = MONOTONE_TOL, max_regions: int = DEFAULT_MAX_REGIONS,
             marginal_kwargs: dict | None = None, weights=None,
-            min_obs_scale: float = DEFAULT_MIN_OBS_SCALE) -> EMStepResult:
+            min_obs_scale: float = DEFAULT_MIN_OBS_SCALE, process_group=None) -> EMStepResult:
     """One exact EM step on ``decoder`` (modified in place) with guaranteed non-increasing exact NLL.
 
     Args:
@@ -233,13 +274,36 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             :mod:`pyro_cpa.infer.estep`. NaN entries of ``x`` are missing coordinates (exact incomplete-data EM).
         min_obs_scale: floor of the updated σx (default ``DEFAULT_MIN_OBS_SCALE`` = 1e-6, in the data's
             units); an :class:`ObsScaleFloorWarning` is issued when the kept σx is at the floor.
+        process_group: None (one process), or a ``torch.distributed`` process group whose ranks each pass their
+            contiguous shard of the data (in rank order; any sizes, 0 included) and the same decoder, σx, σz and
+            options: the statistics and NLLs are summed exactly over the ranks and every rank takes the same step
+            (:mod:`pyro_cpa.infer.distributed`); the trajectory is that of one process with all the data.
 
     Returns:
         :class:`EMStepResult` (the new σx, σz are in ``obs_scale``, ``prior_scale``). With
         ``"layerwise"``, ``backtracks`` is the total over blocks and ``accepted`` is True if at least one
         block moved.
     """
+    from .distributed import comm_for, guard, state_signature
+
+    comm = comm_for(process_group)
+    with guard(comm):   # an exception on this rank stops every rank (distributed.guard)
+        result = _em_step(decoder, obs_scale, prior_scale, x, obs_noise=obs_noise,
+                          update_prior_scale=update_prior_scale, update_obs_scale=update_obs_scale,
+                          m_step_method=m_step_method, schedule=schedule, px=px, sweeps=sweeps, order=order,
+                          rcond=rcond, gradient_steps=gradient_steps, gradient_lr=gradient_lr,
+                          max_backtracks=max_backtracks, monotone_tol=monotone_tol, max_regions=max_regions,
+                          marginal_kwargs=marginal_kwargs, weights=weights, min_obs_scale=min_obs_scale, comm=comm)
+        if comm is not None:  # every rank finished the step and holds the same decoder, σx, σz
+            comm.status(signature=state_signature(decoder, result.obs_scale, result.prior_scale))
+    return result
+
+
+def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scale, update_obs_scale, m_step_method,
+             schedule, px, sweeps, order, rcond, gradient_steps, gradient_lr, max_backtracks, monotone_tol,
+             max_regions, marginal_kwargs, weights, min_obs_scale, comm) -> EMStepResult:
     from ..distributions import CPAMarginal
+    from .distributed import SoftFailure, align_to_blocks, state_signature
 
     if m_step_method not in ("closed_form", "gradient"):
         raise PyroCPAError(f"m_step_method must be 'closed_form' or 'gradient', got {m_step_method!r}")
@@ -274,10 +338,16 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         raise PyroCPAError("update_prior_scale=True is not supported with a tempered likelihood (a scale or mask on "
                            "only one of the latent and observed sites); scale both sites alike or keep σz fixed")
     x = marginal._check_x(x).reshape(-1, D)
-    if x.shape[0] == 0:
+    num_data = x.shape[0]
+    if comm is not None:  # every rank gets whole global blocks of STATS_BLOCK data
+        x, weights, num_data = align_to_blocks(comm, x, weights, STATS_BLOCK,
+                                               state_signature(decoder, sx_old, sz_old))
+    if num_data == 0:
         raise PyroCPAError("em_step: x holds no data (shape (0, D)); EM needs at least one datum")
     try:
-        stats = _block_e_step(marginal, x, weights)
+        stats = _block_e_step(marginal, x, weights, comm)
+    except SoftFailure as e:
+        raise PyroCPAError(f"em_step: the exact E-step failed at the current parameters ({e})") from e
     except torch.linalg.LinAlgError as e:
         scale = max(float(p.detach().abs().max()) for p in decoder.parameters())
         raise PyroCPAError(
@@ -285,7 +355,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             f"posterior covariances are not positive definite in float64). The decoder's largest weight is "
             f"{scale:.3g} and σx is {float(sx_old.min()):.3g}: products of that size overflow or lose all precision. "
             "Rescale the data and the decoder (e.g. standardise x, re-initialise the weights).") from e
-    nll_before = float(-stats.loglik.sum())
+    nll_before = -stats.total_loglik
     old_params = _snapshot(decoder)
     num_regions = stats.num_regions
 
@@ -300,15 +370,15 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
 
     def finish(result: EMStepResult) -> EMStepResult:
         if update_obs_scale and bool((result.obs_scale <= min_obs_scale).any()):
-            warnings.warn(f"EM: σx reached its floor min_obs_scale={min_obs_scale:g} with N={x.shape[0]} data: the "
+            warnings.warn(f"EM: σx reached its floor min_obs_scale={min_obs_scale:g} with N={num_data} data: the "
                           "decoder fits the data exactly, so the likelihood is unbounded as σx → 0 and this fit is "
                           "degenerate (too few or identical data?). Use more data, keep σx fixed "
                           "(update_obs_scale=False) or set min_obs_scale to the data's known noise level.",
-                          ObsScaleFloorWarning, stacklevel=3)
+                          ObsScaleFloorWarning, stacklevel=4)
         return result
 
     if m_step_method == "closed_form" and schedule == "layerwise":
-        ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=True, weights=weights)
+        ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=True, weights=weights, comm=comm)
         layers = list(range(net.num_layers))
         if order == "backward":
             layers.reverse()
@@ -337,7 +407,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             if block != "px":  # the reduction re-labels z: the frozen-E-step Q is not comparable
                 q_gain += Q(stats, sx_c, sz_c) - q0
             new = _snapshot(decoder)
-            ok, k, nll_c, stats_c, sx_k, sz_k = ver.line_search(nll, float(stats.loglik.abs().sum()), old, new,
+            ok, k, nll_c, stats_c, sx_k, sz_k = ver.line_search(nll, stats.total_abs_loglik, old, new,
                                                                 sx, sx_c, sz, sz_c)
             total_bt += k
             if ok:
@@ -363,8 +433,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         sx_new = sx_new.clamp_min(min_obs_scale) if update_obs_scale else sx_new
     q_new = Q(stats, sx_new, sz_new)
     new_params = _snapshot(decoder)
-    ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False, weights=weights)
-    ok, k, nll, _, sx, sz = ver.line_search(nll_before, float(stats.loglik.abs().sum()), old_params, new_params,
+    ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False, weights=weights, comm=comm)
+    ok, k, nll, _, sx, sz = ver.line_search(nll_before, stats.total_abs_loglik, old_params, new_params,
                                             sx_old, sx_new, sz_old, sz_new)
     return finish(EMStepResult(nll_before, nll, k, ok, 0.5 ** k if ok else 0.0, sx.clone(), sz.clone(), num_regions,
                                q_new - q_old, ver.trials))

@@ -62,6 +62,9 @@ class EStepStats:
             unweighted; 0 for data left out).
         patterns: the activation patterns (one (R, n_l) bool tensor per activation layer) of the regions.
         num_data: Σ_n s_x,n over the data used (N when unweighted and fully observed).
+        loglik_sum, loglik_abs_sum: Σ_n L_n and Σ_n |L_n| over *all* data (every rank's, when the E-step is
+            distributed, :mod:`pyro_cpa.infer.distributed`), summed exactly; None: use ``loglik`` (this
+            process's data only).
     """
 
     Z: torch.Tensor
@@ -70,6 +73,18 @@ class EStepStats:
     loglik: torch.Tensor
     patterns: list
     num_data: float
+    loglik_sum: float | None = None
+    loglik_abs_sum: float | None = None
+
+    @property
+    def total_loglik(self) -> float:
+        """Σ_n L_n over all data (``loglik_sum`` when set, else the sum of ``loglik``)."""
+        return float(self.loglik.sum()) if self.loglik_sum is None else self.loglik_sum
+
+    @property
+    def total_abs_loglik(self) -> float:
+        """Σ_n |L_n| over all data (the rounding scale of the NLL, :mod:`pyro_cpa.infer.em_engine`)."""
+        return float(self.loglik.abs().sum()) if self.loglik_abs_sum is None else self.loglik_abs_sum
 
     @property
     def region_weights(self) -> torch.Tensor:
