@@ -109,8 +109,9 @@ def mass_upper_bound(rg: RegionGaussians, H: torch.Tensor, c: torch.Tensor) -> t
 
 def pair_terms(params: RegionParams, x: torch.Tensor, observed: torch.Tensor | None, n_idx: torch.Tensor,
                r_idx: torch.Tensor, *, need_moments: bool, mc_kwargs: dict,
-               rg: RegionGaussians | None = None) -> tuple[torch.Tensor, PolytopeMoments, RegionGaussians]:
-    """t = log κ + log P for the pairs (x[n_idx], ω = r_idx), shape (P,), with the moments and Gaussians.
+               rg: RegionGaussians | None = None) -> tuple[torch.Tensor, PolytopeMoments]:
+    """t = log κ + log P for the pairs (x[n_idx], ω = r_idx), shape (P,), and their moments (mass and Monte-Carlo
+    standard error only, mean and covariance None, when ``need_moments`` is False).
 
     ``rg`` (dense, (n, R) for the rows of ``x``) supplies κ, μ, chol Σ when already computed; otherwise they
     are computed for exactly these pairs (differentiable in ``params`` and ``x``).
@@ -127,7 +128,7 @@ def pair_terms(params: RegionParams, x: torch.Tensor, observed: torch.Tensor | N
     else:  # the mass alone: no moment assembly
         std = std_moments(G, d, need_moments=False, **mc_kwargs)
         mom = PolytopeMoments(std.log_mass, None, None, std.log_mass_stderr)
-    return prg.log_kappa + mom.log_mass, mom, prg
+    return prg.log_kappa + mom.log_mass, mom
 
 
 class ChunkResult(NamedTuple):
@@ -135,7 +136,7 @@ class ChunkResult(NamedTuple):
 
     ``terms`` (n, R) is log κ + log P on kept pairs and −inf elsewhere; ``mom`` the moments (n, R, ...) as
     :func:`~pyro_cpa.integrate.integrate_whitened` returns them for pruned pairs (log P = −inf, mean = μ,
-    covariance 0, stderr 0) — only the Monte-Carlo standard errors when ``need_moments`` is False;
+    covariance 0, stderr 0) — mean and covariance None when ``need_moments`` is False;
     ``rg`` the dense Gaussians; ``batches`` the kept pairs (global flat indices n·R + ω), batch by batch.
     """
 
@@ -168,7 +169,7 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
         for lo in range(0, flat.numel(), step):
             idx = flat[lo:lo + step]
             rng = _rng_state(mc_kwargs) if S >= 4 else None
-            _, mom, _ = pair_terms(params, xc, oc, idx // R, idx % R, need_moments=need_moments,
+            _, mom = pair_terms(params, xc, oc, idx // R, idx % R, need_moments=need_moments,
                                    mc_kwargs=mc_kwargs, rg=rg)
             for k in out:
                 out[k] = out[k].index_put((idx,), getattr(mom, k))
@@ -242,7 +243,7 @@ class _RecomputedLogProb(torch.autograd.Function):
                 if batch.rng is not None:
                     _set_rng_state(batch.rng, mc_kwargs)
                 n_idx, r_idx = batch.pairs // R, batch.pairs % R
-                t, _, _ = pair_terms(RegionParams(*leaves[1:]), leaves[0], observed, n_idx, r_idx,
+                t, _ = pair_terms(RegionParams(*leaves[1:]), leaves[0], observed, n_idx, r_idx,
                                      need_moments=False, mc_kwargs=mc_kwargs)
                 w = (t.detach() - lp[n_idx]).exp() * grad_lp[n_idx]
                 g = torch.autograd.grad(t, [leaves[i] for i in wanted], grad_outputs=w, allow_unused=True)
