@@ -44,8 +44,9 @@ def config_from_args(args) -> DemoConfig:
     for name in ("em_steps", "mle_steps", "svi_steps", "guide_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    if args.threads < 1:
-        raise SystemExit(f"pyro-cpa demo: --threads must be at least 1, got {args.threads}")
+    for name in ("threads", "em_steps", "mle_steps", "svi_steps", "guide_steps"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"pyro-cpa demo: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     return cfg
 
 
