@@ -364,9 +364,10 @@ class Comm:
         if bool((table[:, 2] != acc.size).any()):
             raise PyroCPAError(f"the ranks reduce statistics of different sizes {table[:, 2].tolist()} (different "
                                "partitions or decoders)")
-        top = acc.top.to(self.device)
+        own = acc.top.to(self.device)
+        top = own.clone()       # all_reduce works in place: keep this rank's top slots
         self._call(self.dist.all_reduce, top, op=self.dist.ReduceOp.MAX, group=self.group)
-        limbs = _shift(acc.limbs.to(self.device), top - acc.top.to(self.device))
+        limbs = _shift(acc.limbs.to(self.device), top - own)
         payload = torch.cat([limbs.reshape(-1), acc._code().to(self.device)])
         self._call(self.dist.all_reduce, payload, op=self.dist.ReduceOp.SUM, group=self.group)
         out = ExactSum(acc.size, self.device)

@@ -550,7 +550,7 @@ def _options(method, num_samples, entropy_samples, prune_tol, max_regions):
 
 def exact_elbo(model, guide, *args, method: str = "auto", num_samples: int = 10_000, entropy_samples: int = 4096,
                prune_tol: float = 50.0, max_regions: int | None = None, differentiable: bool = False,
-               **kwargs) -> GuideEstimate:
+               distributed=False, **kwargs) -> GuideEstimate:
     r"""The ELBO E_q[log p(x, z)] + H(q) of ``guide`` on the CPA ``model``, for every datum of the data plate.
 
     Args:
@@ -563,12 +563,23 @@ def exact_elbo(model, guide, *args, method: str = "auto", num_samples: int = 10_
         max_regions: region-enumeration budget.
         differentiable: keep the autograd graph (the analytic results are differentiable with respect to
             the guide's and the model's parameters, e.g. to train a guide on the exact ELBO).
+        distributed: False, True (the default ``torch.distributed`` process group) or a process group: each rank
+            passes its shard of the data; ``per_datum`` and ``stderr`` are this rank's data, ``total`` and
+            ``total_stderr`` are over all ranks (exact, order-independent sums, identical on every rank,
+            :mod:`pyro_cpa.infer.distributed`) and ``method`` is the least exact of any rank's. A rank may hold
+            no data. Not for guides with one joint distribution over all data (AutoContinuous).
 
     Returns:
         :class:`GuideEstimate` with per-datum values over *all* data (even with a subsampled plate), their
         standard errors, the total and its standard error, and the ``method`` label.
     """
     opts = _options(method, num_samples, entropy_samples, prune_tol, max_regions)
+    group = _distributed_group(distributed, guide, differentiable)
+    if group is not None:
+        return _distributed_evaluation(group, lambda: exact_elbo(model, guide, *args, method=method,
+                                                                 num_samples=num_samples,
+                                                                 entropy_samples=entropy_samples, prune_tol=prune_tol,
+                                                                 max_regions=max_regions, **kwargs), None)
     with (nullcontext() if differentiable else torch.no_grad()):
         return _elbo(model, guide, args, kwargs, opts)[0]
 
@@ -579,15 +590,23 @@ GUIDE_WEIGHT_RTOL = 1e-12
 
 def evaluate_guide(model, guide, *args, method: str = "auto", num_samples: int = 10_000,
                    entropy_samples: int = 4096, prune_tol: float = 50.0, max_regions: int | None = None,
-                   differentiable: bool = False, **kwargs) -> GuideEvaluation:
+                   differentiable: bool = False, distributed=False, **kwargs) -> GuideEvaluation:
     r"""ELBO, KL(q ‖ p(z | x)) = log p(x) − ELBO and the exact log p(x), per datum (options as :func:`exact_elbo`).
 
     For a guide with a joint distribution over the latents of all data (AutoMultivariateNormal,
     AutoDiagonalNormal, AutoLowRankMultivariateNormal) the per-datum values are those of its marginals
     q(z_n) and the totals those of the joint q(z_1..N): total KL = Σ_n KL(q(z_n) ‖ p(z_n|x_n)) + the total
     correlation of q (>= 0).
+
+    With ``distributed`` (as :func:`exact_elbo`) the per-datum values and ``log_evidence`` are this rank's data and
+    the totals of ``elbo`` and ``kl`` are over all ranks.
     """
     opts = _options(method, num_samples, entropy_samples, prune_tol, max_regions)
+    group = _distributed_group(distributed, guide, differentiable)
+    if group is not None:
+        return _distributed_evaluation(group, None, lambda: evaluate_guide(
+            model, guide, *args, method=method, num_samples=num_samples, entropy_samples=entropy_samples,
+            prune_tol=prune_tol, max_regions=max_regions, **kwargs))
     with (nullcontext() if differentiable else torch.no_grad()):
         elbo, m, g = _elbo(model, guide, args, kwargs, opts)
         w = m.structure.weights
@@ -610,5 +629,64 @@ def evaluate_guide(model, guide, *args, method: str = "auto", num_samples: int =
 
 
 def posterior_kl(model, guide, *args, **kwargs) -> GuideEstimate:
-    """KL(q ‖ p(z | x)) = log p(x) − ELBO(q) per datum, >= 0 (options as :func:`exact_elbo`)."""
+    """KL(q ‖ p(z | x)) = log p(x) − ELBO(q) per datum, >= 0 (options as :func:`exact_elbo`, ``distributed``
+    included: the total over all ranks)."""
     return evaluate_guide(model, guide, *args, **kwargs).kl
+
+
+# ---------------------------------------------------------------------- data sharded over ranks
+def _distributed_group(distributed, guide, differentiable):
+    from .distributed import resolve_group
+
+    group = resolve_group(distributed)
+    if group is not None and isinstance(guide, AutoContinuous):
+        raise PyroCPAError(f"{type(guide).__name__} is one joint distribution over the latents of all data: it cannot be "
+                           "evaluated shard by shard (distributed=True). Use a per-datum guide (AutoNormal, "
+                           "AmortizedNormal, ExactPosterior) or evaluate in one process.")
+    if group is not None and differentiable:
+        raise PyroCPAError("differentiable=True with distributed: the all-rank totals are exact integer sums without a "
+                           "graph. Differentiate this rank's per_datum.sum() and all-reduce the gradients "
+                           "(DistributedDataParallel), as in examples/distributed_em.py")
+    return group
+
+
+def _local_or_empty(fn):
+    """fn() on this rank's shard, or None if the shard is empty (Pyro refuses a plate of size 0)."""
+    try:
+        return fn()
+    except ZeroDivisionError as e:
+        if "size cannot be zero" not in str(e):
+            raise
+        return None
+
+
+def _distributed_evaluation(group, elbo_fn, evaluation_fn):
+    """Run the one-process evaluation on this rank's shard and replace its totals by all-rank exact sums."""
+    from .distributed import ExactSum, comm_for, guard
+
+    comm = comm_for(group)
+    with guard(comm):
+        local = _local_or_empty(elbo_fn or evaluation_fn)
+        elbo = None if local is None else (local if evaluation_fn is None else local.elbo)
+        acc = ExactSum(4)
+        if elbo is not None:
+            acc.add(elbo.per_datum.detach().reshape(-1, 1), 0)
+            acc.add(elbo.stderr.detach().square().reshape(-1, 1), 1)
+        if evaluation_fn is not None and local is not None:
+            acc.add(local.log_evidence.detach().reshape(-1, 1), 2)
+            acc.add(local.log_evidence_stderr.detach().square().reshape(-1, 1), 3)
+        rank_method = -1 if elbo is None else _METHOD_ORDER.index(elbo.method)
+        methods = comm.gather_ints((rank_method,))[:, 0]
+        if bool((methods < 0).all()):
+            raise PyroCPAError("every rank's data shard is empty: there is nothing to evaluate")
+        method = _METHOD_ORDER[int(methods.max())]
+        tot, _ = comm.sum(acc)
+        empty = torch.zeros(0, dtype=torch.float64)
+        per, err = (empty, empty) if elbo is None else (elbo.per_datum, elbo.stderr)
+        total_elbo = GuideEstimate(per, err, tot[0], tot[1].sqrt(), method)
+        if evaluation_fn is None:
+            return total_elbo
+        lp, lp_err = (empty, empty) if local is None else (local.log_evidence, local.log_evidence_stderr)
+        kl_per, kl_err = (empty, empty) if local is None else (local.kl.per_datum, local.kl.stderr)
+        kl = GuideEstimate(kl_per, kl_err, tot[2] - tot[0], (tot[1] + tot[3]).sqrt(), method)
+        return GuideEvaluation(total_elbo, kl, lp, lp_err, method)

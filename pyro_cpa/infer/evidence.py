@@ -51,15 +51,30 @@ class InformationCriteria(NamedTuple):
 
 def count_free_parameters(model, *args, **kwargs) -> int:
     """Free parameters of a CPA model: the decoder's weights and biases, plus σx if it is a Pyro param."""
-    structure = full_data_structure(model, *args, **kwargs)
+    return _free_parameters(full_data_structure(model, *args, **kwargs))
+
+
+def _free_parameters(structure) -> int:
     k = sum(p.numel() for p in structure.network.module.parameters() if p.requires_grad)
     if structure.obs_scale_param is not None:
         k += pyro.param(structure.obs_scale_param).numel()
     return int(k)
 
 
-def information_criteria(model, *args, max_regions: int = DEFAULT_MAX_REGIONS, **kwargs) -> InformationCriteria:
-    """AIC and BIC of a CPA model from its exact log-likelihood (see :class:`InformationCriteria`)."""
+def information_criteria(model, *args, max_regions: int = DEFAULT_MAX_REGIONS, distributed=False,
+                         **kwargs) -> InformationCriteria:
+    """AIC and BIC of a CPA model from its exact log-likelihood (see :class:`InformationCriteria`).
+
+    ``distributed``: False, True (the default ``torch.distributed`` process group) or a process group — each rank
+    passes its shard of the data (possibly empty) and every rank gets the criteria of all data: L, N and N_eff are
+    exact, order-independent sums over the ranks (:mod:`pyro_cpa.infer.distributed`). Without it L is summed
+    in float (as ``log_evidence(model).sum()``).
+    """
+    from .distributed import resolve_group
+
+    group = resolve_group(distributed)
+    if group is not None:
+        return _distributed_criteria(group, model, args, kwargs, max_regions)
     lp = log_evidence(model, *args, max_regions=max_regions, **kwargs)
     structure = full_data_structure(model, *args, **kwargs)
     k = count_free_parameters(model, *args, **kwargs)
@@ -68,4 +83,30 @@ def information_criteria(model, *args, max_regions: int = DEFAULT_MAX_REGIONS, *
     n = int(contributing.sum())
     n_eff = float(w.latent[contributing].sum())
     ll = float(lp.sum())
+    return InformationCriteria(ll, k, n, 2 * k - 2 * ll, k * math.log(n_eff) - 2 * ll)
+
+
+def _distributed_criteria(group, model, args, kwargs, max_regions) -> InformationCriteria:
+    from .distributed import ExactSum, comm_for, empty_shard_structure, guard, state_signature
+
+    comm = comm_for(group)
+    with guard(comm):
+        try:
+            structure = full_data_structure(model, *args, **kwargs)
+        except ZeroDivisionError as e:  # pyro.plate(name, 0): this rank holds no data
+            structure = empty_shard_structure(model, args, kwargs, e)
+        acc = ExactSum(3)
+        x = structure.flat_x.detach()
+        if x.shape[0]:
+            w = structure.weights
+            with torch.no_grad():
+                lp = weighted_log_prob(structure.marginal(max_regions=max_regions), x, None if w.is_unit else w)
+            contributing = w.active & (~torch.isnan(x)).any(-1).to(w.obs.device)
+            acc.add(lp.reshape(-1, 1), 0)
+            acc.add(w.latent[contributing].reshape(-1, 1), 1)
+            acc.add(contributing.to(torch.float64).reshape(-1, 1), 2)
+        k = _free_parameters(structure)
+        tot, _ = comm.sum(acc, state_signature(structure.network.module, structure.obs_scale, structure.prior_scale,
+                                               torch.tensor(k)))
+        ll, n_eff, n = float(tot[0]), float(tot[1]), int(tot[2])
     return InformationCriteria(ll, k, n, 2 * k - 2 * ll, k * math.log(n_eff) - 2 * ll)
