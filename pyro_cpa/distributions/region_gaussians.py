@@ -78,7 +78,9 @@ def affine_gaussians(A: torch.Tensor, b: torch.Tensor, x: torch.Tensor, obs_var:
     cov = 0.5 * (cov + cov.transpose(-1, -2))
     r = x0 - b  # (..., D)
     y = torch.einsum("...ds,...d->...s", A, wn * r)
-    mu = torch.einsum("...st,...t->...s", cov, y)  # Σ_ω y: one S×S product per pair (no per-pair LAPACK call)
+    # a backward-stable solve, not Σ_ω·y: with steep regions (|A| ~ 1e12) the product with the inverse loses
+    # the digits that the residual r − A μ below depends on (thin-cell test of issue 10 D7)
+    mu = torch.cholesky_solve(y.unsqueeze(-1), L_prec).squeeze(-1)
     resid = r - torch.einsum("...ds,...s->...d", A, mu)
     quad = (wn * resid.square()).sum(-1) + (mu.square() * prior_prec).sum(-1)
     logdet_prec = 2.0 * torch.diagonal(L_prec, dim1=-2, dim2=-1).log().sum(-1)
