@@ -117,9 +117,9 @@ def run_case(name, widths, obs_scale, args):
 def main(args):
     setup(args)
     rows = [run_case(name, widths, sx, args) for name, widths, sx in args.cases]
-    cols = [("data", "data", "s"), ("decoder", "decoder", "s"), ("N", "N", "d"), ("obs_scale", "σx", ".3f"),
-            ("mean_log_p", "mean log p", ".4f"), ("max_log_bound", "max log bound", ".1f"),
-            ("pairs", "pairs", "d"), ("regions_found", "regions", "d"), ("seconds", "seconds", ".1f")]
+    cols = [("data", "data", ""), ("decoder", "decoder", ""), ("N", "N", ""), ("obs_scale", "σx", "{:.3f}"),
+            ("mean_log_p", "mean log p", "{:.4f}"), ("max_log_bound", "max log bound", "{:.1f}"),
+            ("pairs", "pairs", ""), ("regions_found", "regions", ""), ("seconds", "seconds", "{:.1f}")]
     print_table(rows, cols, title="Local exact log p (certified neglected fraction <= exp(max log bound))")
     result = {"cases": rows}
     write_json(args, "local_exact.json", result)

@@ -439,7 +439,8 @@ class LocalPartition:
             union over the data; each with its full, non-redundant H-representation).
         pair_datum, pair_region: (P,) the (datum, region) pairs to integrate.
         certificate: the box certificate (``log_neglected`` bounds the mass outside the leaves).
-        seconds: wall-clock of the certificate and of the region search.
+        seconds: wall-clock of the certificate and of the region search (``certificate_s``, ``regions_s``),
+            number of leaves and of boxes visited.
     """
 
     regions: LinearRegions
@@ -523,7 +524,7 @@ def local_partition(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: 
     dev = x.device
     pd, pr = _join(cert.pair_datum.cpu(), cert.pair_leaf.cpu(), inc_leaf, inc_reg, max(len(regions), 1))
     return LocalPartition(regions, pd.to(dev), pr.to(dev), cert,
-                          {"certificate": t1 - t0, "regions": t2 - t1, "leaves": int(cert.leaf_centre.shape[0]),
+                          {"certificate_s": t1 - t0, "regions_s": t2 - t1, "leaves": int(cert.leaf_centre.shape[0]),
                            "boxes_visited": cert.boxes_visited})
 
 

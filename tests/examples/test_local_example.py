@@ -20,3 +20,4 @@ def test_local_exact_quick(tmp_path):
         assert math.isfinite(row["mean_log_p"]) and row["pairs"] > 0
         assert row["max_log_bound"] <= -40.0                      # certified neglected fraction
         assert row["max_abs_diff_global"] <= 1e-10                # same log p as the global partition
+        assert row["regions_found"] == int(row["regions_found"])
