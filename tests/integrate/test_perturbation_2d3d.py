@@ -273,7 +273,7 @@ def mp_polygon(G, d, dps=30, nsub=16):
                     V.append((x, y))
         inside = all(c >= 0 for _, _, c in rows)
         # nearest point: minimise over vertices and feet of perpendiculars that are feasible
-        cand = V + [(c * a, c * b) for a, b, c in rows]
+        cand = V + [(c * a / (a * a + b * b), c * b / (a * a + b * b)) for a, b, c in rows]   # feet (|g| != 1 by ulps)
         cand = [p for p in cand if all(a * p[0] + b * p[1] <= c + tol * (1 + abs(c)) for a, b, c in allr)]
         p = min(cand, key=lambda q: q[0] ** 2 + q[1] ** 2)
         r = mp.mpf(0) if inside else mp.sqrt(p[0] ** 2 + p[1] ** 2)
@@ -289,12 +289,14 @@ def mp_polygon(G, d, dps=30, nsub=16):
                 pts += [a + (b - a) * k / nsub for k in range(nsub)]
         pts.append(xs[-1])
 
+        ptol = mp.mpf(10) ** (-dps + 5)   # rows parallel to the slices (|b| at rounding level of the rotation)
+
         def bounds(x):
             lo, hi = -mp.inf, mp.inf
             for a, b, cc in cons:
-                if b > 0:
+                if b > ptol:
                     hi = min(hi, (cc - a * x) / b)
-                elif b < 0:
+                elif b < -ptol:
                     lo = max(lo, (cc - a * x) / b)
                 elif a * x > cc:
                     return None
