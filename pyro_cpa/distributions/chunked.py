@@ -218,7 +218,7 @@ class _RecomputedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, options: dict, x, A, b, H, c, obs_var, prior_var):
         params = RegionParams(A, b, H, c, obs_var, prior_var)
-        observed = _observed(x)
+        observed = observed_mask(x)
         lp, err, batches = _log_prob_chunks(params, x, observed, keep_batches=True, **options)
         ctx.options, ctx.batches = options, batches
         ctx.save_for_backward(x, lp, *params)
@@ -232,7 +232,7 @@ class _RecomputedLogProb(torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         R = params[0].shape[0]
         mc_kwargs = ctx.options["mc_kwargs"]
-        observed = _observed(x)
+        observed = observed_mask(x)
         xs = torch.where(observed, x, torch.zeros_like(x)) if observed is not None else x
         grads = [None] * len(needs)
         rng_after = _rng_state(mc_kwargs) if any(bt.rng is not None for bt in ctx.batches) else None
@@ -255,7 +255,7 @@ class _RecomputedLogProb(torch.autograd.Function):
         return (None, *grads)
 
 
-def _observed(x: torch.Tensor) -> torch.Tensor | None:
+def observed_mask(x: torch.Tensor) -> torch.Tensor | None:
     """(N, D) bool mask of observed (non-NaN) entries, or None when everything is observed."""
     observed = ~torch.isnan(x)
     return None if bool(observed.all()) else observed
@@ -270,5 +270,5 @@ def chunked_log_prob(params: RegionParams, x: torch.Tensor, *, prune_tol: float,
     options = dict(prune_tol=prune_tol, chunk_size=chunk_size, mc_kwargs=mc_kwargs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)):
         return _RecomputedLogProb.apply(options, x, *params)
-    lp, err, _ = _log_prob_chunks(params, x, _observed(x), keep_batches=False, **options)
+    lp, err, _ = _log_prob_chunks(params, x, observed_mask(x), keep_batches=False, **options)
     return lp, err

@@ -19,7 +19,7 @@ from ..errors import PyroCPAError, check_not_tracing
 from ..geometry.regions import DEFAULT_MAX_REGIONS, LinearRegions, cached_linear_regions
 from ..integrate import PolytopeMoments, gaussian_polytope_moments
 from ..nn.network import as_cpa_network
-from .chunked import RegionParams, chunk_rows, chunked_log_prob, evaluate_chunk
+from .chunked import RegionParams, chunk_rows, chunked_log_prob, evaluate_chunk, observed_mask
 from .truncated_mixture import TruncatedGaussianMixture
 
 
@@ -194,8 +194,7 @@ class CPAMarginal(TorchDistribution):
         """For flat x (N, D): terms log κ + log P (N, R) (−inf on pruned pairs), their Monte-Carlo standard
         errors, the moments and Gaussians of every pair, and (A, b, H, c). Memory O(N·R) (dense results)."""
         params = self._params()
-        observed = ~torch.isnan(x)
-        observed = None if bool(observed.all()) else observed
+        observed = observed_mask(x)
         R, D, S = params.A.shape
         rows = chunk_rows(R, D, params.H.shape[1], S, self.chunk_size)
         res = [evaluate_chunk(params, x[i:i + rows], None if observed is None else observed[i:i + rows], i,
