@@ -46,16 +46,18 @@ int64 non-finite code, SUM) + a status all-gather of 6 int64 per rank (48 P byte
     E = R ((S+1)² + D (S+1) + D) + 4        (Z, X, q, and N, Σℓ, Σ|ℓ|, the count of contributing data).
 
 The layerwise schedule (the default) reduces once per E-step: the initial one plus one per verified
-candidate, i.e. T = 1 + Σ_blocks (1 + backtracks) ≥ L + 2 per step for L layers (+ the σ block). So
+candidate, i.e. T = 1 + Σ_blocks (1 + backtracks) ≥ L + 2 per step for L layers and the σ block. Each
+step also re-cuts the shards once (a status all-gather and an all-gather of P · 255 · (D + 2) float64) and
+ends with a status all-gather (the decoder check). So
 
-    bytes per step = T · (40 E + 48 P)     — independent of N.
+    bytes per step = T (40 E + 48 P) + 8 · 255 · P (D + 2) + 96 P      — independent of N.
 
-Examples, P = 8 ranks, N = 10⁷ (N does not enter): the circle model (S = 1, D = 2, [1, 8, 8, 2], R ≈ 20
-regions, T = 5 without backtracking): E = 20 · (4 + 6 + 2) + 4 = 244, 40 E + 48 P = 10.1 kB per reduction,
-≈ 51 kB per step. A [2, 32, 32, 3] decoder (S = 2, D = 3, R ≈ 2000 regions): E = 2000 · (9 + 9 + 3) + 4 ≈ 42 000,
-≈ 1.7 MB per reduction, ≈ 8.4 MB per step (T = 5). Plus the block exchange once per step, 8 P · 255 (D + 2)
-bytes (82 kB for P = 8, D = 3). The region count R comes from the decoder; print ``len(
-cached_linear_regions(decoder))`` for yours.
+Examples for P = 8 ranks and N = 10⁷ (N does not enter), T = 5 (no backtracking): the circle model
+(S = 1, D = 2, decoder [1, 8, 8, 2], R = 16 regions at its initialisation, ≈ 20 when trained): E = 20 · 10 + 4
+= 204, 8.5 kB per reduction, 43 kB + 65 kB (re-cut) ≈ 0.11 MB per step. A [2, 32, 32, 3] decoder (S = 2,
+D = 3, R ≈ 1900–2100 regions at a random initialisation): E = 2000 · 21 + 4 ≈ 42 000, 1.68 MB per reduction,
+≈ 8.5 MB per step. (A float64 all_reduce of the same statistics would be 8 E bytes: the exactness costs 5×.)
+Print ``len(cached_linear_regions(decoder))`` for your decoder's R.
 
 **The partition is computed identically on every rank**, not broadcast: every rank enumerates the regions
 of its own decoder, which is bit-identical on all ranks (same initial state, same reduced statistics,
@@ -89,8 +91,9 @@ import torch
 
 from ..errors import PyroCPAError
 
-__all__ = ["ExactSum", "exact_sum", "all_reduce_sum", "init_distributed", "resolve_group", "shard_range", "empty_shard_structure",
-           "align_to_blocks", "guard", "agreed_failures", "PeerFailure", "SoftFailure", "save_checkpoint", "load_checkpoint"]
+__all__ = ["ExactSum", "exact_sum", "all_reduce_sum", "init_distributed", "resolve_group", "shard_range",
+           "empty_shard_structure", "align_to_blocks", "guard", "agreed_failures", "PeerFailure", "SoftFailure",
+           "save_checkpoint", "load_checkpoint"]
 
 #: Width of one fixed-point digit (bits) and number of digits kept per entry: terms keep their bits down to
 #: 2^-(LIMB_BITS · (NUM_LIMBS − 1)) = 2^-64 of the entry's largest term.

@@ -114,7 +114,8 @@ class EM:
             structure = empty_shard_structure(self.model, args, kwargs, e)
         if structure.latent is None:
             raise PyroCPAError("EM needs a model with a latent site and a CPALikelihood observation")
-        obs_fn = trace_model(self.model, *args, **kwargs).nodes[structure.observed]["fn"] if structure.x.numel() else None
+        obs_fn = trace_model(self.model, *args, **kwargs).nodes[structure.observed]["fn"] \
+            if structure.x.numel() else None   # an empty shard (distributed) was traced on a stand-in
         if obs_fn is not None and obs_fn.batch_shape.numel() > structure.x.shape[:-1].numel():
             raise PyroCPAError(
                 f"EM: the observed site '{structure.observed}' has batch shape {tuple(obs_fn.batch_shape)} but its "

@@ -640,8 +640,8 @@ def _distributed_group(distributed, guide, differentiable):
 
     group = resolve_group(distributed)
     if group is not None and isinstance(guide, AutoContinuous):
-        raise PyroCPAError(f"{type(guide).__name__} is one joint distribution over the latents of all data: it cannot be "
-                           "evaluated shard by shard (distributed=True). Use a per-datum guide (AutoNormal, "
+        raise PyroCPAError(f"{type(guide).__name__} is one joint distribution over the latents of all data: it cannot "
+                           "be evaluated shard by shard (distributed=True). Use a per-datum guide (AutoNormal, "
                            "AmortizedNormal, ExactPosterior) or evaluate in one process.")
     if group is not None and differentiable:
         raise PyroCPAError("differentiable=True with distributed: the all-rank totals are exact integer sums without a "
