@@ -104,7 +104,7 @@ class CPAMarginal(TorchDistribution):
         self.partition, self.local_tol = partition, float(local_tol)
         self.network = as_cpa_network(decoder)
         self.decoder = self.network.module
-        ref = next(iter(self.decoder.parameters()), torch.empty(0))
+        ref = next(iter(self.decoder.parameters()), torch.empty(0, device=torch.get_default_device()))
         self.model_dtype = _model_dtype(self.decoder, obs_scale, prior_scale)
         S, D = self.network.in_features, self.network.out_features
         self.obs_scale = _as_scale(obs_scale, D, "obs_scale", "D", dtype, ref.device)

@@ -34,13 +34,14 @@ turns it off. :func:`pyro_cpa.geometry.estimate_cost` predicts regions, pairs an
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import PyroCPAError, RegionBudgetExceeded
-from ..nn.network import CPANetwork
+from ..nn.network import CPANetwork, as_cpa_network
 from .regions import DEFAULT_MAX_REGIONS, RegionEnumeration
 
 METHODS = ("auto", "breakpoints", "polygons", "lp")
@@ -76,6 +77,15 @@ def resolve_method(method: str, S: int) -> str:
 PROGRESS_DELAY = 2.0
 #: Random lines used for the progress bar's estimated total (see :mod:`.cost`).
 PROGRESS_LINES = 16
+
+
+def _on_cpu(net: CPANetwork) -> CPANetwork:
+    """``net`` itself on the CPU, else a CPU copy: the enumeration (numpy, SciPy, pycddlib steps) runs on the
+    host; its patterns, facets and interior points are CPU tensors that :class:`LinearRegions` moves to the
+    decoder's device where it combines them with the weights."""
+    if net._ref().device.type == "cpu":
+        return net
+    return as_cpa_network(copy.deepcopy(net.module).cpu())
 
 
 def enumerate_regions(net: CPANetwork, max_regions: int = DEFAULT_MAX_REGIONS, method: str = "auto",
@@ -129,5 +139,6 @@ def enumerate_regions(net: CPANetwork, max_regions: int = DEFAULT_MAX_REGIONS, m
                 bar.total = int(round(estimate_regions(net, num_lines=PROGRESS_LINES)[0]))
                 bar.set_postfix_str(f"total ~{bar.total} estimated, max_regions={max_regions}", refresh=False)
             bar.update(found - bar.n)
-        enum = run(net, max_regions, tol=DEFAULT_TOL if tol is None else tol, budget_error=err, progress=report)
+        enum = run(_on_cpu(net), max_regions, tol=DEFAULT_TOL if tol is None else tol, budget_error=err,
+                   progress=report)
     return enum, used

@@ -73,18 +73,18 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         raise ValueError(f"the 'breakpoints' method needs a one-dimensional latent space, got S={net.in_features}")
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
-    dt = torch.float64
-    bps = torch.zeros(0, dtype=dt)            # sorted breakpoints (K,)
-    berr = torch.zeros(0, dtype=dt)           # their uncertainty err(β)
-    bunit = torch.zeros(0, dtype=torch.long)  # global form creating each breakpoint
+    dt, _CPU = torch.float64, torch.device("cpu")  # the enumeration runs on the CPU (see enumerate_regions)
+    bps = torch.zeros(0, dtype=dt, device=_CPU)            # sorted breakpoints (K,)
+    berr = torch.zeros(0, dtype=dt, device=_CPU)           # their uncertainty err(β)
+    bunit = torch.zeros(0, dtype=torch.long, device=_CPU)  # global form creating each breakpoint
     # layer input h = P z + p on each interval, (K+1, n_in, 1), and its absolute-value accumulation
-    P, p = torch.ones(1, 1, 1, dtype=dt), torch.zeros(1, 1, dtype=dt)
+    P, p = torch.ones(1, 1, 1, dtype=dt, device=_CPU), torch.zeros(1, 1, dtype=dt, device=_CPU)
     Pa, pa = P.clone(), p.clone()
     patterns: list[torch.Tensor] = []
     offset = 0
     acc = 0
-    inf = torch.tensor([float("inf")], dtype=dt)
-    zero = torch.zeros(1, dtype=dt)
+    inf = torch.tensor([float("inf")], dtype=dt, device=_CPU)
+    zero = torch.zeros(1, dtype=dt, device=_CPU)
     for l, act in enumerate(net.activations):
         I = bps.numel() + 1
         # terms accumulated so far (one more for a kink other than 0 or a difference of two entries)
@@ -125,10 +125,10 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         C = int(newc.sum())
         # representative of a cluster: the root of its smallest unit; uncertainty covers all members
         big = torch.iinfo(torch.long).max
-        umin = torch.full((C,), big, dtype=torch.long).scatter_reduce(0, cid, u, "amin")
+        umin = torch.full((C,), big, dtype=torch.long, device=_CPU).scatter_reduce(0, cid, u, "amin")
         rep_idx = torch.nonzero(u == umin[cid])[:, 0]                # one per cluster, in order
         c_r = r[rep_idx]
-        c_e = torch.zeros(C, dtype=dt).scatter_reduce(0, cid, (r - c_r[cid]).abs() + e, "amax")
+        c_e = torch.zeros(C, dtype=dt, device=_CPU).scatter_reduce(0, cid, (r - c_r[cid]).abs() + e, "amax")
         c_u = u[rep_idx]
         c_int = ii[rep_idx]
         # merge the cluster breakpoints into the sorted list (they lie strictly between old ones)
@@ -137,17 +137,17 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         all_u = torch.cat([bunit, c_u])
         order = torch.argsort(all_r, stable=True)
         pos = torch.empty_like(order)
-        pos[order] = torch.arange(order.numel())
+        pos[order] = torch.arange(order.numel(), device=_CPU)
         new_pos = pos[bps.numel():]                                 # index of each cluster breakpoint
         bps, berr, bunit = all_r[order], all_e[order], all_u[order]
         # parent (old interval) of every new interval: number of old breakpoints left of it
-        is_old = torch.zeros(bps.numel(), dtype=torch.long)
+        is_old = torch.zeros(bps.numel(), dtype=torch.long, device=_CPU)
         is_old[pos[:all_r.numel() - C]] = 1
-        parent = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(is_old, 0)])
+        parent = torch.cat([torch.zeros(1, dtype=torch.long, device=_CPU), torch.cumsum(is_old, 0)])
         # breakpoint index of the root of each (old interval, unit) that splits it, else -1
-        KB = torch.full((I, n), -1, dtype=torch.long)
+        KB = torch.full((I, n), -1, dtype=torch.long, device=_CPU)
         KB[ii, jj] = new_pos[cid]
-        child = torch.arange(bps.numel() + 1)[:, None]
+        child = torch.arange(bps.numel() + 1, device=_CPU)[:, None]
         kb = KB[parent]
         Mp = M[parent]
         q = torch.where(kb >= 0, (child > kb) == (Mp > 0), q_base[parent])
@@ -161,7 +161,7 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
             raise budget_error(bps.numel() + 1, l + 1)
     K = bps.numel()
     F = min(K, 2)
-    facets = torch.full((K + 1, F), -1, dtype=torch.long)
+    facets = torch.full((K + 1, F), -1, dtype=torch.long, device=_CPU)
     if K >= 1:
         if K == 1:
             facets[:, 0] = bunit[0]

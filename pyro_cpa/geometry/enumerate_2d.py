@@ -203,17 +203,19 @@ def enumerate_polygons(net: CPANetwork, max_regions: int, tol: float = DEFAULT_T
         raise ValueError(f"the 'polygons' method needs a two-dimensional latent space, got S={net.in_features}")
     acts = net.activations
     if not acts:
-        return RegionEnumeration(patterns=[], facets=torch.full((1, 0), -1, dtype=torch.long),
-                                 interior_points=torch.zeros(1, 2, dtype=torch.float64))
+        return RegionEnumeration(patterns=[], facets=torch.full((1, 0), -1, dtype=torch.long, device="cpu"),
+                                 interior_points=torch.zeros(1, 2, dtype=torch.float64, device="cpu"))
     # first layer's pre-activations t = M0 z + m0 and their forms (lines) W0 z + v0
-    M0, m0 = push_step(net, 0, torch.eye(2, dtype=torch.float64)[None], torch.zeros(1, 2, dtype=torch.float64))
-    Ma0, ma0 = push_step(net, 0, torch.eye(2, dtype=torch.float64)[None], torch.zeros(1, 2, dtype=torch.float64),
+    eye = torch.eye(2, dtype=torch.float64, device="cpu")[None]  # the enumeration runs on the CPU
+    origin = torch.zeros(1, 2, dtype=torch.float64, device="cpu")
+    M0, m0 = push_step(net, 0, eye, origin)
+    Ma0, ma0 = push_step(net, 0, eye, origin,
                          absolute=True)
     W0, v0 = (t[0].numpy() for t in form_maps(acts[0], M0, m0))
     rn = np.linalg.norm(W0, axis=1)
     dist = np.abs(v0[rn > 0]) / rn[rn > 0]
     rho = max(1.0, float(np.quantile(dist, 0.9))) if dist.size else 1.0
-    scale = torch.tensor([rho, rho, 1.0], dtype=torch.float64)
+    scale = torch.tensor([rho, rho, 1.0], dtype=torch.float64, device="cpu")
     T = (torch.cat([M0, m0[..., None]], -1) * scale).numpy()
     Ta = (torch.cat([Ma0, ma0[..., None]], -1) * scale).numpy()
 

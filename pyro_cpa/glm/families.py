@@ -57,7 +57,8 @@ def log1pexp(theta: torch.Tensor) -> torch.Tensor:
 
 
 def _as_positive(value, name: str) -> torch.Tensor:
-    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(float(value), dtype=torch.float64)
+    t = value if isinstance(value, torch.Tensor) else torch.as_tensor(float(value), dtype=torch.float64,
+                                                                       device=torch.get_default_device())
     if t.dim() > 0:
         raise PyroCPAError(f"{name} must be a scalar (one dispersion shared by all coordinates); got shape "
                            f"{tuple(t.shape)}")

@@ -148,14 +148,14 @@ def _level_point(lines: _Lines, m, G, bound, direction: float, level):
     return outer, tail
 
 
-def _gl(n: int):
+def _gl(n: int, device):
     t, w = np.polynomial.legendre.leggauss(n)
-    return torch.as_tensor(t, dtype=_DT), torch.as_tensor(w, dtype=_DT)
+    return torch.as_tensor(t, dtype=_DT, device=device), torch.as_tensor(w, dtype=_DT, device=device)
 
 
 def _panel_nodes(edges, n: int):
     """Gauss–Legendre nodes/weights on consecutive panels [edges_k, edges_{k+1}] (…, P+1) → (…, P·n)."""
-    t, w = _gl(n)
+    t, w = _gl(n, edges.device)
     a, b = edges[..., :-1].unsqueeze(-1), edges[..., 1:].unsqueeze(-1)
     half = 0.5 * (b - a)
     nodes = (0.5 * (a + b) + half * t).flatten(-2)
@@ -170,7 +170,7 @@ def _line_integral(lines: _Lines, lo, hi, level, n: int, panels: int):
     tl, tail_l = _level_point(lines, m, G, lo, -1.0, level)
     tr, tail_r = _level_point(lines, m, G, hi, +1.0, level)
     half = max(panels // 2, 1)
-    frac = torch.linspace(0, 1, half + 1, dtype=_DT)
+    frac = torch.linspace(0, 1, half + 1, dtype=_DT, device=tl.device)
     left = tl.unsqueeze(-1) + (m - tl).unsqueeze(-1) * frac
     right = m.unsqueeze(-1) + (tr - m).unsqueeze(-1) * frac
     edges = torch.cat([left, right[..., 1:]], -1)
@@ -235,8 +235,8 @@ def quadrature_log_prob(decoder, x, family=None, rho: float = 1.0, *, order: int
         A, b = rho * maps.A, rho * maps.b
         H, c = regions.polytopes(_DT, maps=maps)
         if H.shape[1] == 0:  # a single region (affine ϑ): one always-satisfied padding facet
-            H = torch.zeros(H.shape[0], 1, S, dtype=_DT)
-            c = torch.full((H.shape[0], 1), math.inf, dtype=_DT)
+            H = torch.zeros(H.shape[0], 1, S, dtype=_DT, device=H.device)
+            c = torch.full((H.shape[0], 1), math.inf, dtype=_DT, device=H.device)
         out_lp, out_err = [], []
         for start in range(0, x.shape[0], chunk_size):
             xc = x[start:start + chunk_size]
@@ -272,8 +272,8 @@ def _integrate_s1(fam, x, A, b, H, c, n, panels, level):
     xx = x.unsqueeze(1).expand(N, R, x.shape[1])
     alpha = b.unsqueeze(0).expand(N, R, -1)
     gamma = A[..., 0].unsqueeze(0).expand(N, R, -1)
-    zero = torch.zeros(N, R, dtype=_DT)
-    lines = _Lines(fam, xx, alpha, gamma, zero, zero, torch.ones(N, R, dtype=_DT), zero - 0.5 * math.log(2 * math.pi))
+    zero = torch.zeros(N, R, dtype=_DT, device=x.device)
+    lines = _Lines(fam, xx, alpha, gamma, zero, zero, torch.ones_like(zero), zero - 0.5 * math.log(2 * math.pi))
     m, G = _line_max(lines, lo, hi)
     lvl = (G.amax(-1, keepdim=True) - level).expand(N, R)
     logI, tails, _ = _line_integral(lines, lo, hi, lvl, n, panels)
@@ -291,7 +291,7 @@ def _edges_2d(H, c):
     coef = torch.einsum("rks,rfs->rfk", H, e)
     rhs = c.unsqueeze(1) - torch.einsum("rks,rfs->rfk", H, p)
     F = H.shape[1]
-    self_mask = torch.eye(F, dtype=torch.bool).unsqueeze(0)
+    self_mask = torch.eye(F, dtype=torch.bool, device=H.device).unsqueeze(0)
     tol = 1e-12
     upper = torch.where((coef > tol) & ~self_mask, rhs / torch.where(coef > tol, coef, torch.ones_like(coef)),
                         torch.full_like(coef, math.inf)).amin(-1)
@@ -310,9 +310,9 @@ def _newton_2d(fam, x, A, b, iters=_NEWTON_ITERS):
     Pair-batched: x (P, D), A (P, D, 2), b (P, D). Returns z (P, 2) and g(z) without the prior constant.
     """
     P = x.shape[0]
-    z = torch.zeros(P, 2, dtype=_DT)
+    z = torch.zeros(P, 2, dtype=_DT, device=x.device)
     phi = fam.dispersion.to(_DT)
-    steps = 2.0 ** -torch.arange(0, 30, dtype=_DT)
+    steps = 2.0 ** -torch.arange(0, 30, dtype=_DT, device=x.device)
 
     def val(zz):  # zz (P, K, 2)
         th = torch.einsum("pds,pks->pkd", A, zz) + b.unsqueeze(1)
@@ -324,7 +324,7 @@ def _newton_2d(fam, x, A, b, iters=_NEWTON_ITERS):
         res = (x - fam.mean(th)) / phi
         grad = torch.einsum("pd,pds->ps", res, A) - z
         w = fam.variance_function(th) / phi
-        hess = torch.einsum("pd,pds,pdt->pst", w, A, A) + torch.eye(2, dtype=_DT)
+        hess = torch.einsum("pd,pds,pdt->pst", w, A, A) + torch.eye(2, dtype=_DT, device=x.device)
         step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
         cands = z.unsqueeze(1) + steps.view(1, -1, 1) * step.unsqueeze(1)
         vals = val(cands)
@@ -386,8 +386,9 @@ def _constrained_max_2d(fam, x, A, b, H, c):
     xx = x.unsqueeze(1).expand(P, F, x.shape[1])
     alpha = torch.einsum("pds,pfs->pfd", A, p) + b.unsqueeze(1)
     gamma = torch.einsum("pds,pfs->pfd", A, e)
-    edge_lines = _Lines(fam, xx, alpha, gamma, (p ** 2).sum(-1), (p * e).sum(-1), torch.ones(P, F, dtype=_DT),
-                        torch.full((P, F), -math.log(2 * math.pi), dtype=_DT))
+    edge_lines = _Lines(fam, xx, alpha, gamma, (p ** 2).sum(-1), (p * e).sum(-1),
+                        torch.ones(P, F, dtype=_DT, device=x.device),
+                        torch.full((P, F), -math.log(2 * math.pi), dtype=_DT, device=x.device))
     tm, Ge = _line_max(edge_lines, torch.where(valid, tlo, torch.zeros_like(tlo)),
                        torch.where(valid, thi, torch.zeros_like(thi)))
     Ge = torch.where(valid, Ge, torch.full_like(Ge, -math.inf))
@@ -450,8 +451,8 @@ def _integrate_s2(fam, x, A, b, H, c, n, panels, level):
     # beyond [a1, b1] the profile is <= lvl − ½ (distance)² (strong concavity) and each chord integral is
     # <= e^{P} sqrt(2π): the cut outer tails hold at most 2 · e^{lvl} · π.
     tail = tail + 2 * math.pi * torch.exp(lvl)
-    logJ_nr = torch.full((N * R,), -math.inf, dtype=_DT)
+    logJ_nr = torch.full((N * R,), -math.inf, dtype=_DT, device=lvl.device)
     logJ_nr[idx] = logJ
-    tail_nr = torch.zeros(N * R, dtype=_DT)
+    tail_nr = torch.zeros(N * R, dtype=_DT, device=lvl.device)
     tail_nr[idx] = tail
     return _combine(logJ_nr.view(N, R), tail_nr.view(N, R), G, ~live_nr, lvl_nr, 2)

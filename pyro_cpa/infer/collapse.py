@@ -53,12 +53,12 @@ class _TemperedMarginal(TorchDistribution):
         return tempered_marginal(self.marginal, self.t).expand(self.batch_shape).sample(sample_shape)
 
 
-def _weight(msg, fn_mask, shape) -> torch.Tensor:
+def _weight(msg, fn_mask, shape, device) -> torch.Tensor:
     """scale × mask of a site over ``shape`` (subsampling factors included: they cancel in s_x / s_z)."""
-    w = torch.as_tensor(msg["scale"], dtype=torch.float64)
+    w = torch.as_tensor(msg["scale"], dtype=torch.float64, device=device)
     for m in (msg["mask"], fn_mask):
         if m is not None:
-            w = w * torch.as_tensor(m).to(torch.float64)
+            w = w * torch.as_tensor(m, device=w.device).to(torch.float64)
     return w.expand(shape)
 
 
@@ -94,7 +94,7 @@ class CollapseMessenger(Messenger):
                 raise RuntimeError("collapse(): the latent site must come before the CPALikelihood site")
             marginal = CPAMarginal(fn.network, fn.obs_scale, self._prior_scale, **self.marginal_kwargs)
             batch = fn.batch_shape
-            s_x = _weight(msg, fn_mask, batch)
+            s_x = _weight(msg, fn_mask, batch, msg["value"].device)
             s_z = self._latent_weight.expand(batch)
             active = s_x > 0
             if bool((active & ~(s_z > 0)).any()):
@@ -117,8 +117,8 @@ class CollapseMessenger(Messenger):
             if type(fn).__name__ == "_Subsample":
                 return
             self._prior_scale = _prior_scale(fn, msg["name"])
-            self._latent_weight = _weight(msg, fn_mask, fn.batch_shape)
             value = fn.sample().detach()
+            self._latent_weight = _weight(msg, fn_mask, fn.batch_shape, value.device)
             msg["fn"] = dist.Delta(value, event_dim=fn.event_dim)
             msg["value"] = value
             msg["is_observed"] = True

@@ -344,14 +344,14 @@ def _gaussian_params(fn, B, S):
     return loc, base.scale_tril.expand(fn.batch_shape + (S, S)).reshape(B, S, S)
 
 
-def _data_chunks(model, args, kwargs, N):
+def _data_chunks(model, args, kwargs, N, device):
     """[(subsample dict or None, indices)] covering all N data of the model's (only) subsampled plate."""
     proto = trace_model(model, *args, **kwargs)
     subsampled = [(name, site) for name, site in proto.nodes.items()
                   if site["type"] == "sample" and isinstance(site["fn"], _Subsample)
                   and site["value"].shape[0] < site["fn"].size]
     if not subsampled:
-        return [(None, torch.arange(N))]
+        return [(None, torch.arange(N, device=device))]
     if len(subsampled) > 1:
         raise PyroCPAError(f"only one subsampled plate is supported; found {[n for n, _ in subsampled]}")
     name, site = subsampled[0]
@@ -518,7 +518,7 @@ def _elbo(model, guide, args, kwargs, opts) -> tuple[GuideEstimate, _Model, torc
     errors = m.x.new_full((N,), math.nan)
     g_all = m.x.new_full((N,), math.nan)
     methods = set()
-    for subsample, idx in _data_chunks(model, args, kwargs, N):
+    for subsample, idx in _data_chunks(model, args, kwargs, N, m.x.device):
         tr = trace_model(guide, *args, subsample=subsample, **kwargs)
         if latent not in tr.nodes:
             raise PyroCPAError(f"the guide has no sample site '{latent}' (the model's latent site)")

@@ -192,8 +192,8 @@ def _incidence_cpu(F: int) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = list(itertools.combinations(range(F), 2))
     pos = {pr: k for k, pr in enumerate(pairs)}
     tr = list(itertools.combinations(range(F), 3))
-    i2 = torch.zeros(len(tr), len(pairs))
-    i1 = torch.zeros(len(tr), F)
+    i2 = torch.zeros(len(tr), len(pairs), device="cpu")
+    i1 = torch.zeros(len(tr), F, device="cpu")
     for k, (a, b, c) in enumerate(tr):
         for pr in ((a, b), (a, c), (b, c)):
             i2[k, pos[pr]] = 1.0

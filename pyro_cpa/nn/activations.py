@@ -57,9 +57,9 @@ class Elementwise:
         self.n_in = self.n_out = math.prod(self.shape)
         k = len(self.kinks)
         self.num_forms = self.n_in * k
-        self.form_pos = torch.arange(self.n_in).repeat_interleave(k)
-        self.form_neg = torch.full((self.num_forms,), -1, dtype=torch.long)
-        self._kinks_t = torch.tensor(self.kinks, dtype=torch.float64)
+        self.form_pos = torch.arange(self.n_in, device="cpu").repeat_interleave(k)  # moved to the data's device at use
+        self.form_neg = torch.full((self.num_forms,), -1, dtype=torch.long, device="cpu")
+        self._kinks_t = torch.tensor(self.kinks, dtype=torch.float64, device="cpu")
 
     # ------------------------------------------------------------------ classic view
     @property

@@ -331,7 +331,7 @@ class CPANetwork:
                                   "exact inference (its eval-mode slope is (lower + upper) / 2).")
 
     def _ref(self) -> torch.Tensor:
-        return next(iter(self.module.parameters()), torch.empty(0))
+        return next(iter(self.module.parameters()), torch.empty(0, device=torch.get_default_device()))
 
     # ------------------------------------------------------------------ affine steps
     def affine_step(self, l: int, x: torch.Tensor, bias: bool = True, absolute: bool = False) -> torch.Tensor:
