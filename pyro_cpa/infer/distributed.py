@@ -143,7 +143,7 @@ class ExactSum:
     NaN, or ±inf, as float addition would give).
     """
 
-    def __init__(self, size: int, device=None):
+    def __init__(self, size: int, device="cpu"):
         self.top = torch.full((size,), _EMPTY_SLOT, dtype=torch.int64, device=device)
         self.limbs = torch.zeros((NUM_LIMBS, size), dtype=torch.int64, device=device)
         self.nonfinite = torch.zeros((3, size), dtype=torch.bool, device=device)   # NaN, +inf, -inf
@@ -322,7 +322,7 @@ class Comm:
         """All-gather (code, signature, info…) of every rank; raise on every rank if any rank failed or disagrees.
 
         Returns the gathered (P, 2 + _INFO) int64 table when all ranks are fine and agree."""
-        row = torch.zeros(2 + _INFO, dtype=torch.int64)
+        row = torch.zeros(2 + _INFO, dtype=torch.int64, device="cpu")
         row[0], row[1] = code, signature
         for i, v in enumerate(info):
             row[2 + i] = int(v)

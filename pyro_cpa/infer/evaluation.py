@@ -681,7 +681,7 @@ def _distributed_evaluation(group, elbo_fn, evaluation_fn):
             raise PyroCPAError("every rank's data shard is empty: there is nothing to evaluate")
         method = _METHOD_ORDER[int(methods.max())]
         tot, _ = comm.sum(acc)
-        empty = torch.zeros(0, dtype=torch.float64)
+        empty = torch.zeros(0, dtype=torch.float64, device=tot.device)
         per, err = (empty, empty) if elbo is None else (elbo.per_datum, elbo.stderr)
         total_elbo = GuideEstimate(per, err, tot[0], tot[1].sqrt(), method)
         if evaluation_fn is None:

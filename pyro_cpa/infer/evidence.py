@@ -107,6 +107,6 @@ def _distributed_criteria(group, model, args, kwargs, max_regions) -> Informatio
             acc.add(contributing.to(torch.float64).reshape(-1, 1), 2)
         k = _free_parameters(structure)
         tot, _ = comm.sum(acc, state_signature(structure.network.module, structure.obs_scale, structure.prior_scale,
-                                               torch.tensor(k)))
+                                               torch.tensor(k, device="cpu")))
         ll, n_eff, n = float(tot[0]), float(tot[1]), int(tot[2])
     return InformationCriteria(ll, k, n, 2 * k - 2 * ll, k * math.log(n_eff) - 2 * ll)

@@ -21,8 +21,8 @@ from pyro_cpa.datasets import noisy_circle
 from pyro_cpa.demo.circle import make_decoder, make_model
 from pyro_cpa.guides import ExactPosterior
 from pyro_cpa.infer import EM, all_reduce_sum, exact_elbo, evaluate_guide, information_criteria, log_evidence
-from pyro_cpa.infer.distributed import (MAX_TERMS, ExactSum, PeerFailure, exact_sum, load_checkpoint,
-                                        save_checkpoint, shard_range)
+from pyro_cpa.infer.distributed import (MAX_TERMS, Comm, ExactSum, SoftFailure, agreed_failures, exact_sum,
+                                        load_checkpoint, save_checkpoint, shard_range)
 from pyro_cpa.infer.em_engine import STATS_BLOCK
 
 REL_TOL = 1e-10           # the issue's bound on the per-step relative NLL difference
@@ -115,7 +115,9 @@ def _scenario_trajectory(rank, world, sizes, steps, out):
     xs = _shard(noisy_circle(sum(sizes), seed=0), sizes, rank)
     em = EM(model, distributed=True)
     nlls = [em.step(xs) for _ in range(steps)]
-    return {"nlls": nlls, "state": decoder.state_dict(), "obs_scale": float(pyro.param("obs_scale").detach())}
+    return {"nlls": nlls, "state": decoder.state_dict(), "obs_scale": float(pyro.param("obs_scale").detach()),
+            "ic": information_criteria(model, xs, distributed=True),
+            "elbo_total": float(exact_elbo(model, ExactPosterior(model), xs, distributed=True).total)}
 
 
 def _scenario_fast(rank, world, sizes, steps, out):
@@ -150,6 +152,15 @@ def _scenario_fast(rank, world, sizes, steps, out):
     except Exception as e:   # noqa: BLE001 - the test inspects what each rank raised
         res["failure"] = (type(e).__name__, str(e))
     res["failure_s"] = time.time() - t0
+    # an expected failure on one rank (agreed_failures) is raised as SoftFailure on every rank
+    try:
+        with agreed_failures(Comm(dist.group.WORLD), (ZeroDivisionError,)):
+            if rank == 0:
+                raise ZeroDivisionError("a candidate failed here")
+        all_reduce_sum(torch.ones(3))      # the others' next collective
+        res["soft"] = None
+    except SoftFailure as e:
+        res["soft"] = str(e)
     res["after_failure"] = float(all_reduce_sum(torch.tensor([1.0])))   # the group still works
     return res
 
@@ -247,6 +258,7 @@ def test_two_ranks_match_one_process_and_resume_and_fail_together(tmp_path):
     assert own is not None and own[0] == "PyroCPAError"
     assert other is not None and other[0] == "PeerFailure" and "rank 1" in other[1]
     assert all(res["failure_s"] < GROUP_TIMEOUT_S / 2 for res in ranks)   # no wait for the timeout
+    assert all(res["soft"] is not None and "rank 0: ZeroDivisionError" in res["soft"] for res in ranks)
     assert all(res["after_failure"] == 2.0 for res in ranks)
 
 
@@ -279,4 +291,11 @@ def test_uneven_shards_give_the_one_process_trajectory(tmp_path, reference_1000,
     ranks = _spawn(tmp_path, "trajectory", sizes, _SLOW_STEPS)
     _assert_same_run(ranks, reference_1000, _SLOW_STEPS)
     assert reference_1000["nlls"][-1] < 0.5 * reference_1000["nlls"][0]
+    model, x = reference_1000["model"], reference_1000["x"]
+    ic = information_criteria(model, x)
+    elbo = float(exact_elbo(model, ExactPosterior(model), x).total)
+    for res in ranks:   # every rank, the empty one included, gets the totals of all data
+        assert res["ic"].num_data == 1000 and res["ic"].num_params == ic.num_params
+        assert res["ic"].log_likelihood == pytest.approx(ic.log_likelihood, rel=EVAL_RTOL)
+        assert res["elbo_total"] == pytest.approx(elbo, rel=EVAL_RTOL)
 
