@@ -8,7 +8,8 @@ tensor lands on the CPU, like the inputs. Two checks make it visible here:
   explicit ``device=`` and fails listing ``file:line``. ``torch.set_default_device("meta")`` was the other
   option; it also trips over factory calls inside Pyro and torch.distributions that are not ours, and it
   reports a device mismatch far from the offending line, so the guard is used instead.
-* every tensor the public API returns is on the input's device (cpu) and in the documented dtype (float64).
+* every tensor the public API returns is on the input's device (the suite's device, see tests/conftest.py) and
+  in the documented dtype (float64).
 
 ``*_like``/``new_*`` factories and ``torch.as_tensor`` of a tensor inherit their device and are allowed;
 ``torch.from_numpy`` (the documented SciPy/pycddlib/numpy enumeration steps) is CPU by definition and is
@@ -87,10 +88,12 @@ def _tensors(obj):
 
 
 def _on_input_device(obj, dtype=torch.float64, where=""):
+    """Every tensor in ``obj`` is on the inputs' device (the suite's device: the tests' inputs are made there)."""
+    device = torch.empty(0).device
     ts = list(_tensors(obj))
     assert ts, f"{where}: no tensor returned"
     for t in ts:
-        assert t.device.type == "cpu", f"{where}: returned a tensor on {t.device}"
+        assert t.device == device, f"{where}: returned a tensor on {t.device}, the inputs are on {device}"
         if t.is_floating_point():
             assert t.dtype == dtype, f"{where}: returned {t.dtype}, documented {dtype}"
 
@@ -177,4 +180,6 @@ def test_glm_decoder_model_step_and_quadrature(guard):
     vae = BetaVAE(dec, GaussianEncoder(3, 1).double())
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     assert math.isfinite(svi.step(x))
-    _on_input_device(quadrature_log_prob(dec, x), where="quadrature_log_prob")
+    _on_input_device(quadrature_log_prob(dec, x), where="quadrature_log_prob S=1")
+    dec2 = GLMDecoder(_net([2, 4, 3]), Bernoulli())
+    _on_input_device(quadrature_log_prob(dec2, x[:2]), where="quadrature_log_prob S=2")
