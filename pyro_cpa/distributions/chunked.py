@@ -81,15 +81,20 @@ def chunk_rows(R: int, D: int, F: int, S: int, chunk_size: int) -> int:
     return max(1, min(int(chunk_size), DENSE_ELEMENTS // max(1, R * (D + F + S * S))))
 
 
-def _rng_state(mc_kwargs: dict) -> tuple:
+def _rng_state(mc_kwargs: dict, device: torch.device) -> tuple:
+    """The RNG states the Monte-Carlo integrator draws from: torch's CPU generator, the accelerator's default
+    generator when the data live there, and a ``generator`` passed in ``mc_kwargs``."""
     gen = mc_kwargs.get("generator")
-    return torch.get_rng_state(), None if gen is None else gen.get_state()
+    accel = torch.get_device_module(device).get_rng_state(device) if device.type != "cpu" else None
+    return torch.get_rng_state(), accel, None if gen is None else gen.get_state()
 
 
-def _set_rng_state(state: tuple, mc_kwargs: dict) -> None:
+def _set_rng_state(state: tuple, mc_kwargs: dict, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
-        mc_kwargs["generator"].set_state(state[1])
+        torch.get_device_module(device).set_rng_state(state[1], device)
+    if state[2] is not None:
+        mc_kwargs["generator"].set_state(state[2])
 
 
 def mass_upper_bound(rg: RegionGaussians, H: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -168,7 +173,7 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
         step = pair_batch(params.H.shape[1], S)
         for lo in range(0, flat.numel(), step):
             idx = flat[lo:lo + step]
-            rng = _rng_state(mc_kwargs) if S >= 4 else None
+            rng = _rng_state(mc_kwargs, xc.device) if S >= 4 else None
             _, mom = pair_terms(params, xc, oc, idx // R, idx % R, need_moments=need_moments,
                                    mc_kwargs=mc_kwargs, rg=rg)
             for k in out:
@@ -235,13 +240,13 @@ class _RecomputedLogProb(torch.autograd.Function):
         observed = observed_mask(x)
         xs = torch.where(observed, x, torch.zeros_like(x)) if observed is not None else x
         grads = [None] * len(needs)
-        rng_after = _rng_state(mc_kwargs) if any(bt.rng is not None for bt in ctx.batches) else None
+        rng_after = _rng_state(mc_kwargs, x.device) if any(bt.rng is not None for bt in ctx.batches) else None
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(need) for t, need in zip([xs] + params, needs)]
             wanted = [i for i, need in enumerate(needs) if need]
             for batch in ctx.batches:
                 if batch.rng is not None:
-                    _set_rng_state(batch.rng, mc_kwargs)
+                    _set_rng_state(batch.rng, mc_kwargs, x.device)
                 n_idx, r_idx = batch.pairs // R, batch.pairs % R
                 t, _ = pair_terms(RegionParams(*leaves[1:]), leaves[0], observed, n_idx, r_idx,
                                      need_moments=False, mc_kwargs=mc_kwargs)
@@ -251,7 +256,7 @@ class _RecomputedLogProb(torch.autograd.Function):
                     if gi is not None:
                         grads[i] = gi if grads[i] is None else grads[i] + gi
         if rng_after is not None:
-            _set_rng_state(rng_after, mc_kwargs)
+            _set_rng_state(rng_after, mc_kwargs, x.device)
         return (None, *grads)
 
 

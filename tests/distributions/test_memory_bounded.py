@@ -164,18 +164,20 @@ def test_saved_memory_under_autograd_is_not_per_pair():
     assert torch.isfinite(sx.grad)
 
 
-def test_monte_carlo_backward_replays_the_forward_draws(monkeypatch):
+@pytest.mark.parametrize("use_generator", [False, True])
+def test_monte_carlo_backward_replays_the_forward_draws(monkeypatch, use_generator):
     """S >= 4: the backward pass replays the forward's random draws batch by batch, so its gradient is that of
     the estimate the forward pass returned, and it leaves the RNG where the forward pass left it.
 
     The integrator is replaced by a differentiable random one (the upper bound times a random factor, drawn
     from torch's RNG like the tilting integrator) so that the check isolates the replay; the reference is the
-    full graph of the same batches on the same seed."""
+    full graph of the same batches on the same seed. Draws come from torch's generator or from a ``generator``
+    passed in ``mc_kwargs``."""
     from pyro_cpa.integrate import StandardMoments, log_mass_upper_bound
 
     def noisy(G, d, *, need_moments, **kwargs):
         bound = log_mass_upper_bound(G, d)
-        factor = 1.0 + 0.2 * torch.rand(bound.shape, dtype=bound.dtype)
+        factor = 1.0 + 0.2 * torch.rand(bound.shape, dtype=bound.dtype, generator=kwargs.get("generator"))
         return StandardMoments(bound * factor, None, None, torch.zeros_like(bound))
 
     monkeypatch.setattr(chunked, "std_moments", noisy)
@@ -183,20 +185,24 @@ def test_monte_carlo_backward_replays_the_forward_draws(monkeypatch):
     dec = _net([4, 3, 2], nn.ReLU, seed=2)
     sx = torch.tensor(0.4, requires_grad=True)
     x = torch.randn(3, 2)
-    m = CPAMarginal(dec, sx)
+    gen = torch.Generator() if use_generator else None
+    mc = {"generator": gen} if use_generator else {}
+    seed = (lambda s: gen.manual_seed(s)) if use_generator else torch.manual_seed
+    state = gen.get_state if use_generator else torch.get_rng_state
+    m = CPAMarginal(dec, sx, mc_kwargs=mc)
     assert len(m.regions) * x.shape[0] > 2  # several batches (one pair each), several draws
-    torch.manual_seed(7)
+    seed(7)
     lp = m.log_prob(x)
-    after_forward = torch.get_rng_state()
+    after_forward = state()
     (g,) = torch.autograd.grad(lp.sum(), [sx])
-    assert torch.equal(torch.get_rng_state(), after_forward)
-    torch.manual_seed(7)
-    res = chunked.evaluate_chunk(m._params(), x, None, 0, prune_tol=m.prune_tol, need_moments=False, mc_kwargs={})
+    assert torch.equal(state(), after_forward)
+    seed(7)
+    res = chunked.evaluate_chunk(m._params(), x, None, 0, prune_tol=m.prune_tol, need_moments=False, mc_kwargs=mc)
     lp_ref = res.terms.logsumexp(-1)
     (g_ref,) = torch.autograd.grad(lp_ref.sum(), [sx])
     assert _rel(lp.detach(), lp_ref.detach()) < REL_TOL
     assert _rel(g, g_ref) < REL_TOL
-    torch.manual_seed(8)  # other draws give another gradient: the comparison above can fail
-    res = chunked.evaluate_chunk(m._params(), x, None, 0, prune_tol=m.prune_tol, need_moments=False, mc_kwargs={})
+    seed(8)  # other draws give another gradient: the comparison above can fail
+    res = chunked.evaluate_chunk(m._params(), x, None, 0, prune_tol=m.prune_tol, need_moments=False, mc_kwargs=mc)
     (g_other,) = torch.autograd.grad(res.terms.logsumexp(-1).sum(), [sx])
     assert _rel(g_other, g_ref) > 1e3 * REL_TOL
