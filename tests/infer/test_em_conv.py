@@ -35,7 +35,8 @@ STEPS = 10
 
 
 def _decoder(seed: int = 0) -> nn.Sequential:
-    """Linear(1, 32) → Unflatten(8, 4) → ConvTranspose1d(8→4, k4, s2, p1) → ReLU6 → MaxPool1d(2) → Linear(16, 3)."""
+    """Linear(1, 32) → Unflatten(8, 4) → ConvTranspose1d(8, 4, 4, 2, 1) → ReLU6 → MaxPool1d(2) → Flatten →
+    Linear(16, 3)."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(1, 8 * 4), nn.Unflatten(1, (8, 4)),
                          nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1), nn.ReLU6(), nn.MaxPool1d(2),
