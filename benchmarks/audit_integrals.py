@@ -127,47 +127,13 @@ def main(args) -> list[dict]:
     # ---- exact MLE
     if args.mle_steps:
         t0 = time.perf_counter()
-        nan_steps = _mle(args.mle_steps)
+        nan_steps = T.exact_mle_nonfinite_steps(args.mle_steps)
         add("mle", args.mle_steps, float(nan_steps), "0 NaN steps", nan_steps, t0)
     print(f"{'check':10s} {'cases':>8s} {'max error':>11s} {'tolerance':>34s} {'failures':>8s} {'seconds':>8s}")
     for r in rows:
         print(f"{r['check']:10s} {r['cases']:8d} {r['max_err']:11.2e} {str(r['tol']):>34s} {r['failures']:8d} "
               f"{r['seconds']:8.1f}")
     return rows
-
-
-def _mle(steps: int) -> int:
-    import pyro
-    import pyro.distributions as dist
-    from pyro.infer import SVI, Trace_ELBO
-    from torch import nn
-    from torch.distributions import constraints
-
-    from pyro_cpa.datasets import noisy_circle
-    from pyro_cpa.distributions import CPALikelihood
-    from pyro_cpa.infer import collapse, empty_guide
-
-    pyro.clear_param_store()
-    x = noisy_circle(200)
-    torch.manual_seed(0)
-    dec = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2)).double()
-
-    def model(x):
-        pyro.module("decoder", dec)
-        s = pyro.param("obs_scale", torch.tensor(0.5), constraint=constraints.positive)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-            pyro.sample("x", CPALikelihood(dec, z, s), obs=x)
-
-    svi = SVI(collapse(model), empty_guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
-    bad = 0
-    for _ in range(steps):
-        try:
-            loss = svi.step(x)
-        except Exception:  # noqa: BLE001 - a NaN parameter makes the model raise; count it and stop
-            return bad + 1
-        bad += int(not math.isfinite(loss) or any(not torch.isfinite(p).all() for p in dec.parameters()))
-    return bad
 
 
 def _parser():

@@ -458,10 +458,10 @@ def test_no_nan_gradients_from_padding_and_empty_polygons():
         assert torch.isfinite(grad).all()
 
 
-@pytest.mark.slow
-def test_exact_mle_s2_decoder_runs_without_nan():
-    """Exact MLE (collapse + SVI) on a [2, 16, 16, 2] ReLU decoder and noisy_circle(200): finite losses and
-    gradients (issue 10: 354 NaN gradient entries at step 2). The 200-step run is in benchmarks/audit_integrals.py."""
+def exact_mle_nonfinite_steps(steps: int) -> int:
+    """Exact MLE (collapse + SVI, Adam 1e-2) on a [2, 16, 16, 2] ReLU decoder and noisy_circle(200): the number
+    of steps with a non-finite loss or parameter (a step that raises counts and stops the run). Shared with
+    benchmarks/audit_integrals.py, which runs the issue's 200 steps."""
     import pyro
     import pyro.distributions as dist
     from pyro.infer import SVI, Trace_ELBO
@@ -485,11 +485,20 @@ def test_exact_mle_s2_decoder_runs_without_nan():
             pyro.sample("x", CPALikelihood(dec, z, s), obs=x)
 
     svi = SVI(collapse(model), empty_guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
-    for _ in range(3):
-        loss = svi.step(x)
-        assert math.isfinite(loss)
-        for p in dec.parameters():
-            assert torch.isfinite(p).all()
+    bad = 0
+    for _ in range(steps):
+        try:
+            loss = svi.step(x)
+        except Exception:  # noqa: BLE001 - a NaN parameter makes the model raise; count it and stop
+            return bad + 1
+        bad += int(not math.isfinite(loss) or any(not torch.isfinite(p).all() for p in dec.parameters()))
+    return bad
+
+
+@pytest.mark.slow
+def test_exact_mle_s2_decoder_runs_without_nan():
+    """Finite losses and parameters for 3 exact-MLE steps (issue 10: 354 NaN gradient entries at step 2)."""
+    assert exact_mle_nonfinite_steps(3) == 0
 
 
 # ---------------------------------------------------------------------------------------------------- S = 3
