@@ -114,7 +114,8 @@ def mass_upper_bound(rg: RegionGaussians, H: torch.Tensor, c: torch.Tensor) -> t
 
 def pair_terms(params: RegionParams, x: torch.Tensor, observed: torch.Tensor | None, n_idx: torch.Tensor,
                r_idx: torch.Tensor, *, need_moments: bool, mc_kwargs: dict,
-               rg: RegionGaussians | None = None) -> tuple[torch.Tensor, PolytopeMoments]:
+               rg: RegionGaussians | None = None, centred_covariance: bool = True
+               ) -> tuple[torch.Tensor, PolytopeMoments]:
     """t = log κ + log P for the pairs (x[n_idx], ω = r_idx), shape (P,), and their moments (mass and Monte-Carlo
     standard error only, mean and covariance None, when ``need_moments`` is False).
 
@@ -129,7 +130,7 @@ def pair_terms(params: RegionParams, x: torch.Tensor, observed: torch.Tensor | N
         prg = RegionGaussians(rg.log_kappa[n_idx, r_idx], rg.loc[n_idx, r_idx], L)
     G, d = whiten(prg.loc, prg.scale_tril, params.H[r_idx], params.c[r_idx], validate=False)
     if need_moments:
-        mom = integrate_whitened(prg.loc, prg.scale_tril, G, d, **mc_kwargs)
+        mom = integrate_whitened(prg.loc, prg.scale_tril, G, d, centred_covariance=centred_covariance, **mc_kwargs)
     else:  # the mass alone: no moment assembly
         std = std_moments(G, d, need_moments=False, **mc_kwargs)
         mom = PolytopeMoments(std.log_mass, None, None, std.log_mass_stderr)
@@ -152,7 +153,8 @@ class ChunkResult(NamedTuple):
 
 
 def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | None, start: int, *,
-                   prune_tol: float, need_moments: bool, mc_kwargs: dict) -> ChunkResult:
+                   prune_tol: float, need_moments: bool, mc_kwargs: dict,
+                   centred_covariance: bool = True) -> ChunkResult:
     """Steps 1–2 of the module docstring for the data ``xc`` (n, D) (global rows from ``start``).
 
     The Gaussians and moments are computed in the caller's grad mode; the pruning bound is detached.
@@ -175,7 +177,7 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
             idx = flat[lo:lo + step]
             rng = _rng_state(mc_kwargs, xc.device) if S >= 4 else None
             _, mom = pair_terms(params, xc, oc, idx // R, idx % R, need_moments=need_moments,
-                                   mc_kwargs=mc_kwargs, rg=rg)
+                                mc_kwargs=mc_kwargs, rg=rg, centred_covariance=centred_covariance)
             for k in out:
                 out[k] = out[k].index_put((idx,), getattr(mom, k))
             batches.append(_Batch(idx + start * R, rng))

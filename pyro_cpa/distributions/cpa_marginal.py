@@ -190,15 +190,17 @@ class CPAMarginal(TorchDistribution):
         A, b, H, c = self._region_params()
         return RegionParams(A, b, H, c, *self._variances())
 
-    def _pairs(self, x: torch.Tensor, need_moments: bool = True):
+    def _pairs(self, x: torch.Tensor, need_moments: bool = True, centred_covariance: bool = True):
         """For flat x (N, D): terms log κ + log P (N, R) (−inf on pruned pairs), their Monte-Carlo standard
-        errors, the moments and Gaussians of every pair, and (A, b, H, c). Memory O(N·R) (dense results)."""
+        errors, the moments and Gaussians of every pair, and (A, b, H, c). Memory O(N·R) (dense results).
+        ``centred_covariance=False``: see :func:`~pyro_cpa.integrate.std_moments` (for sums of second moments)."""
         params = self._params()
         observed = observed_mask(x)
         R, D, S = params.A.shape
         rows = chunk_rows(R, D, params.H.shape[1], S, self.chunk_size)
         res = [evaluate_chunk(params, x[i:i + rows], None if observed is None else observed[i:i + rows], i,
-                              prune_tol=self.prune_tol, need_moments=need_moments, mc_kwargs=self.mc_kwargs)
+                              prune_tol=self.prune_tol, need_moments=need_moments, mc_kwargs=self.mc_kwargs,
+                              centred_covariance=centred_covariance)
                for i in range(0, x.shape[0], rows)]
         terms = torch.cat([r.terms for r in res])
         fields = PolytopeMoments._fields if need_moments else ("log_mass", "log_mass_stderr")

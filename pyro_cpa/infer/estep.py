@@ -182,7 +182,8 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
             for start in range(0, idx.shape[0], chunk):
                 ic = idx[start:start + chunk]
                 xc, oc, wc = flat[ic], observed[ic], w_obs[ic]
-                terms, _, mom, _, (A, b, _, _) = mg._pairs(xc, need_moments=True)
+                # the statistics sum E[z̃z̃ᵀ] = C + m mᵀ: the centred covariance quadrature buys nothing here
+                terms, _, mom, _, (A, b, _, _) = mg._pairs(xc, need_moments=True, centred_covariance=False)
                 lp = terms.logsumexp(-1)
                 e0 = (terms - lp.unsqueeze(-1)).exp()  # pruned pairs: exp(-inf) = 0
                 live = torch.isfinite(terms)  # pruned pairs (log mass -inf by construction) carry no moments

@@ -81,10 +81,14 @@ def log_mass_upper_bound(G: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.special.log_ndtr(d).min(dim=-1).values if d.shape[-1] else d.new_zeros(d.shape[:-1])
 
 
-def std_moments(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True, **kwargs) -> StandardMoments:
+def std_moments(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True, centred_covariance: bool = True,
+                **kwargs) -> StandardMoments:
     """Dispatch the whitened problem to the method for its dimension S = G.shape[-1] (see module doc).
 
     ``need_moments=False`` computes log P only (mean and second moment are returned as zeros; S <= 3).
+    ``centred_covariance=False`` lets S = 2 skip the centred quadrature that makes a far-out or thin polygon's
+    covariance accurate relative to its own smallest eigenvalue (the second moment E[uuᵀ] and the mean stay
+    exact): for callers that only sum second moments, such as the E-step (~6× faster on S = 2 moments).
     ``kwargs`` are passed to the S >= 4 Monte-Carlo method (e.g. ``num_samples``, ``generator``).
     """
     S = G.shape[-1]
@@ -98,7 +102,8 @@ def std_moments(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True, 
         return std_moments_1d(G, d, need_moments=need_moments)
     if S == 2:
         from .bivariate import std_moments_2d
-        return std_moments_2d(G, d, need_moments=need_moments)
+        return std_moments_2d(G, d, need_moments=need_moments,
+                              **({} if centred_covariance else {"cov_max_amp": None}))
     if S == 3:
         from .trivariate import std_moments_3d
         return std_moments_3d(G, d, need_moments=need_moments)
@@ -133,7 +138,7 @@ def gaussian_polytope_moments(loc: torch.Tensor, scale_tril: torch.Tensor, H: to
 
 def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Tensor, d: torch.Tensor,
                        *, active: torch.Tensor | None = None, need_moments: bool = True,
-                       **kwargs) -> PolytopeMoments:
+                       centred_covariance: bool = True, **kwargs) -> PolytopeMoments:
     """As :func:`gaussian_polytope_moments`, from constraints already whitened by :func:`whiten`."""
     S = loc.shape[-1]
     batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1], loc.shape[:-1], scale_tril.shape[:-2])
@@ -142,14 +147,15 @@ def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Ten
     L = scale_tril.expand(batch + (S, S))
     mu = loc.expand(batch + (S,))
     if active is None:
-        std = std_moments(G, d, need_moments=need_moments, **kwargs)
+        std = std_moments(G, d, need_moments=need_moments, centred_covariance=centred_covariance, **kwargs)
         log_mass, m_u, E_uu, err, cov_u = std.log_mass, std.mean, std.second_moment, std.log_mass_stderr, std.covariance
     else:
         active = active.expand(batch)
         idx = active.reshape(-1).nonzero().squeeze(-1)
         n = active.numel()
         std = std_moments(G.reshape(n, *G.shape[-2:]).index_select(0, idx),
-                          d.reshape(n, d.shape[-1]).index_select(0, idx), need_moments=need_moments, **kwargs)
+                          d.reshape(n, d.shape[-1]).index_select(0, idx), need_moments=need_moments,
+                          centred_covariance=centred_covariance, **kwargs)
         log_mass = G.new_full((n,), float("-inf")).index_copy(0, idx, std.log_mass).reshape(batch)
         m_u = G.new_zeros(n, S).index_copy(0, idx, std.mean).reshape(batch + (S,))
         E_uu = G.new_zeros(n, S, S).index_copy(0, idx, std.second_moment).reshape(batch + (S, S))

@@ -538,7 +538,8 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
             amp = (1 + |E[u]|²)/λ_min <= cov_max_amp (measured error <= ~1e-12·amp in the metric of the
             covariance, i.e. <= 1e-8 at the default 1e4), and the centred slicing quadrature otherwise (far-out
             or thin polygons; relative error ~eps·(1 + r²), r the distance of the polygon from the mean).
-            None: the covariance is not computed (returned as None).
+            None: never (the covariance is E[uuᵀ] − E[u]E[u]ᵀ everywhere: enough for callers that only need the
+            second moment, e.g. the E-step's sums of E[zzᵀ]; the mean is still made accurate).
         mean_max_amp: where Σ_i r_i > mean_max_amp (1 + |E[u]|) (small polygons: the edge formula −Σ r_i g_i
             cancels, error ~1e-12 Σ r_i), the mean and second moment come from the centred slicing too.
 
@@ -574,14 +575,15 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
     zero = torch.zeros((), dtype=ds.dtype, device=ds.device)
     mean = torch.where(empty.unsqueeze(-1), zero, mean)
     second = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, second)
-    if cov_max_amp is None:
-        return StandardMoments(logP, mean, second, torch.zeros_like(logP))
     cov = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
     cd_ = cov.detach()                                   # decisions only: no gradient through them
     a, b, c = cd_[..., 0, 0], cd_[..., 0, 1], cd_[..., 1, 1]
     lam_min = 0.5 * (a + c) - torch.sqrt(0.25 * (a - c) ** 2 + b * b)
     mnorm = mean.detach().norm(dim=-1)
-    redo_cov = ~(lam_min * cov_max_amp > 1.0 + mnorm * mnorm)
+    if cov_max_amp is None:
+        redo_cov = torch.zeros_like(empty)
+    else:
+        redo_cov = ~(lam_min * cov_max_amp > 1.0 + mnorm * mnorm)
     redo_mean = r.detach().sum(-1) > mean_max_amp * (1.0 + mnorm)      # −Σ r_i g_i cancels (small polygons)
     redo = ~empty & ~whole & (redo_cov | redo_mean)
     idx = redo.reshape(-1).nonzero().squeeze(-1)
