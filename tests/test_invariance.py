@@ -11,6 +11,7 @@ from torch import nn
 
 from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.infer.estep import e_step
+from pyro_cpa.nn import mlp
 
 BATCH_RTOL = 1e-13      # unbatched vs batched vs chunked: same operations up to summation order
 THREAD_RTOL = 1e-12     # 1 vs 2 vs 4 intra-op threads
@@ -18,13 +19,7 @@ NUDGE_RTOL = 1e-10      # inputs moved by a few ulps: log p is smooth, so it mov
 
 
 def _decoder(widths, seed, act=nn.ReLU):
-    torch.manual_seed(seed)
-    layers = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).double()
+    return mlp(widths, act, seed=seed)
 
 
 CASES = [

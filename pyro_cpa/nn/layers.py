@@ -37,3 +37,19 @@ class Clamp(nn.Module):
 
     def extra_repr(self) -> str:
         return f"min_val={self.min_val}, max_val={self.max_val}"
+
+
+def mlp(widths, activation=nn.ReLU, *, seed: int | None = None, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """A fully connected CPA decoder ``Linear(w0, w1), activation(), ..., Linear(w_{k-1}, w_k)`` in ``dtype``.
+
+    ``activation`` is a zero-argument factory (a class such as ``nn.ReLU``, or e.g. ``lambda: nn.LeakyReLU(0.1)``).
+    With ``seed``, ``torch.manual_seed(seed)`` is called first, so the same call gives the same weights.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers).to(dtype)

@@ -10,16 +10,11 @@ from torch import nn
 
 from pyro_cpa import Abs, NotCPAError, PyroCPAError
 from pyro_cpa.distributions import CPAMarginal, TruncatedGaussianMixture
+from pyro_cpa.nn import mlp
 
 
 def _net(widths, act, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).double()
+    return mlp(widths, act, seed=seed)
 
 
 def _log_joint_1d(decoder, x, sx, sz):

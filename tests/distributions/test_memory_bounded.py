@@ -9,6 +9,7 @@ from torch import nn
 from pyro_cpa.distributions import CPAMarginal, chunked
 from pyro_cpa.geometry.regions import linear_regions
 from pyro_cpa.integrate import gaussian_polytope_moments
+from pyro_cpa.nn import mlp
 
 REL_TOL = 1e-12
 """Values and gradients of the chunked evaluation against the full-graph reference (relative, norm-wise per
@@ -18,13 +19,7 @@ FD_STEP, FD_RTOL = 1e-6, 1e-6
 
 
 def _net(widths, act, seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).double()
+    return mlp(widths, act, seed=seed)
 
 
 def _case(S, missing, seed=0, N=6):

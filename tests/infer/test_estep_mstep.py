@@ -17,17 +17,11 @@ from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.infer.estep import e_step
 from pyro_cpa.infer.mstep import (DEFAULT_RCOND, expected_complete_loglik, frozen_region_maps, m_step,
                                   update_layer, update_variances)
-from pyro_cpa.nn import as_cpa_network
+from pyro_cpa.nn import as_cpa_network, mlp
 
 
 def _net(widths, act=lambda: nn.LeakyReLU(0.1), seed=0):
-    torch.manual_seed(seed)
-    layers = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).double()
+    return mlp(widths, act, seed=seed)
 
 
 def _circle(N, seed=0, noise=0.05):

@@ -139,3 +139,13 @@ def test_item9_discontinuous_unknown_and_overriding_layers_are_refused_truthfull
 
     with pytest.raises(NotCPAError, match="Squared.*overrides forward"):
         as_cpa_network(nn.Sequential(nn.Linear(1, 4), Squared(), nn.Linear(4, 2)))
+
+
+def test_mlp_builds_a_seeded_cpa_decoder():
+    from pyro_cpa.nn import mlp
+
+    a, b = mlp([2, 5, 3], torch.nn.ReLU, seed=3), mlp([2, 5, 3], torch.nn.ReLU, seed=3)
+    assert [type(m).__name__ for m in a] == ["Linear", "ReLU", "Linear"]
+    assert all(torch.equal(p, q) and p.dtype == torch.float64 for p, q in zip(a.parameters(), b.parameters()))
+    assert mlp([1, 4, 4, 2], lambda: torch.nn.LeakyReLU(0.1), dtype=torch.float32)[1].negative_slope == 0.1
+    assert next(mlp([1, 2], dtype=torch.float32).parameters()).dtype == torch.float32
