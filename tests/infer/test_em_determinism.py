@@ -7,14 +7,11 @@ E-step statistics are reduced over fixed blocks in data order (``em_engine.STATS
 solves do not amplify rounding by more than 1/rcond (``mstep._damped_prox_solve``).
 """
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
-from torch import nn
-from torch.distributions import constraints
 
 from pyro_cpa.datasets import noisy_circle
-from pyro_cpa.distributions import CPALikelihood
+from pyro_cpa.demo.circle import make_decoder, make_model
 from pyro_cpa.infer import EM
 from pyro_cpa.infer.em_engine import STATS_BLOCK
 
@@ -24,17 +21,7 @@ REL_TOL = 1e-10  # the issue's bound on the per-step relative NLL difference
 
 def _trajectory(x, threads, chunk_size):
     pyro.clear_param_store()
-    torch.manual_seed(0)
-    decoder = nn.Sequential(nn.Linear(1, 8), nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.LeakyReLU(0.1),
-                            nn.Linear(8, 2)).double()
-
-    def model(x):
-        pyro.module("decoder", decoder)
-        obs_scale = pyro.param("obs_scale", torch.tensor(0.5), constraint=constraints.positive)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
-            pyro.sample("x", CPALikelihood(decoder, z, obs_scale), obs=x)
-
+    model = make_model(make_decoder(0))
     em = EM(model, marginal_kwargs={"chunk_size": chunk_size})
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -8,50 +8,31 @@ them to the store (the store is what gets saved next).
 import math
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
-from torch import nn
-from torch.distributions import constraints
 
 from pyro_cpa.datasets import noisy_circle
-from pyro_cpa.distributions import CPALikelihood
+from pyro_cpa.demo.circle import make_decoder, make_model
 from pyro_cpa.infer import EM, log_evidence
 
 REL_TOL = 1e-10
 
 
-def _decoder(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, 8), nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.LeakyReLU(0.1),
-                         nn.Linear(8, 2)).double()
-
-
-def _model(decoder):
-    def model(x):
-        pyro.module("decoder", decoder)
-        obs_scale = pyro.param("obs_scale", torch.tensor(0.5), constraint=constraints.positive)
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
-            pyro.sample("x", CPALikelihood(decoder, z, obs_scale), obs=x)
-    return model
-
-
 def test_item5_resume_from_saved_param_store_with_a_fresh_decoder(tmp_path):
     x = noisy_circle(150, seed=3)
     pyro.clear_param_store()
-    em = EM(_model(_decoder(0)))
+    em = EM(make_model(make_decoder(0)))
     straight = [em.step(x) for _ in range(10)]
 
     pyro.clear_param_store()
-    em = EM(_model(_decoder(0)))
+    em = EM(make_model(make_decoder(0)))
     first = [em.step(x) for _ in range(5)]
     path = tmp_path / "params.pt"
     pyro.get_param_store().save(path)
 
     pyro.clear_param_store()  # "a new process"
-    fresh = _decoder(123)  # other random weights, overwritten only through the store
-    model = _model(fresh)
+    fresh = make_decoder(123)  # other random weights, overwritten only through the store
+    model = make_model(fresh)
     pyro.get_param_store().load(path)
     em2 = EM(model)
     assert em2.evaluate_loss(x) == pytest.approx(first[-1], rel=REL_TOL)
@@ -60,5 +41,5 @@ def test_item5_resume_from_saved_param_store_with_a_fresh_decoder(tmp_path):
     # the store (what the user saves next) holds the new weights, and so does the decoder object
     store = pyro.get_param_store()
     assert torch.equal(store["decoder$$$0.weight"], fresh[0].weight)
-    assert not math.isclose(float(store["decoder$$$4.bias"][0].detach()), float(_decoder(123)[4].bias[0].detach()))
+    assert not math.isclose(float(store["decoder$$$4.bias"][0].detach()), float(make_decoder(123)[4].bias[0].detach()))
     assert -log_evidence(model, x).sum().item() == pytest.approx(rest[-1], rel=REL_TOL)
