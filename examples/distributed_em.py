@@ -156,8 +156,20 @@ def run(args) -> dict:
         print(f"AIC {ic.aic:.2f}  BIC {ic.bic:.2f}  ELBO(ExactPosterior) = log p(x) = {loglik:.4f}  "
               f"{result['em_seconds_per_step']:.3f} s per EM step, {result['bytes_per_reduction']} bytes per reduction")
         write_json(args, "distributed_em.json", result)
-    torch.distributed.destroy_process_group()
+    del ddp, opt                            # DDP's reducer holds the group: release it before the group goes
+    leave_group()
     return result
+
+
+def leave_group() -> None:
+    """Leave the process group cleanly: every rank reaches this point (a barrier, so no rank closes its
+    connections while a peer still uses them), then the group is destroyed. Without the barrier a gloo rank that
+    tears down first can abort its peer ("terminate called without an active exception")."""
+    import gc
+
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _no_out(args):

@@ -192,6 +192,7 @@ def _worker(rank, world, init_file, out, scenario, sizes, steps):
     torch.save(result, os.path.join(out, f"{scenario}_{rank}.pt"))
     if scenario == "death":
         os._exit(0)                      # the group is broken: do not wait in its shutdown
+    dist.barrier()                       # no rank closes its connections while a peer still uses them
     dist.destroy_process_group()
 
 
