@@ -97,44 +97,58 @@ def _set_rng_state(state: tuple, mc_kwargs: dict, device: torch.device) -> None:
         mc_kwargs["generator"].set_state(state[2])
 
 
-def mass_upper_bound(rg: RegionGaussians, H: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """u = log κ + min_j log Φ(d_j) >= log κ + log P, d_j = (c_j − h_jᵀμ)/‖Lᵀh_j‖ (padding rows c = +inf: d = +inf).
+class Whitened(NamedTuple):
+    """The whitened constraints of every (datum, region) pair of a chunk (see :func:`whiten_chunk`).
 
-    Shapes as :func:`~.region_gaussians.region_gaussians`'s output: (N, R). Only the distances d are formed
-    (not the whitened normals), at (N, R, F).
+    Attributes:
+        G: (R, F, S) unit normals Lᵀh_j/‖Lᵀh_j‖ (0 on padding rows) — (n, R, F, S) with missing data, where
+            Σ_ω depends on the datum.
+        d: (n, R, F) distances (c_j − h_jᵀμ)/‖Lᵀh_j‖ (+inf on padding rows).
     """
-    if H.shape[-2] == 0:
+
+    G: torch.Tensor
+    d: torch.Tensor
+
+
+def whiten_chunk(rg: RegionGaussians, H: torch.Tensor, c: torch.Tensor) -> Whitened:
+    """:func:`~pyro_cpa.integrate.whiten` of all pairs of a chunk at once, with the normals formed per region.
+
+    Without missing data Σ_ω = L_ω L_ωᵀ does not depend on the datum, so g_j = L_ωᵀh_j/s_j, s_j = ‖L_ωᵀh_j‖,
+    and the scaled constraint ĥ_j = h_j/s_j, ĉ_j = c_j/s_j are formed once per region, and per pair only
+    d_j = ĉ_j − ĥ_jᵀμ_nω (n, R, F), summed over the S coordinates in a fixed order, elementwise, so that each
+    value is independent of the chunk's shape. Padding rows (s = 0 or c = +inf) get g = 0, ĥ = 0, ĉ = +inf,
+    hence d = +inf, as in ``whiten``.
+    """
+    L = rg.scale_tril  # (R, S, S) or (n, R, S, S)
+    S = L.shape[-1]
+    Gt = (H.unsqueeze(-1) * L.unsqueeze(-3)).sum(-2)  # rows Lᵀh_j: Gt[..., f, t] = Σ_s H[f, s] L[s, t]
+    s = Gt.norm(dim=-1)
+    real = (s > 0) & torch.isfinite(c)
+    s_safe = torch.where(real, s, torch.ones_like(s))
+    G = torch.where(real.unsqueeze(-1), Gt / s_safe.unsqueeze(-1), torch.zeros_like(Gt))
+    h = torch.where(real.unsqueeze(-1), H / s_safe.unsqueeze(-1), torch.zeros_like(Gt))
+    d = torch.where(real, c / s_safe, torch.full_like(s, math.inf)).expand(rg.loc.shape[:-1] + s.shape[-1:])
+    for k in range(S):
+        d = d - h[..., k] * rg.loc[..., k].unsqueeze(-1)
+    return Whitened(G, d)
+
+
+def mass_upper_bound(rg: RegionGaussians, d: torch.Tensor) -> torch.Tensor:
+    """u = log κ + min_j log Φ(d_j) = log κ + log Φ(min_j d_j) >= log κ + log P (Φ is increasing, so the
+    minimum is taken before the one log Φ per pair). ``d`` (n, R, F) from :func:`whiten_chunk`; shape (n, R)."""
+    if d.shape[-1] == 0:
         return rg.log_kappa
-    s = (H @ rg.scale_tril).norm(dim=-1)  # ‖Lᵀh_j‖: (R, F), or (N, R, F) with missing data
-    real = torch.isfinite(c)
-    slack = c - torch.einsum("rfs,nrs->nrf", H, rg.loc)
-    d = torch.where(real, slack / torch.where(real, s, torch.ones_like(s)), torch.full_like(slack, math.inf))
-    return rg.log_kappa + torch.special.log_ndtr(d).amin(-1)
+    return rg.log_kappa + torch.special.log_ndtr(d.amin(-1))
 
 
 def pair_terms(params: RegionParams, x: torch.Tensor, observed: torch.Tensor | None, n_idx: torch.Tensor,
-               r_idx: torch.Tensor, *, need_moments: bool, mc_kwargs: dict,
-               rg: RegionGaussians | None = None, centred_covariance: bool = True
-               ) -> tuple[torch.Tensor, PolytopeMoments]:
-    """t = log κ + log P for the pairs (x[n_idx], ω = r_idx), shape (P,), and their moments (mass and Monte-Carlo
-    standard error only, mean and covariance None, when ``need_moments`` is False).
-
-    ``rg`` (dense, (n, R) for the rows of ``x``) supplies κ, μ, chol Σ when already computed; otherwise they
-    are computed for exactly these pairs (differentiable in ``params`` and ``x``).
-    """
-    if rg is None:
-        obs = None if observed is None else observed[n_idx]
-        prg = affine_gaussians(params.A[r_idx], params.b[r_idx], x[n_idx], params.obs_var, params.prior_var, obs)
-    else:
-        L = rg.scale_tril[r_idx] if rg.scale_tril.dim() == 3 else rg.scale_tril[n_idx, r_idx]
-        prg = RegionGaussians(rg.log_kappa[n_idx, r_idx], rg.loc[n_idx, r_idx], L)
+               r_idx: torch.Tensor, *, mc_kwargs: dict) -> torch.Tensor:
+    """t = log κ + log P for the pairs (x[n_idx], ω = r_idx), shape (P,), with κ, μ, chol Σ computed for exactly
+    these pairs (differentiable in ``params`` and ``x``): the backward pass of :class:`_RecomputedLogProb`."""
+    obs = None if observed is None else observed[n_idx]
+    prg = affine_gaussians(params.A[r_idx], params.b[r_idx], x[n_idx], params.obs_var, params.prior_var, obs)
     G, d = whiten(prg.loc, prg.scale_tril, params.H[r_idx], params.c[r_idx], validate=False)
-    if need_moments:
-        mom = integrate_whitened(prg.loc, prg.scale_tril, G, d, centred_covariance=centred_covariance, **mc_kwargs)
-    else:  # the mass alone: no moment assembly
-        std = std_moments(G, d, need_moments=False, **mc_kwargs)
-        mom = PolytopeMoments(std.log_mass, None, None, std.log_mass_stderr)
-    return prg.log_kappa + mom.log_mass, mom
+    return prg.log_kappa + std_moments(G, d, need_moments=False, **mc_kwargs).log_mass
 
 
 class ChunkResult(NamedTuple):
@@ -154,32 +168,48 @@ class ChunkResult(NamedTuple):
 
 def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | None, start: int, *,
                    prune_tol: float, need_moments: bool, mc_kwargs: dict,
-                   centred_covariance: bool = True) -> ChunkResult:
+                   centred_covariance: bool = True, step: int | None = None) -> ChunkResult:
     """Steps 1–2 of the module docstring for the data ``xc`` (n, D) (global rows from ``start``).
 
-    The Gaussians and moments are computed in the caller's grad mode; the pruning bound is detached.
+    The Gaussians, whitened constraints and moments are computed in the caller's grad mode (dense for the
+    chunk: :func:`whiten_chunk`; the integrator sees gathered rows of them); the pruning bound is detached.
+    ``step``: kept pairs per integrator call (default :func:`pair_batch`).
     """
     R, _, S = params.A.shape
     n = xc.shape[0]
+    F = params.H.shape[1]
     rg = region_gaussians(params.A, params.b, xc, params.obs_var, params.prior_var, oc)
+    wh = whiten_chunk(rg, params.H, params.c)
     with torch.no_grad():
-        bound = mass_upper_bound(rg, params.H, params.c)
+        bound = mass_upper_bound(rg, wh.d.detach())
+    d_flat = wh.d.reshape(n * R, F)
+    per_datum_G = wh.G.dim() == 4  # missing data: Σ_ω, hence the normals, depend on the datum
+    rows = n * R if per_datum_G else R
+    G_flat = wh.G.reshape(rows, F, S)
+    L_flat = rg.scale_tril.reshape(rows, S, S)
+    loc_flat = rg.loc.reshape(n * R, S)
     out = {"log_mass": bound.new_full((n * R,), -math.inf), "log_mass_stderr": bound.new_zeros(n * R)}
     if need_moments:
-        out["mean"] = rg.loc.reshape(n * R, S)
+        out["mean"] = loc_flat.clone()
         out["covariance"] = bound.new_zeros(n * R, S, S)
     batches = []
+    step = pair_batch(F, S) if step is None else step
 
     def integrate(mask: torch.Tensor) -> torch.Tensor:
         flat = mask.reshape(-1).nonzero().squeeze(-1)
-        step = pair_batch(params.H.shape[1], S)
         for lo in range(0, flat.numel(), step):
             idx = flat[lo:lo + step]
             rng = _rng_state(mc_kwargs, xc.device) if S >= 4 else None
-            _, mom = pair_terms(params, xc, oc, idx // R, idx % R, need_moments=need_moments,
-                                mc_kwargs=mc_kwargs, rg=rg, centred_covariance=centred_covariance)
+            row = idx if per_datum_G else idx % R
+            G, d = G_flat.index_select(0, row), d_flat.index_select(0, idx)
+            if need_moments:
+                mom = integrate_whitened(loc_flat.index_select(0, idx), L_flat.index_select(0, row), G, d,
+                                         centred_covariance=centred_covariance, **mc_kwargs)
+            else:  # the mass alone: no moment assembly
+                std = std_moments(G, d, need_moments=False, **mc_kwargs)
+                mom = PolytopeMoments(std.log_mass, None, None, std.log_mass_stderr)
             for k in out:
-                out[k] = out[k].index_put((idx,), getattr(mom, k))
+                out[k].index_put_((idx,), getattr(mom, k))
             batches.append(_Batch(idx + start * R, rng))
         return rg.log_kappa + out["log_mass"].reshape(n, R)
 
@@ -250,8 +280,7 @@ class _RecomputedLogProb(torch.autograd.Function):
                 if batch.rng is not None:
                     _set_rng_state(batch.rng, mc_kwargs, x.device)
                 n_idx, r_idx = batch.pairs // R, batch.pairs % R
-                t, _ = pair_terms(RegionParams(*leaves[1:]), leaves[0], observed, n_idx, r_idx,
-                                     need_moments=False, mc_kwargs=mc_kwargs)
+                t = pair_terms(RegionParams(*leaves[1:]), leaves[0], observed, n_idx, r_idx, mc_kwargs=mc_kwargs)
                 w = (t.detach() - lp[n_idx]).exp() * grad_lp[n_idx]
                 g = torch.autograd.grad(t, [leaves[i] for i in wanted], grad_outputs=w, allow_unused=True)
                 for i, gi in zip(wanted, g):
