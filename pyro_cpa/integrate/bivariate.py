@@ -60,7 +60,7 @@ import torch
 
 from .owens_t import DEFAULT_OWENS_T_NODES, owens_t
 from .types import StandardMoments
-from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_moments, interval_stats, log_ndtr_diff
+from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_stats, log_ndtr_diff
 
 __all__ = ["std_moments_2d", "polygon_edges", "log_mass_2d", "DEFAULT_SWITCH_MASS", "DEFAULT_NUM_NODES",
            "DEFAULT_S_CUTS"]
@@ -90,13 +90,16 @@ def polygon_edges(G: torch.Tensor, d: torch.Tensor, *, parallel_tol: float = DEF
                   tie_tol: float = DEFAULT_TIE_TOL):
     r"""Edges of {u : G u <= d} in 2-D.
 
-    Every pairwise quantity is computed elementwise in a fixed order (no matmul, whose rounding depends on
-    the shape), so that the result does not depend on batch shape, chunking or BLAS:
+    Each polygon's real rows (g_i != 0, d_i < inf) are taken in their order, and the polygons are grouped by
+    their number k of real rows, so that the pairwise work is k² per polygon rather than F² on the padding
+    (a Python loop over the <= F + 1 distinct counts, never over polygons). Every pairwise quantity is
+    computed elementwise in a fixed order (no matmul, whose rounding depends on the shape), so that the
+    result does not depend on batch shape, chunking, grouping or BLAS:
 
         c_ik = g_i·g_k,   s_ik = e_i·g_k = g_i0 g_k1 − g_i1 g_k0   (s_ki = −s_ik bitwise),
         num_ik = d_k − d_i c_ik.
 
-    The self-term k = i is excluded by construction (diagonal mask). Lines with |s_ik| <= ``parallel_tol``
+    The self-term k = i is excluded by construction (off-diagonal mask). Lines with |s_ik| <= ``parallel_tol``
     are parallel: they never bound each other's edges; instead (δ = d_k − d_i, w = d_i + d_k, both exact
     (anti)symmetric in i, k; τ = ``tie_tol`` (1 + |d_i| + |d_k|))
 
@@ -114,45 +117,83 @@ def polygon_edges(G: torch.Tensor, d: torch.Tensor, *, parallel_tol: float = DEF
     tangents e (..., F, 2), edge parameter ranges (..., F) (safe values 0, 1 where the edge does not
     exist), the existence mask, and (...,) flags for an empty polygon and for the whole plane.
     """
+    batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+    F = G.shape[-2]
+    n = math.prod(batch)
+    out = _edges_flat(G.expand(batch + (F, 2)).reshape(n, F, 2), d.expand(batch + (F,)).reshape(n, F),
+                      parallel_tol, tie_tol)
+    return tuple(x.reshape(batch + x.shape[1:]) for x in out)
+
+
+def _edges_flat(G: torch.Tensor, d: torch.Tensor, parallel_tol: float, tie_tol: float):
+    """:func:`polygon_edges` on a flat batch (B, F, 2), (B, F)."""
+    B, F = d.shape
+    dtype, device = d.dtype, d.device
     norm = G.norm(dim=-1)
     real = (norm > 0) & (d < float("inf"))               # padding rows are exactly zero / +inf by construction
+    infeasible = ((norm == 0) & (d < 0)).any(dim=-1)
     Gs = torch.where(real.unsqueeze(-1), G, torch.zeros_like(G))
     ds = torch.where(real, d, torch.zeros_like(d))
-    g0, g1 = Gs[..., 0], Gs[..., 1]
-    e = torch.stack([-g1, g0], dim=-1)
+    e = torch.stack([-Gs[..., 1], Gs[..., 0]], dim=-1)
+    cnt = real.sum(-1)
+    t_lo = ds.new_zeros(B * F)
+    t_hi = ds.new_ones(B * F)
+    exists = torch.zeros(B * F, dtype=torch.bool, device=device)
+    empty = infeasible.clone()
+    Gf, df = Gs.reshape(B * F, 2), ds.reshape(B * F)
+    for k in cnt.unique().tolist():
+        if k == 0:
+            continue
+        rows = (cnt == k).nonzero().squeeze(-1)
+        n = rows.numel()
+        pos = real.index_select(0, rows).nonzero()[:, 1].reshape(n, k)     # real rows in their order
+        fidx = (rows.unsqueeze(-1) * F + pos).reshape(-1)
+        g = Gf.index_select(0, fidx).reshape(n, k, 2)
+        dd = df.index_select(0, fidx).reshape(n, k)
+        lo, hi, ex, strip = _edges_group(g, dd, parallel_tol, tie_tol)
+        emp = infeasible.index_select(0, rows) | strip
+        emp = emp | ~ex.any(-1)
+        ex = ex & ~emp.unsqueeze(-1)
+        empty = empty.index_copy(0, rows, emp)
+        exists = exists.index_copy(0, fidx, ex.reshape(-1))
+        t_lo = t_lo.index_copy(0, fidx, torch.where(ex, lo, torch.zeros_like(lo)).reshape(-1))
+        t_hi = t_hi.index_copy(0, fidx, torch.where(ex, hi, torch.ones_like(hi)).reshape(-1))
+    whole = (cnt == 0) & ~infeasible
+    return Gs, ds, e, t_lo.reshape(B, F), t_hi.reshape(B, F), exists.reshape(B, F), empty, whole
+
+
+def _edges_group(g: torch.Tensor, dd: torch.Tensor, parallel_tol: float, tie_tol: float):
+    """``(t_lo, t_hi, exists, strip_empty)`` of polygons with k real rows each, (n, k, 2), (n, k) (see
+    :func:`polygon_edges`; ``exists`` before the empty-polygon mask)."""
+    n, k = dd.shape
+    if k == 1:
+        inf = torch.full_like(dd, float("inf"))
+        return -inf, inf, torch.ones_like(dd, dtype=torch.bool), torch.zeros(n, dtype=torch.bool, device=dd.device)
+    g0, g1 = g[..., 0], g[..., 1]
     gi0, gi1, gk0, gk1 = g0.unsqueeze(-1), g1.unsqueeze(-1), g0.unsqueeze(-2), g1.unsqueeze(-2)
     c = gi0 * gk0 + gi1 * gk1                           # c[i, k] = g_i·g_k (bitwise symmetric)
     s = gi0 * gk1 - gi1 * gk0                           # s[i, k] = e_i·g_k (bitwise antisymmetric)
-    di, dk = ds.unsqueeze(-1), ds.unsqueeze(-2)
+    di, dk = dd.unsqueeze(-1), dd.unsqueeze(-2)
     num = dk - di * c                                   # d_k − d_i c_ik
-    F = G.shape[-2]
-    idx = torch.arange(F, device=G.device)
+    idx = torch.arange(k, device=dd.device)
     upper = idx.unsqueeze(-1) < idx.unsqueeze(0)        # [i, k]: i < k
-    pair = real.unsqueeze(-1) & real.unsqueeze(-2) & (upper | upper.transpose(0, 1))   # k != i, both real
+    pair = upper | upper.transpose(0, 1)                # k != i
     par = s.abs() <= parallel_tol
-    pos = pair & (s > parallel_tol)
-    neg = pair & (s < -parallel_tol)
     own = num / torch.where(par, torch.ones_like(s), s)             # t_ik from line i's side
     other = dk * s + c * own.transpose(-1, -2)                      # t_ik as the projection of line k's t_ki
     t = torch.where(upper, own, other)
     inf = torch.full_like(t, float("inf"))
-    t_hi = torch.where(pos, t, inf).amin(dim=-1)
-    t_lo = torch.where(neg, t, -inf).amax(dim=-1)
+    t_hi = torch.where(pair & (s > parallel_tol), t, inf).amin(dim=-1)
+    t_lo = torch.where(pair & (s < -parallel_tol), t, -inf).amax(dim=-1)
     # parallel pairs
     parm = pair & par
     tol = tie_tol * (1.0 + di.abs() + dk.abs())
     same = c > 0
     delta = dk - di
     dropped = parm & same & ((delta < -tol) | ((delta.abs() <= tol) & ~upper))
-    strip_empty = (parm & ~same & (di + dk <= tol)).any(dim=-1).any(dim=-1)
-    exists = real & (t_hi > t_lo) & ~dropped.any(dim=-1)
-    infeasible = ((norm == 0) & (d < 0)).any(dim=-1) | strip_empty
-    whole = ~real.any(dim=-1) & ~infeasible
-    empty = infeasible | (~exists.any(dim=-1) & ~whole)
-    exists = exists & ~empty.unsqueeze(-1)
-    t_lo = torch.where(exists, t_lo, torch.zeros_like(t_lo))
-    t_hi = torch.where(exists, t_hi, torch.ones_like(t_hi))
-    return Gs, ds, e, t_lo, t_hi, exists, empty, whole
+    strip_empty = (parm & ~same & (di + dk <= tol)).flatten(-2).any(dim=-1)
+    exists = (t_hi > t_lo) & ~dropped.any(dim=-1)
+    return t_lo, t_hi, exists, strip_empty
 
 
 def _in_chunks(fn, G: torch.Tensor, d: torch.Tensor, chunk: int, **kw):
@@ -170,6 +211,15 @@ def _in_chunks(fn, G: torch.Tensor, d: torch.Tensor, chunk: int, **kw):
         return torch.cat(outs).reshape(batch)
     return type(outs[0])(*(None if f[0] is None else torch.cat(f).reshape(batch + f[0].shape[1:])
                            for f in zip(*outs)))
+
+
+def _edge_stats(t_lo: torch.Tensor, t_hi: torch.Tensor, exists: torch.Tensor):
+    """``(log ΔΦ_i, μ_i)`` of the existing edges (:func:`interval_stats` of (t_lo, t_hi), evaluated on those
+    entries only); 0 elsewhere."""
+    idx = exists.reshape(-1).nonzero().squeeze(-1)
+    lm, mu, _ = interval_stats(t_lo.reshape(-1).index_select(0, idx), t_hi.reshape(-1).index_select(0, idx))
+    z = t_lo.new_zeros(t_lo.numel())
+    return z.index_copy(0, idx, lm).reshape(t_lo.shape), z.index_copy(0, idx, mu).reshape(t_lo.shape)
 
 
 def _cross(x, y):
@@ -273,23 +323,37 @@ def _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels, paral
     a0f = a0.reshape(-1).index_select(0, pidx)
     hf = half.reshape(-1).index_select(0, pidx)
     pb = torch.div(pidx, K, rounding_mode="floor")
+    # the lines that bound the slices are the same across a piece (the cuts include every vertex): they are
+    # picked at the piece's midpoint, the pieces whose slices are empty there are dropped (their mass is 0),
+    # and each node's slice is bounded by the two picked lines only
+    rk = real.index_select(0, pb)
+    bep = be.index_select(0, pb)
+    bzero = rk & (bep.abs() <= parallel_tol)          # line parallel to the slices: a bound on v1 only
+    bpos = rk & (bep > parallel_tol)
+    bneg = rk & (bep < -parallel_tol)
+    dsp, alp = ds.index_select(0, pb), al.index_select(0, pb)
+    rhs = dsp - alp * (a0f + hf).unsqueeze(-1)        # (pieces, F) at the midpoints
+    bnd = rhs / torch.where(bpos | bneg, bep, torch.ones_like(bep))   # double where: no 0/0 in the backward
+    inf = torch.full_like(bnd, float("inf"))
+    hi_m, jh = torch.where(bpos, bnd, inf).min(-1, keepdim=True)
+    lo_m, jl = torch.where(bneg, bnd, -inf).max(-1, keepdim=True)
+    keep = ((lo_m < hi_m).squeeze(-1) & ~(bzero & (rhs < 0)).any(-1)).nonzero().squeeze(-1)
+    a0f, hf, pb, jh, jl = (t.index_select(0, keep) for t in (a0f, hf, pb, jh, jl))
+    hfin = torch.isfinite(hi_m.index_select(0, keep))
+    lfin = torch.isfinite(lo_m.index_select(0, keep))
     x, wt = _gl_nodes(num_nodes, dtype, device)
-    v1 = ((a0f + hf).unsqueeze(-1) + hf.unsqueeze(-1) * x).reshape(-1)
+    v1 = (a0f + hf).unsqueeze(-1) + hf.unsqueeze(-1) * x                  # (pieces, nodes)
     logw = (torch.log(hf).unsqueeze(-1) + torch.log(wt)).reshape(-1)
     nb = pb.repeat_interleave(num_nodes)
-    # slice intervals
-    rk = real.index_select(0, nb)
-    ben = be.index_select(0, nb)
-    bzero = rk & (ben.abs() <= parallel_tol)          # line parallel to the slices: a bound on v1 only
-    bpos = rk & (ben > parallel_tol)
-    bneg = rk & (ben < -parallel_tol)
-    rhs = ds.index_select(0, nb) - al.index_select(0, nb) * v1.unsqueeze(-1)      # (nodes, F)
-    bnd = rhs / torch.where(bpos | bneg, ben, torch.ones_like(ben))   # double where: no 0/0 in the backward
-    inf = torch.full_like(bnd, float("inf"))
-    hi = torch.where(bpos, bnd, inf).amin(-1)
-    lo_ = torch.where(bneg, bnd, -inf).amax(-1)
-    viol = (bzero & (rhs < 0)).any(-1)
-    lo_ = torch.where(viol, hi, lo_)                  # an empty slice: lo = hi
+
+    def bound(j, fin):
+        dj, aj, bj = (t.index_select(0, pb).gather(-1, j) for t in (ds, al, be))
+        bj = torch.where(fin, bj, torch.ones_like(bj))                    # double where (no 0/0)
+        return (dj - aj * v1) / bj
+
+    hi = torch.where(hfin, bound(jh, hfin), torch.full_like(v1, float("inf"))).reshape(-1)
+    lo_ = torch.where(lfin, bound(jl, lfin), torch.full_like(v1, float("-inf"))).reshape(-1)
+    v1 = v1.reshape(-1)
     lS = log_ndtr_diff(lo_, hi)
     integrand = logw + lS - 0.5 * v1 * v1 - LOG_SQRT_2PI
     return dict(v1=v1, lo=lo_, hi=hi, integrand=integrand, nb=nb, B=B, r=r, w=w, wp=wp)
@@ -463,7 +527,7 @@ class _LogMass2d(torch.autograd.Function):
     def backward(ctx, gout):
         G, d, lp = ctx.saved_tensors
         Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d)
-        ldphi, mu, _ = interval_moments(t_lo, t_hi)
+        ldphi, mu = _edge_stats(t_lo, t_hi, exists)
         fin = torch.isfinite(lp)
         ok = exists & fin.unsqueeze(-1)
         lps = torch.where(fin, lp, torch.zeros_like(lp)).unsqueeze(-1)
@@ -562,7 +626,7 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
         return StandardMoments(logP, logP.new_zeros(logP.shape + (2,)), z2, torch.zeros_like(logP), z2)
     empty = empty | torch.isneginf(logP)
     # edge masses and conditional edge means
-    ldphi, mu, _ = interval_moments(t_lo, t_hi)
+    ldphi, mu = _edge_stats(t_lo, t_hi, exists)
     lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
     lr = -0.5 * ds * ds - LOG_SQRT_2PI + ldphi - lp
     r = torch.where(exists, torch.exp(torch.where(exists, lr, torch.zeros_like(lr))), torch.zeros_like(lr))
