@@ -40,9 +40,9 @@ import math
 import torch
 
 from .bivariate import _decay_cuts, _in_chunks, DEFAULT_NUM_NODES as DEFAULT_NUM_NODES_2D, DEFAULT_S_CUTS, \
-    DEFAULT_SWITCH_MASS, log_mass_2d, std_moments_2d
+    DEFAULT_SWITCH_MASS, log_mass_2d, polygon_edges, std_moments_2d
 from .types import StandardMoments
-from .univariate import LOG_SQRT_2PI, _gl_nodes
+from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_moments
 
 __all__ = ["std_moments_3d", "log_mass_3d", "DEFAULT_NUM_NODES_3D", "DEFAULT_FEAS_TOL"]
 
@@ -58,6 +58,17 @@ _R_TINY = 1e-150
 _CHUNK_3D = 16   # polytopes per chunk (each has a few hundred slices)
 _OWENS_ABS_ERR = 1e-15
 _SLICE_MAX_AMP = 1e4   # flux-formula cancellation accepted in the slices (error <~ 1e-12 relative)
+DEFAULT_FLUX_NODES = 12          # Gauss–Legendre nodes per piece of the edge integrals (3-D and facet 2-D flux)
+DEFAULT_FLUX_Z_CUTS = (0.5, 2.0, 5.0, 10.0, 18.0, 30.0, 45.0)   # Gaussian-decay cuts (truncation at 45)
+DEFAULT_FLUX_H_RATIO = 3.0       # geometric cuts t = h·ratio^k near the foot point of an edge
+DEFAULT_FLUX_H_LEVELS = 9        # ... k < levels; an edge with h·ratio^levels < 1 near its foot is not resolved
+DEFAULT_FLUX_MAX_AMP = 1e3       # accepted amplification Σ|terms| / P of the flux sums (error <~ 1e-12 relative)
+DEFAULT_MEAN_MAX_AMP_2D = 1e3    # facet means: the edge formula is replaced where Σ r_jk > this·(1 + |μ_j|)
+_ON_PLANE_TOL = 1e-150   # |d_j| <= this on a facet: the origin is on the boundary (sign(d_j) undefined): slicing
+_CHUNK_FLUX = 512        # polytopes per chunk of the flux formula
+_SQRT1_2 = math.sqrt(0.5)
+_LOG_2PI = math.log(2.0 * math.pi)
+_LOG_4PI = math.log(4.0 * math.pi)
 
 
 def _basis(g: torch.Tensor) -> torch.Tensor:
@@ -226,13 +237,13 @@ def _compact_rows(G: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch
     return Gf.gather(1, order.unsqueeze(-1).expand(-1, -1, 3)), df.gather(1, order)
 
 
-def _facet_terms(G, d, logP, *, switch_mass, num_nodes_2d, s_cuts, facet_tie_tol=DEFAULT_FACET_TIE_TOL):
-    r"""Facet weights r_j = exp(log φ(d_j) + log P_j − log P) and facet mean points m_j = d_j g_j + Q_j μ_j.
+def _facet_polygons(G, d, facet_tie_tol):
+    r"""Each plane's facet polygon in its own coordinates u = d_j g_j + Q_j y (flat (B, F, 3), (B, F)).
 
-    Flat (B, F, 3), (B, F), (B,). P_j, μ_j: 2-D mass and mean of facet j in its coordinates u = d_j g_j + Q_j y,
-    constraints (Q_jᵀg_k)ᵀ y <= d_k − (g_j·g_k) d_j (rows renormalised; g_j·g_k elementwise, no matmul).
-    Duplicated planes (the same plane twice within ``facet_tie_tol``) keep their first copy.
-    Returns (Gs, ds, r, m) with padding rows zeroed (r = 0 there).
+    Constraints (Q_jᵀg_k)ᵀ y <= d_k − (g_j·g_k) d_j, rows renormalised (g_j·g_k elementwise, no matmul);
+    parallel planes give 0 / +inf (no constraint) or 0 / −1 (the facet is empty); duplicated planes (the same
+    plane twice within ``facet_tie_tol``) keep their first copy. Returns (Gs, ds, real, Qj, G2 (B, F, F, 2),
+    d2 (B, F, F)) with padding rows zeroed.
     """
     F = d.shape[-1]
     norm = G.norm(dim=-1)
@@ -246,19 +257,185 @@ def _facet_terms(G, d, logP, *, switch_mass, num_nodes_2d, s_cuts, facet_tie_tol
     Gk = Gs.unsqueeze(-3).expand(-1, F, F, 3)
     dk = ds.unsqueeze(-2).expand(-1, F, F)
     rk = real.unsqueeze(-2).expand(-1, F, F) & ~torch.eye(F, dtype=torch.bool, device=d.device)
+    rk = rk & real.unsqueeze(-1)                              # padding planes have no facet
     G2, d2, n = _project_rows(Gk, dk, rk, Qj, shift)
     idx = torch.arange(F, device=d.device)
     dup = rk & (n <= _PARALLEL_TOL) & (c > 0) & ((dk - shift).abs() <= facet_tie_tol * (1 + ds.abs().unsqueeze(-1))) \
         & (idx.unsqueeze(0) < idx.unsqueeze(-1))
     d2 = torch.where(dup, -torch.ones_like(d2), d2)
     G2 = torch.where(dup.unsqueeze(-1), torch.zeros_like(G2), G2)
-    fac = std_moments_2d(G2, d2, switch_mass=switch_mass, num_nodes=num_nodes_2d, s_cuts=s_cuts, cov_max_amp=None)
+    return Gs, ds, real, Qj, G2, d2
+
+
+def _flux_sum(logs, signs, owner, n, lead):
+    """(m, S, A) with S = Σ sign·exp(l − m), A = Σ exp(l − m) per segment (m = the segment's largest term).
+
+    ``lead`` (n,) is a first term of sign +1 per segment (log 1[0 ∈ ω], -inf if absent). Sums by ``index_add``
+    in the order of the terms (the same for a pair whatever the batch around it)."""
+    m = lead.scatter_reduce(0, owner, logs, "amax")
+    m_ok = torch.isfinite(m)
+    m = torch.where(m_ok, m, torch.zeros_like(m))
+    e0 = torch.exp(lead - m)
+    e = torch.exp(logs - m.index_select(0, owner))
+    return m, m_ok, e0.index_add(0, owner, signs * e), e0.index_add(0, owner, e)
+
+
+def _flux_3d(Gs, ds, real, G2, d2, edges, *, num_nodes, z_cuts, h_ratio, h_levels, max_amp):
+    r"""The flux formulas of the module doc on every facet polygon's edges (flat batch; no autograd).
+
+    Returns ``(logP, ok, log_Pf, ok_f, live)``: the 3-D log mass and where it is trusted (B,), the facets'
+    2-D log masses and where they are trusted (B, F), and which planes are facets (non-empty polygons).
+    Every (facet j, edge k) is split at t = 0 into half intervals 0 <= p < t < q; with s = t − p (nodes
+    kept relative to p, so that far out the Gaussian factor exp(−s(s + 2p)/2) keeps its relative precision),
+    both integrands share the Gauss–Legendre nodes: pieces where the Gaussian factor falls by a bounded
+    amount (s = sqrt(p² + 2z) − p, z in ``z_cuts``, truncated at the last) and, near the foot point, at
+    t = h·ratio^k (the poles ±ih of h/(h² + t²); the branch points ±ic of 1/ρ lie farther, c >= h).
+    """
+    B, F = ds.shape
+    dtype, device = ds.dtype, ds.device
+    Gs2, ds2, e2, t_lo, t_hi, exists, empty2, whole2 = edges
+    a = ds.abs()
+    live = real & ~empty2
+    real2 = (G2.abs().sum(-1) > 0) & (d2 < float("inf"))
+    foot_in = live & ((ds2 > 0) | ~real2).all(-1)            # the foot point d_j g_j inside facet j
+    inside = ((ds > 0) | ~real).all(-1)
+    on_plane = (live & (a <= _ON_PLANE_TOL)).any(-1)         # the origin on a facet's plane: not trusted
+    h = ds2.abs()
+    edge = exists & (h > 0) & live.unsqueeze(-1)             # h = 0: the edge's terms are exactly 0
+    p = torch.stack([t_lo.clamp(min=0), (-t_hi).clamp(min=0)], -1)      # (B, F, F, 2)
+    q = torch.stack([t_hi.clamp(min=0), (-t_lo).clamp(min=0)], -1)
+    valid = edge.unsqueeze(-1) & (q > p)
+    idx = valid.reshape(-1).nonzero().squeeze(-1)
+    pi = p.reshape(-1).index_select(0, idx)
+    span = (q.reshape(-1).index_select(0, idx) - pi)
+    fi = torch.div(idx, 2, rounding_mode="floor")            # (b, j, k)
+    ji = torch.div(idx, 2 * F, rounding_mode="floor")        # (b, j)
+    bi = torch.div(idx, 2 * F * F, rounding_mode="floor")    # b
+    hi = h.reshape(-1).index_select(0, fi)
+    ai = a.reshape(-1).index_select(0, ji)
+    sh = torch.sign(ds2.reshape(-1).index_select(0, fi))
+    Z = torch.tensor(z_cuts, dtype=dtype, device=device)
+    HC = torch.tensor([h_ratio ** k for k in range(h_levels)], dtype=dtype, device=device)
+    sz = 2.0 * Z / (torch.sqrt((pi * pi).unsqueeze(-1) + 2.0 * Z) + pi.unsqueeze(-1))   # sqrt(p² + 2z) − p
+    sc = hi.unsqueeze(-1) * HC - pi.unsqueeze(-1)
+    # the h-cuts (ascending) subdivide the first z-piece: clamped into it, the cuts stay sorted without a sort
+    # (ties resolve to the bound: zero-length pieces are dropped)
+    zero = torch.zeros_like(sc)
+    sc = torch.where(sc <= zero, zero, sc)
+    sc = torch.where(sc >= sz[:, :1], sz[:, :1], sc)
+    unres = (hi * HC[-1] * h_ratio < 1.0) & (pi < 1.0)
+    top = torch.where(span <= sz[:, -1], span, sz[:, -1]).unsqueeze(-1)
+    cuts = torch.cat([torch.zeros_like(pi).unsqueeze(-1), sc, sz], -1)
+    cuts = torch.where(cuts >= top, top, cuts)
+    a0 = cuts[:, :-1]
+    half = 0.5 * (cuts[:, 1:] - a0)
+    K = half.shape[1]
+    nz = (half > 0).reshape(-1).nonzero().squeeze(-1)
+    a0f = a0.reshape(-1).index_select(0, nz)
+    hf = half.reshape(-1).index_select(0, nz)
+    owner = torch.div(nz, K, rounding_mode="floor")
+    x, w = _gl_nodes(num_nodes, dtype, device)
+    s = (a0f + hf).unsqueeze(-1) + hf.unsqueeze(-1) * x
+    hh = hi.index_select(0, owner).unsqueeze(-1)
+    pp = pi.index_select(0, owner).unsqueeze(-1)
+    aa = ai.index_select(0, owner).unsqueeze(-1)
+    t = pp + s
+    f2 = torch.exp(-0.5 * s * (s + 2.0 * pp)) * hh / (hh * hh + t * t)
+    rho = torch.sqrt(aa * aa + hh * hh + t * t)
+    f3 = f2 * torch.special.erfcx(rho * _SQRT1_2) / rho
+    val2 = (f2 * w).sum(-1) * hf                            # elementwise: no shape-dependent BLAS path
+    val3 = (f3 * w).sum(-1) * hf
+    I2 = torch.zeros_like(pi).index_add(0, owner, val2)
+    I3 = torch.zeros_like(pi).index_add(0, owner, val3)
+    # (an integral that underflows to 0 only occurs for h <~ 1e-300, where the result is not trusted anyway)
+    tiny = torch.full_like(I2, _DIV_TINY)
+    lD = -0.5 * (hi * hi + pi * pi) + torch.log(torch.where(I2 > tiny, I2, tiny)) - _LOG_2PI
+    big_a = ai > _ON_PLANE_TOL
+    lE = -0.5 * (ai * ai + hi * hi + pi * pi) + torch.log(torch.where(big_a, ai, torch.ones_like(ai))) \
+        + torch.log(torch.where(I3 > tiny, I3, tiny)) - _LOG_4PI
+    lE = torch.where(big_a, lE, torch.full_like(lE, float("-inf")))
+    ninf = torch.full_like(a, float("-inf"))
+    # 2-D facet masses P_j = 1[foot ∈ facet] − Σ_k sign(h_jk) D_jk
+    lead2 = torch.where(foot_in, torch.zeros_like(a), ninf).reshape(-1)
+    m2, m2_ok, S2, A2 = _flux_sum(lD, -sh, ji, B * F, lead2)
+    bad2 = torch.zeros(B * F, dtype=dtype, device=device).index_add(0, ji, unres.to(dtype)) > 0
+    ok_f = (m2_ok & (S2 > 0) & (A2 <= max_amp * S2) & ~bad2).reshape(B, F) & live
+    log_pf = (m2 + torch.log(torch.where(S2 > 0, S2, torch.ones_like(S2)))).reshape(B, F)
+    # 3-D mass P = 1[0 ∈ ω] − Σ_j sign(d_j) [1[foot ∈ facet j] Φ̄(|d_j|) − Σ_k sign(h_jk) E_jk]
+    lF = torch.where(foot_in & (a > _ON_PLANE_TOL), torch.special.log_ndtr(-a), ninf)
+    logs = torch.cat([lF.reshape(-1), lE])
+    signs = torch.cat([-torch.sign(ds).reshape(-1), torch.sign(ds.reshape(-1).index_select(0, ji)) * sh])
+    own = torch.cat([torch.arange(B, device=device).repeat_interleave(F), bi])
+    lead = torch.where(inside, torch.zeros_like(a[:, 0]), ninf[:, 0])
+    m, m_ok, S, A = _flux_sum(logs, signs, own, B, lead)
+    bad = torch.zeros(B, dtype=dtype, device=device).index_add(0, bi, unres.to(dtype)) > 0
+    ok = m_ok & (S > 0) & (A <= max_amp * S) & ~bad & ~on_plane
+    logP = m + torch.log(torch.where(S > 0, S, torch.ones_like(S)))
+    # no facet at all: the whole space (no real row) or empty (exactly, by the facet polygons)
+    no_real = ~real.any(-1)
+    no_facet = ~live.any(-1) & ~no_real
+    logP = torch.where(no_real, torch.zeros_like(logP), torch.where(no_facet, torch.full_like(logP, float("-inf")), logP))
+    ok = ok | no_real | no_facet
+    return logP, ok, log_pf, ok_f, live
+
+
+class _Facets:
+    """Facet polygons, their edges and the flux terms of a flat batch (see :func:`_facets`)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _facets(G, d, *, facet_tie_tol, quad):
+    """Facet polygons, their edges (:func:`polygon_edges`) and the flux formulas (flat (B, F, 3), (B, F))."""
+    Gs, ds, real, Qj, G2, d2 = _facet_polygons(G, d, facet_tie_tol)
+    edges = polygon_edges(G2, d2)
+    with torch.no_grad():
+        logP, ok, log_pf, ok_f, live = _flux_3d(Gs.detach(), ds.detach(), real, G2.detach(), d2.detach(),
+                                                tuple(x.detach() for x in edges), **quad)
+    return _Facets(Gs=Gs, ds=ds, real=real, Qj=Qj, G2=G2, d2=d2, edges=edges, logP=logP, ok=ok, log_pf=log_pf,
+                   ok_f=ok_f, live=live)
+
+
+def _facet_terms(fac, logP, *, switch_mass, num_nodes_2d, s_cuts, mean_max_amp=DEFAULT_MEAN_MAX_AMP_2D):
+    r"""Facet weights r_j = exp(log φ(d_j) + log P_j − log P) and facet mean points m_j = d_j g_j + Q_j μ_j.
+
+    P_j and μ_j are the 2-D mass and mean of facet j (see :func:`_facet_polygons`): the flux value of
+    :func:`_flux_3d` and the edge formula μ_j = −Σ_k r_jk n_jk, r_jk = exp(log φ(h_jk) + log ΔΦ_jk − log P_j),
+    with the analytic gradient of log P_j (that of :func:`log_mass_2d`); facets whose flux value is not trusted
+    or whose edge formula cancels (Σ_k r_jk > ``mean_max_amp`` (1 + |μ_j|)) take :func:`std_moments_2d`.
+    Returns (Gs, ds, r, m) with padding rows zeroed (r = 0 there).
+    """
+    Gs, ds, Qj = fac.Gs, fac.ds, fac.Qj
+    B, F = ds.shape
+    Gs2, ds2, e2, t_lo, t_hi, exists, _, _ = fac.edges
+    ldphi, mu_e, _ = interval_moments(t_lo, t_hi)
+    live = fac.live
+    lpf0 = torch.where(live, fac.log_pf, torch.zeros_like(fac.log_pf))
+    lr2 = (-0.5 * ds2 * ds2 - LOG_SQRT_2PI + ldphi - lpf0.unsqueeze(-1)).detach()
+    r2d = torch.where(exists, torch.exp(torch.where(exists, lr2, torch.zeros_like(lr2))), torch.zeros_like(lr2))
+    xbar = (ds2.unsqueeze(-1) * Gs2 + mu_e.unsqueeze(-1) * e2).detach()
+    # log P_j with the analytic gradient ∂/∂d_k = r_jk, ∂/∂g_k = −r_jk x̄_jk (value untouched)
+    sur = (r2d * (ds2 - (xbar * Gs2).sum(-1))).sum(-1)
+    lpf = lpf0 + (sur - sur.detach())
+    lr2 = -0.5 * ds2 * ds2 - LOG_SQRT_2PI + ldphi - lpf.unsqueeze(-1)
+    r2 = torch.where(exists, torch.exp(torch.where(exists, lr2, torch.zeros_like(lr2))), torch.zeros_like(lr2))
+    mu = -(r2.unsqueeze(-1) * Gs2).sum(-2)                                     # (B, F, 2)
+    cancels = r2.detach().sum(-1) > mean_max_amp * (1.0 + mu.detach().norm(dim=-1))
+    redo = live & (~fac.ok_f | cancels)
+    idx = redo.reshape(-1).nonzero().squeeze(-1)
+    if idx.numel():
+        sub = std_moments_2d(fac.G2.reshape(B * F, F, 2).index_select(0, idx),
+                             fac.d2.reshape(B * F, F).index_select(0, idx), switch_mass=switch_mass,
+                             num_nodes=num_nodes_2d, s_cuts=s_cuts, cov_max_amp=None)
+        lpf = lpf.reshape(-1).index_put((idx,), sub.log_mass).reshape(B, F)
+        mu = mu.reshape(-1, 2).index_put((idx,), sub.mean).reshape(B, F, 2)
     empty = torch.isneginf(logP)
     lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
-    ok = real & ~torch.isneginf(fac.log_mass) & ~empty.unsqueeze(-1)
-    lr = -0.5 * ds * ds - LOG_SQRT_2PI + torch.where(ok, fac.log_mass, torch.zeros_like(ds)) - lp
+    ok = live & ~torch.isneginf(lpf) & ~empty.unsqueeze(-1)
+    lr = -0.5 * ds * ds - LOG_SQRT_2PI + torch.where(ok, lpf, torch.zeros_like(ds)) - lp
     rj = torch.where(ok, torch.exp(torch.where(ok, lr, torch.zeros_like(lr))), torch.zeros_like(lr))
-    m = ds.unsqueeze(-1) * Gs + (Qj * fac.mean.unsqueeze(-2)).sum(-1)
+    m = ds.unsqueeze(-1) * Gs + (Qj * mu.unsqueeze(-2)).sum(-1)
     return Gs, ds, rj, m
 
 
@@ -278,38 +455,74 @@ class _LogMass3d(torch.autograd.Function):
         G, d, lp = ctx.saved_tensors
         kw = ctx.kw
         F = d.shape[-1]
-        Gs, ds, rj, m = _facet_terms(G.reshape(-1, F, 3), d.reshape(-1, F), lp.reshape(-1),
-                                     switch_mass=kw["switch_mass"], num_nodes_2d=kw["num_nodes_2d"],
-                                     s_cuts=kw["s_cuts"])
+        fac = _facets(G.reshape(-1, F, 3), d.reshape(-1, F), facet_tie_tol=DEFAULT_FACET_TIE_TOL,
+                      quad=_quad(kw))
+        Gs, ds, rj, m = _facet_terms(fac, lp.reshape(-1), switch_mass=kw["switch_mass"],
+                                     num_nodes_2d=kw["num_nodes_2d"], s_cuts=kw["s_cuts"])
         gr = gout.reshape(-1, 1) * rj
         return (-gr.unsqueeze(-1) * m).reshape(G.shape), gr.reshape(d.shape), None
+
+
+def _quad(kw):
+    """The flux-quadrature options of a keyword dict."""
+    return dict(num_nodes=kw["flux_nodes"], z_cuts=DEFAULT_FLUX_Z_CUTS, h_ratio=DEFAULT_FLUX_H_RATIO,
+                h_levels=DEFAULT_FLUX_H_LEVELS, max_amp=kw["flux_max_amp"])
 
 
 def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NUM_NODES_3D,
                 s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
                 switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
-                ridge_levels=DEFAULT_RIDGE_LEVELS, slice_rel_tol: float = DEFAULT_SLICE_REL_TOL) -> torch.Tensor:
+                ridge_levels=DEFAULT_RIDGE_LEVELS, slice_rel_tol: float = DEFAULT_SLICE_REL_TOL,
+                flux_nodes: int = DEFAULT_FLUX_NODES, flux_max_amp: float = DEFAULT_FLUX_MAX_AMP) -> torch.Tensor:
     """log P(u ∈ {G u <= d}) for u ~ N(0, I_3) (see module doc); -inf for empty polytopes.
 
-    A slice whose flux formula is ill-conditioned uses the Owen's-T formula when its P₂ >= ``switch_mass`` or
-    when its absolute error (<= 1e-15) weighted by φ(v1) is below ``slice_rel_tol`` times the polytope's
-    mass over the number of slices; the nested log-space slicing otherwise.
+    The flux formula (``flux_nodes`` Gauss–Legendre nodes per piece) is used where its cancellation amplifies
+    the rounding error by at most ``flux_max_amp`` (and the origin / the facets' foot points are off the
+    boundaries); the slicing quadrature (``num_nodes``, ``s_cuts``, ``levels``, ``ridge_levels``, ``feas_tol``)
+    elsewhere. There, a slice whose 2-D flux formula is ill-conditioned uses the Owen's-T formula when its
+    P₂ >= ``switch_mass`` or when its absolute error (<= 1e-15) weighted by φ(v1) is below ``slice_rel_tol``
+    times the polytope's mass over the number of slices; the nested log-space slicing otherwise.
 
     **Gradients** are analytic (divergence theorem, from the facet masses and means): ∂log P/∂d_j = r_j,
     ∂log P/∂g_j = −r_j m_j (see :func:`_facet_terms`), exact wherever log P is.
     """
     kw = dict(num_nodes=num_nodes, s_cuts=s_cuts, levels=levels, feas_tol=feas_tol, switch_mass=switch_mass,
-              num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels, slice_rel_tol=slice_rel_tol)
+              num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels, slice_rel_tol=slice_rel_tol,
+              flux_nodes=flux_nodes, flux_max_amp=flux_max_amp)
     if torch.is_grad_enabled() and (G.requires_grad or d.requires_grad):
         batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
         return _LogMass3d.apply(G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:]), kw)
     return _log_mass_3d_impl(G, d, **kw)
 
 
-def _log_mass_3d_impl(G, d, *, num_nodes, s_cuts, levels, feas_tol, switch_mass, num_nodes_2d, ridge_levels,
-                      slice_rel_tol):
+def _log_mass_3d_impl(G, d, **kw):
     """:func:`log_mass_3d` without the custom gradient."""
-    out = _in_chunks(_log_mass_3d_impl, G, d, _CHUNK_3D, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels,
+    out = _in_chunks(_log_mass_3d_impl, G, d, _CHUNK_FLUX, **kw)
+    if out is not None:
+        return out
+    Gf, df = _compact_rows(G, d)
+    logP, _ = _mass_and_facets(Gf, df, kw, DEFAULT_FACET_TIE_TOL)
+    return logP.reshape(d.shape[:-1])
+
+
+def _mass_and_facets(Gf, df, kw, facet_tie_tol):
+    """Flat log P (flux formula; slicing where it is not trusted) and the :func:`_facets` it came from."""
+    fac = _facets(Gf, df, facet_tie_tol=facet_tie_tol, quad=_quad(kw))
+    logP = fac.logP
+    infeasible = ((Gf.norm(dim=-1) == 0) & (df < 0)).any(-1)
+    logP = torch.where(infeasible, torch.full_like(logP, float("-inf")), logP)
+    idx = (~fac.ok & ~infeasible).nonzero().squeeze(-1)
+    if idx.numel():
+        sl = _log_mass_slices(Gf.detach().index_select(0, idx), df.detach().index_select(0, idx),
+                              **{k: v for k, v in kw.items() if k not in ("flux_nodes", "flux_max_amp")})
+        logP = logP.index_put((idx,), sl)
+    return logP, fac
+
+
+def _log_mass_slices(G, d, *, num_nodes, s_cuts, levels, feas_tol, switch_mass, num_nodes_2d, ridge_levels,
+                     slice_rel_tol):
+    """log P by the slicing quadrature of the module doc (flat batch)."""
+    out = _in_chunks(_log_mass_slices, G, d, _CHUNK_3D, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels,
                      feas_tol=feas_tol, switch_mass=switch_mass, num_nodes_2d=num_nodes_2d,
                      ridge_levels=ridge_levels, slice_rel_tol=slice_rel_tol)
     if out is not None:
@@ -422,37 +635,46 @@ def std_moments_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT
                    s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS, feas_tol: float = DEFAULT_FEAS_TOL,
                    switch_mass: float = DEFAULT_SWITCH_MASS, num_nodes_2d: int = DEFAULT_NUM_NODES_2D,
                    facet_tie_tol: float = DEFAULT_FACET_TIE_TOL, ridge_levels=DEFAULT_RIDGE_LEVELS,
+                   flux_nodes: int = DEFAULT_FLUX_NODES, flux_max_amp: float = DEFAULT_FLUX_MAX_AMP,
                    need_moments: bool = True) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_3) on {u : G u <= d} (see module doc).
 
     Args:
         G: (..., F, 3) unit outward normals (padding rows 0). d: (..., F) offsets (padding +inf).
-        num_nodes: Gauss–Legendre nodes per piece along the slicing axis.
+        flux_nodes, flux_max_amp: Gauss–Legendre nodes per piece of the flux formula's edge integrals, and the
+            largest amplification of rounding errors by its cancellation that is accepted (slicing otherwise).
+        num_nodes: Gauss–Legendre nodes per piece along the slicing axis (slicing quadrature).
         s_cuts, levels, ridge_levels: extra cuts of the slicing axis (Gaussian decay; planes nearly parallel to slices).
-        feas_tol: relative tolerance of the feasibility test of candidate nearest points / vertices.
-        switch_mass, num_nodes_2d: options of the 2-D polygon masses (slices and facets).
-        facet_tie_tol: duplicated facets (same plane twice) are counted once.
+        feas_tol: relative tolerance of the feasibility test of candidate nearest points / vertices (slicing).
+        switch_mass, num_nodes_2d: options of the 2-D polygon masses (slices, and facets where their flux
+            value is not trusted).
+        facet_tie_tol: duplicated facets (same plane twice) are counted once (moments).
         need_moments: if False only log_mass is computed (mean and second_moment are returned as zeros).
 
     Returns:
         :class:`StandardMoments`: log_mass (...,), mean (..., 3), second_moment (..., 3, 3),
         log_mass_stderr = 0. Exact to ~1e-12 relative. Empty polytopes: -inf, 0, 0.
     """
-    out = _in_chunks(std_moments_3d, G, d, _CHUNK_3D, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels,
-                     feas_tol=feas_tol, switch_mass=switch_mass, num_nodes_2d=num_nodes_2d,
-                     facet_tie_tol=facet_tie_tol, ridge_levels=ridge_levels, need_moments=need_moments)
+    kw = dict(num_nodes=num_nodes, s_cuts=s_cuts, levels=levels, feas_tol=feas_tol, switch_mass=switch_mass,
+              num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels, flux_nodes=flux_nodes,
+              flux_max_amp=flux_max_amp)
+    out = _in_chunks(std_moments_3d, G, d, _CHUNK_FLUX, facet_tie_tol=facet_tie_tol, need_moments=need_moments, **kw)
     if out is not None:
         return out
     batch = d.shape[:-1]
-    logP = log_mass_3d(G, d, num_nodes=num_nodes, s_cuts=s_cuts, levels=levels, feas_tol=feas_tol,
-                       switch_mass=switch_mass, num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels)
     if not need_moments:
+        logP = log_mass_3d(G, d, **kw)
         return StandardMoments(logP, logP.new_zeros(logP.shape + (3,)), logP.new_zeros(logP.shape + (3, 3)),
                                torch.zeros_like(logP))
-    G, d = _compact_rows(G, d)                                # flat (B, F', 3), real rows first
-    logP = logP.reshape(-1)
-    Gs, ds, rj, m = _facet_terms(G, d, logP, switch_mass=switch_mass, num_nodes_2d=num_nodes_2d, s_cuts=s_cuts,
-                                 facet_tie_tol=facet_tie_tol)
+    grad = torch.is_grad_enabled() and (G.requires_grad or d.requires_grad)
+    if grad:   # log P with its analytic gradient; the facets again, differentiably, for the moments
+        logP = log_mass_3d(G, d, **kw).reshape(-1)
+        G, d = _compact_rows(G, d)
+        fac = _facets(G, d, facet_tie_tol=facet_tie_tol, quad=_quad(kw))
+    else:
+        G, d = _compact_rows(G, d)                            # flat (B, F', 3), real rows first
+        logP, fac = _mass_and_facets(G, d, dict(kw, slice_rel_tol=DEFAULT_SLICE_REL_TOL), facet_tie_tol)
+    Gs, ds, rj, m = _facet_terms(fac, logP, switch_mass=switch_mass, num_nodes_2d=num_nodes_2d, s_cuts=s_cuts)
     empty = torch.isneginf(logP)
     mean = -(rj.unsqueeze(-1) * Gs).sum(-2)
     Mm = (rj[..., None, None] * Gs.unsqueeze(-1) * m.unsqueeze(-2)).sum(-3)
