@@ -83,6 +83,7 @@ DEFAULT_FLUX_Z_CUTS = (0.5, 2.0, 5.0, 10.0, 18.0, 30.0, 45.0)
 DEFAULT_FLUX_H_RATIO = 3.0
 DEFAULT_FLUX_H_LEVELS = 9
 DEFAULT_FLUX_MAX_AMP = 1e3
+_GROUP_MIN_ROWS = 512   # polygon_edges groups batches of at least this many polygons by facet count
 _CHUNK = 8192   # pairs per chunk of the flattened batch (keeps the (chunk, F, F) temporaries in cache)
 
 
@@ -126,9 +127,13 @@ def polygon_edges(G: torch.Tensor, d: torch.Tensor, *, parallel_tol: float = DEF
 
 
 def _edges_flat(G: torch.Tensor, d: torch.Tensor, parallel_tol: float, tie_tol: float):
-    """:func:`polygon_edges` on a flat batch (B, F, 2), (B, F)."""
+    """:func:`polygon_edges` on a flat batch (B, F, 2), (B, F).
+
+    Batches of at least ``_GROUP_MIN_ROWS`` polygons are grouped by their number of real rows (no pairwise
+    work on padding); smaller ones are done in one padded pass (fewer, larger kernels). Both give bitwise the
+    same values (the same elementwise operations; min/max are exact), so the result does not depend on the
+    batch size."""
     B, F = d.shape
-    dtype, device = d.dtype, d.device
     norm = G.norm(dim=-1)
     real = (norm > 0) & (d < float("inf"))               # padding rows are exactly zero / +inf by construction
     infeasible = ((norm == 0) & (d < 0)).any(dim=-1)
@@ -136,9 +141,16 @@ def _edges_flat(G: torch.Tensor, d: torch.Tensor, parallel_tol: float, tie_tol: 
     ds = torch.where(real, d, torch.zeros_like(d))
     e = torch.stack([-Gs[..., 1], Gs[..., 0]], dim=-1)
     cnt = real.sum(-1)
+    whole = (cnt == 0) & ~infeasible
+    if B < _GROUP_MIN_ROWS or F <= 1:
+        lo, hi, ex, strip = _edges_group(Gs, ds, parallel_tol, tie_tol, real)
+        empty = infeasible | strip | (~ex.any(-1) & ~whole)
+        ex = ex & ~empty.unsqueeze(-1)
+        return (Gs, ds, e, torch.where(ex, lo, torch.zeros_like(lo)), torch.where(ex, hi, torch.ones_like(hi)),
+                ex, empty, whole)
     t_lo = ds.new_zeros(B * F)
     t_hi = ds.new_ones(B * F)
-    exists = torch.zeros(B * F, dtype=torch.bool, device=device)
+    exists = torch.zeros(B * F, dtype=torch.bool, device=d.device)
     empty = infeasible.clone()
     Gf, df = Gs.reshape(B * F, 2), ds.reshape(B * F)
     for k in cnt.unique().tolist():
@@ -148,27 +160,27 @@ def _edges_flat(G: torch.Tensor, d: torch.Tensor, parallel_tol: float, tie_tol: 
         n = rows.numel()
         pos = real.index_select(0, rows).nonzero()[:, 1].reshape(n, k)     # real rows in their order
         fidx = (rows.unsqueeze(-1) * F + pos).reshape(-1)
-        g = Gf.index_select(0, fidx).reshape(n, k, 2)
-        dd = df.index_select(0, fidx).reshape(n, k)
-        lo, hi, ex, strip = _edges_group(g, dd, parallel_tol, tie_tol)
-        emp = infeasible.index_select(0, rows) | strip
-        emp = emp | ~ex.any(-1)
+        lo, hi, ex, strip = _edges_group(Gf.index_select(0, fidx).reshape(n, k, 2), df.index_select(0, fidx).reshape(n, k),
+                                         parallel_tol, tie_tol)
+        emp = infeasible.index_select(0, rows) | strip | ~ex.any(-1)
         ex = ex & ~emp.unsqueeze(-1)
         empty = empty.index_copy(0, rows, emp)
         exists = exists.index_copy(0, fidx, ex.reshape(-1))
         t_lo = t_lo.index_copy(0, fidx, torch.where(ex, lo, torch.zeros_like(lo)).reshape(-1))
         t_hi = t_hi.index_copy(0, fidx, torch.where(ex, hi, torch.ones_like(hi)).reshape(-1))
-    whole = (cnt == 0) & ~infeasible
     return Gs, ds, e, t_lo.reshape(B, F), t_hi.reshape(B, F), exists.reshape(B, F), empty, whole
 
 
-def _edges_group(g: torch.Tensor, dd: torch.Tensor, parallel_tol: float, tie_tol: float):
-    """``(t_lo, t_hi, exists, strip_empty)`` of polygons with k real rows each, (n, k, 2), (n, k) (see
-    :func:`polygon_edges`; ``exists`` before the empty-polygon mask)."""
+def _edges_group(g: torch.Tensor, dd: torch.Tensor, parallel_tol: float, tie_tol: float,
+                 real: torch.Tensor | None = None):
+    """``(t_lo, t_hi, exists, strip_empty)`` of polygons with k rows each, (n, k, 2), (n, k) (see
+    :func:`polygon_edges`; ``exists`` before the empty-polygon mask). ``real`` (n, k) marks the real rows
+    (None: all are real)."""
     n, k = dd.shape
-    if k == 1:
+    if k <= 1:
         inf = torch.full_like(dd, float("inf"))
-        return -inf, inf, torch.ones_like(dd, dtype=torch.bool), torch.zeros(n, dtype=torch.bool, device=dd.device)
+        ex = torch.ones_like(dd, dtype=torch.bool) if real is None else real
+        return -inf, inf, ex, torch.zeros(n, dtype=torch.bool, device=dd.device)
     g0, g1 = g[..., 0], g[..., 1]
     gi0, gi1, gk0, gk1 = g0.unsqueeze(-1), g1.unsqueeze(-1), g0.unsqueeze(-2), g1.unsqueeze(-2)
     c = gi0 * gk0 + gi1 * gk1                           # c[i, k] = g_i·g_k (bitwise symmetric)
@@ -178,6 +190,8 @@ def _edges_group(g: torch.Tensor, dd: torch.Tensor, parallel_tol: float, tie_tol
     idx = torch.arange(k, device=dd.device)
     upper = idx.unsqueeze(-1) < idx.unsqueeze(0)        # [i, k]: i < k
     pair = upper | upper.transpose(0, 1)                # k != i
+    if real is not None:
+        pair = pair & real.unsqueeze(-1) & real.unsqueeze(-2)
     par = s.abs() <= parallel_tol
     own = num / torch.where(par, torch.ones_like(s), s)             # t_ik from line i's side
     other = dk * s + c * own.transpose(-1, -2)                      # t_ik as the projection of line k's t_ki
@@ -193,6 +207,8 @@ def _edges_group(g: torch.Tensor, dd: torch.Tensor, parallel_tol: float, tie_tol
     dropped = parm & same & ((delta < -tol) | ((delta.abs() <= tol) & ~upper))
     strip_empty = (parm & ~same & (di + dk <= tol)).flatten(-2).any(dim=-1)
     exists = (t_hi > t_lo) & ~dropped.any(dim=-1)
+    if real is not None:
+        exists = exists & real
     return t_lo, t_hi, exists, strip_empty
 
 
