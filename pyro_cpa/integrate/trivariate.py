@@ -335,16 +335,19 @@ def _flux_3d(Gs, ds, real, G2, d2, edges, *, num_nodes, z_cuts, h_ratio, h_level
     hf = half.reshape(-1).index_select(0, nz)
     owner = torch.div(nz, K, rounding_mode="floor")
     x, w = _gl_nodes(num_nodes, dtype, device)
-    s = (a0f + hf).unsqueeze(-1) + hf.unsqueeze(-1) * x
     hh = hi.index_select(0, owner).unsqueeze(-1)
     pp = pi.index_select(0, owner).unsqueeze(-1)
     aa = ai.index_select(0, owner).unsqueeze(-1)
-    t = pp + s
-    f2 = torch.exp(-0.5 * s * (s + 2.0 * pp)) * hh / (hh * hh + t * t)
-    rho = torch.sqrt(aa * aa + hh * hh + t * t)
-    f3 = f2 * torch.special.erfcx(rho * _SQRT1_2) / rho
-    val2 = (f2 * w).sum(-1) * hf                            # elementwise: no shape-dependent BLAS path
-    val3 = (f3 * w).sum(-1) * hf
+    # per node (in place: these are the largest temporaries)
+    s = torch.addcmul((a0f + hf).unsqueeze(-1), hf.unsqueeze(-1), x)
+    t = s + pp
+    f2 = (s + 2.0 * pp).mul_(s).mul_(-0.5).exp_().mul_(w * hh)       # w·exp(−s(s + 2p)/2)·h
+    t2 = t.mul_(t)
+    f2.div_(t2 + hh * hh)                                           # ... / (h² + t²)
+    rho = t2.add_(aa * aa + hh * hh).sqrt_()
+    f3 = torch.special.erfcx(rho * _SQRT1_2).div_(rho).mul_(f2)     # ... · erfcx(ρ/√2)/ρ
+    val2 = f2.sum(-1) * hf                                          # elementwise: no shape-dependent BLAS path
+    val3 = f3.sum(-1) * hf
     I2 = torch.zeros_like(pi).index_add(0, owner, val2)
     I3 = torch.zeros_like(pi).index_add(0, owner, val3)
     # (an integral that underflows to 0 only occurs for h <~ 1e-300, where the result is not trusted anyway)
@@ -409,7 +412,11 @@ def _facet_terms(fac, logP, *, switch_mass, num_nodes_2d, s_cuts, mean_max_amp=D
     Gs, ds, Qj = fac.Gs, fac.ds, fac.Qj
     B, F = ds.shape
     Gs2, ds2, e2, t_lo, t_hi, exists, _, _ = fac.edges
-    ldphi, mu_e, _ = interval_moments(t_lo, t_hi)
+    # 1-D edge moments of the existing edges only
+    eidx = exists.reshape(-1).nonzero().squeeze(-1)
+    ld_e, mu_x, _ = interval_moments(t_lo.reshape(-1).index_select(0, eidx), t_hi.reshape(-1).index_select(0, eidx))
+    ldphi = torch.zeros_like(ds2).reshape(-1).index_put((eidx,), ld_e).reshape(ds2.shape)
+    mu_e = torch.zeros_like(ds2).reshape(-1).index_put((eidx,), mu_x).reshape(ds2.shape)
     live = fac.live
     lpf0 = torch.where(live, fac.log_pf, torch.zeros_like(fac.log_pf))
     lr2 = (-0.5 * ds2 * ds2 - LOG_SQRT_2PI + ldphi - lpf0.unsqueeze(-1)).detach()
