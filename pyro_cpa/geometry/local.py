@@ -529,6 +529,177 @@ def local_partition(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: 
 
 
 # ---------------------------------------------------------------------- the local marginal
+#: (datum, region) pairs per block of the integration; a block holds whole data (memory ∝ block · F).
+PAIR_BLOCK = 1 << 16
+#: Regions per batch of the per-region maps (memory ∝ chunk · widths · S).
+REGION_CHUNK = 2048
+#: Pruned pairs: their upper bounds sum to at most this fraction of exp(−prune_tol) · p_local(x) (the
+#: remaining factor 2 absorbs the rounding of the running sum that decides the pruning; the reported
+#: ``log_bound`` is recomputed from the pruned bounds themselves).
+PRUNE_FRACTION = 0.5
+
+
+@dataclass
+class RegionGaussians:
+    """Per-region quantities of the local integration (R regions of a :class:`LinearRegions`).
+
+    Attributes:
+        A, b: (R, D, S), (R, D) the affine map g(z) = A z + b on each region.
+        H, c: (R, F, S), (R, F) non-redundant facets (padding rows H = 0, c = +inf).
+        L_prec: (R, S, S) Cholesky factor of the posterior precision Σz⁻¹ + Aᵀ Σx⁻¹ A.
+        scale_tril: (R, S, S) Cholesky factor of its inverse (the region Gaussian's covariance).
+        const: (R,) D log 2π + log|Σx| + log|Σz| + log|precision|.
+    """
+
+    A: torch.Tensor
+    b: torch.Tensor
+    H: torch.Tensor
+    c: torch.Tensor
+    L_prec: torch.Tensor
+    scale_tril: torch.Tensor
+    const: torch.Tensor
+
+
+def region_gaussians(regions: LinearRegions, obs_var: torch.Tensor, prior_var: torch.Tensor,
+                     dtype: torch.dtype = torch.float64, chunk: int = REGION_CHUNK) -> RegionGaussians:
+    """:class:`RegionGaussians` from the decoder's current weights, in batches of ``chunk`` regions
+    (differentiable in the weights; memory of the per-layer maps O(chunk))."""
+    from .maps import region_maps
+
+    net = regions.network
+    R, D, S = len(regions), net.out_features, net.in_features
+    obs_var = obs_var.to(dtype).expand(D)
+    prior_var = prior_var.to(dtype).expand(S)
+    w = obs_var.reciprocal()
+    parts = []
+    for s in range(0, max(R, 1), chunk):
+        pats = [p[s:s + chunk] for p in regions.patterns]
+        maps = region_maps(net, pats, dtype)
+        H_all, c_all = region_hyperplanes(net, pats, maps=maps)
+        f = regions.facets[s:s + chunk].to(H_all.device)
+        mask = f >= 0
+        idx = f.clamp(min=0)
+        H = torch.gather(H_all, 1, idx.unsqueeze(-1).expand(-1, -1, S))
+        c = torch.gather(c_all, 1, idx)
+        H = torch.where(mask.unsqueeze(-1), H, torch.zeros_like(H))
+        c = torch.where(mask, c, torch.full_like(c, float("inf")))
+        A = maps.A
+        prec = torch.diag_embed(prior_var.reciprocal()) + torch.einsum("rds,d,rdt->rst", A, w, A)
+        L_prec = torch.linalg.cholesky(prec)
+        cov = torch.cholesky_inverse(L_prec)
+        scale_tril = torch.linalg.cholesky(0.5 * (cov + cov.transpose(-1, -2)))
+        const = D * math.log(2 * math.pi) + obs_var.log().sum() + prior_var.log().sum() + \
+            2.0 * torch.diagonal(L_prec, dim1=-2, dim2=-1).log().sum(-1)
+        parts.append((A, maps.b, H, c, L_prec, scale_tril, const))
+    return RegionGaussians(*(torch.cat(t) for t in zip(*parts)))
+
+
+def _pair_gaussians(rg: RegionGaussians, x, w, prior_var, n, r):
+    """log κ, posterior mean μ and whitened facets (G, d) of the (datum n, region r) pairs:
+    κ = ∫ N(x; A z + b, Σx) N(z; 0, Σz) dz, μ its posterior mean (module docstring of
+    :mod:`pyro_cpa.distributions.region_gaussians`)."""
+    A = rg.A[r]
+    res = x[n] - rg.b[r]
+    y = torch.einsum("pds,pd->ps", A, w * res)
+    mu = torch.cholesky_solve(y.unsqueeze(-1), rg.L_prec[r]).squeeze(-1)
+    resid = res - torch.einsum("pds,ps->pd", A, mu)
+    quad = (w * resid.square()).sum(-1) + (mu.square() / prior_var).sum(-1)
+    log_kappa = -0.5 * (rg.const[r] + quad)
+    G, d = whiten(mu, rg.scale_tril[r], rg.H[r], rg.c[r], validate=False)
+    return log_kappa, mu, G, d
+
+
+def _data_blocks(pn: torch.Tensor, N: int, block: int):
+    """Slices (datum range, pair range) of pairs sorted by datum, each holding whole data and at most
+    ``block`` pairs (or one datum)."""
+    counts = torch.bincount(pn, minlength=N).tolist()
+    a, ps = 0, 0
+    while a < N:
+        b, pe = a + 1, ps + counts[a]
+        while b < N and pe + counts[b] <= block:
+            pe += counts[b]
+            b += 1
+        yield a, b, ps, pe
+        a, ps = b, pe
+
+
+@dataclass
+class _BlockTerms:
+    """Integrated pairs of one block: local datum index, pair index (into the block), log term, and the
+    posterior moments (mean, covariance; None without moments); ``log_pruned`` (block data) the
+    log-sum of the pruned pairs' upper bounds."""
+
+    n: torch.Tensor
+    idx: torch.Tensor
+    terms: torch.Tensor
+    mean: torch.Tensor | None
+    cov: torch.Tensor | None
+    log_pruned: torch.Tensor
+
+
+def _integrate_block(rg, x, w, prior_var, n, r, Nb, prune_tol, need_moments):
+    """Integrate the pairs (n, r) of one block of ``Nb`` data (n local to the block), pruning by
+    certified upper bounds:
+
+    1. every pair with ``ub >= max_ub(datum) − prune_tol`` is integrated (``ub = log κ + min_j log Φ(d_j)``);
+    2. the others are sorted by ub per datum; the longest prefix whose bounds sum to at most
+       ``PRUNE_FRACTION · exp(−prune_tol) · p₁`` (p₁ the sum of step 1, <= p(x)) is pruned, the rest integrated.
+    """
+    log_kappa, mu, G, d = _pair_gaussians(rg, x, w, prior_var, n, r)
+    with torch.no_grad():
+        ub = log_kappa.detach() + log_mass_upper_bound(G.detach(), d.detach())
+        top = ub.new_full((Nb,), float("-inf")).scatter_reduce(0, n, ub, "amax")
+        first = ub >= top[n] - prune_tol
+
+    def integrate(sel):
+        mom = integrate_whitened(mu[sel], rg.scale_tril[r[sel]], G[sel], d[sel], need_moments=need_moments,
+                                 centred_covariance=False)
+        return log_kappa[sel] + mom.log_mass, mom
+
+    t1, m1 = integrate(first)
+    lse1 = _scatter_logsumexp(t1.detach(), n[first], Nb)
+    with torch.no_grad():
+        rest = (~first).nonzero().squeeze(-1)
+        thr = lse1 - (prune_tol - math.log(PRUNE_FRACTION))
+        thr = torch.where(torch.isfinite(thr), thr, torch.full_like(thr, -1e300))     # no sum yet: prune nothing
+        u = (ub[rest] - thr[n[rest]]).clamp(max=1.0)               # log of bound / threshold
+        order = torch.argsort(u, stable=True)
+        order = order[torch.argsort(n[rest][order], stable=True)]  # by datum, then by bound
+        ns = n[rest][order]
+        cs = torch.cat([u.new_zeros(1), torch.cumsum(u[order].exp(), 0)])
+        cnt = torch.bincount(ns, minlength=Nb)
+        start = torch.cumsum(cnt, 0) - cnt                      # first sorted position of each datum
+        prunable = torch.zeros_like(first)
+        prunable[rest[order]] = (cs[1:] - cs[start[ns]]) <= 1.0
+        second = ~first & ~prunable
+    idx, terms, mom = first.nonzero().squeeze(-1), t1, m1
+    if bool(second.any()):
+        t2, m2 = integrate(second)
+        idx = torch.cat([idx, second.nonzero().squeeze(-1)])
+        terms = torch.cat([terms, t2])
+        mom = type(m1)(*(None if a is None else torch.cat([a, b]) for a, b in zip(m1, m2)))
+    with torch.no_grad():
+        log_pruned = _scatter_logsumexp(ub[prunable], n[prunable], Nb)
+    return _BlockTerms(n[idx], idx, terms, mom.mean if need_moments else None,
+                       mom.covariance if need_moments else None, log_pruned)
+
+
+def _local_blocks(part: LocalPartition, x, obs_var, prior_var, dtype, prune_tol, need_moments, block):
+    """Yield ``(a, b, pair_region, _BlockTerms)`` over blocks of data [a, b) (see :func:`_integrate_block`)."""
+    N, D = x.shape
+    dev = x.device
+    x = x.to(dtype)
+    obs_var = torch.as_tensor(obs_var, dtype=dtype, device=dev).expand(D)
+    S = part.regions.latent_dim
+    prior_var = torch.as_tensor(prior_var, dtype=dtype, device=dev).expand(S)
+    rg = region_gaussians(part.regions, obs_var, prior_var, dtype)
+    w = obs_var.reciprocal()
+    pn, pr = part.pair_datum, part.pair_region
+    for a, b, ps, pe in _data_blocks(pn, N, block):
+        r = pr[ps:pe]
+        yield a, b, r, _integrate_block(rg, x[a:b], w, prior_var, pn[ps:pe] - a, r, b - a, prune_tol, need_moments)
+
+
 @dataclass
 class LocalLogProb:
     """Result of :func:`local_log_prob` (N data).
@@ -537,7 +708,8 @@ class LocalLogProb:
         log_prob: (N,) log p_local(x): the exact sum over the integrated regions (a lower bound of log p(x)
             within ``log1p(exp(log_bound))``), differentiable in the decoder's weights.
         log_bound: (N,) log of a certified upper bound of the neglected fraction (neglected / p_local).
-        pairs: (datum, region) pairs integrated; regions: regions found (union over the data).
+        pairs: (datum, region) pairs of the partition; pairs_integrated: those integrated (the rest pruned).
+        regions: regions found (union over the data).
     """
 
     log_prob: torch.Tensor
@@ -545,80 +717,38 @@ class LocalLogProb:
     pairs: int
     regions: int
     partition: LocalPartition
+    pairs_integrated: int = 0
 
 
 def local_log_prob(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: torch.Tensor,
                    tol: float = LOCAL_TOL, *, prune_tol: float = 40.0, dtype: torch.dtype = torch.float64,
-                   chunk_size: int = 1 << 16, **partition_kwargs) -> LocalLogProb:
+                   chunk_size: int = PAIR_BLOCK, **partition_kwargs) -> LocalLogProb:
     r"""log p(x) from the local partition of each datum, with a certified bound on what it leaves out.
 
     The (datum, region) pairs of :func:`local_partition` are integrated exactly (region Gaussians by
-    the S×S Woodbury forms of :mod:`pyro_cpa.distributions.region_gaussians`), except pairs whose upper
-    bound ``log κ + min_j log Φ(d_j)`` lies ``prune_tol + log(pairs of the datum)`` nats below the
-    datum's largest bound and, after a first sum, below that sum; the upper bounds of the pruned pairs
-    join the certificate, so ``log_bound`` covers everything left out.
+    the S×S forms of :func:`region_gaussians`), in blocks of whole data of at most ``chunk_size`` pairs,
+    except pairs pruned by their certified upper bounds ``log κ + min_j log Φ(d_j)`` (:func:`_integrate_block`:
+    the pruned bounds of a datum sum to at most ``exp(−prune_tol)`` times its integrated sum); the pruned
+    bounds join the certificate, so ``log_bound`` covers everything left out:
+
+        log_bound = log(certified box mass + Σ pruned bounds) − log p_local(x).
     """
+    import time
+
     part = local_partition(decoder, x, obs_var, prior_var, tol, **partition_kwargs)
-    N, D = x.shape
-    dev = x.device
-    x = x.to(dtype)
-    obs_var = torch.as_tensor(obs_var, dtype=dtype, device=dev).expand(D)
-    S = part.regions.latent_dim
-    prior_var = torch.as_tensor(prior_var, dtype=dtype, device=dev).expand(S)
-    maps = part.regions.maps(dtype)
-    H, c = part.regions.polytopes(dtype, maps=maps)
-    A, b = maps.A, maps.b
-    w = obs_var.reciprocal()
-    prec = torch.diag_embed(prior_var.reciprocal()) + torch.einsum("rds,d,rdt->rst", A, w, A)
-    L_prec = torch.linalg.cholesky(prec)
-    cov = torch.cholesky_inverse(L_prec)
-    scale_tril = torch.linalg.cholesky(0.5 * (cov + cov.transpose(-1, -2)))
-    const = D * math.log(2 * math.pi) + obs_var.log().sum() + prior_var.log().sum() + \
-        2.0 * torch.diagonal(L_prec, dim1=-2, dim2=-1).log().sum(-1)          # (R,)
-    pn, pr = part.pair_datum, part.pair_region
-
-    def gaussians(n, r):
-        res = x[n] - b[r]
-        y = torch.einsum("pds,pd->ps", A[r], w * res)
-        mu = torch.cholesky_solve(y.unsqueeze(-1), L_prec[r]).squeeze(-1)
-        resid = res - torch.einsum("pds,ps->pd", A[r], mu)
-        quad = (w * resid.square()).sum(-1) + (mu.square() / prior_var).sum(-1)
-        log_kappa = -0.5 * (const[r] + quad)
-        G, d = whiten(mu, scale_tril[r], H[r], c[r], validate=False)
-        return log_kappa, mu, G, d
-
+    t0 = time.perf_counter()
+    N = x.shape[0]
+    lp, pruned, integrated = [], [], 0
+    for a, b, _, bt in _local_blocks(part, x, obs_var, prior_var, dtype, prune_tol, False, chunk_size):
+        lp.append(_scatter_logsumexp(bt.terms, bt.n, b - a))
+        pruned.append(bt.log_pruned)
+        integrated += int(bt.n.numel())
+    lse = torch.cat(lp) if lp else x.new_full((N,), float("-inf"), dtype=dtype)
     with torch.no_grad():
-        ub = torch.cat([(lambda k, m, G, d: k + log_mass_upper_bound(G, d))(*gaussians(pn[i:i + chunk_size],
-                                                                                       pr[i:i + chunk_size]))
-                        for i in range(0, pn.numel(), chunk_size)]) if pn.numel() else x.new_zeros(0)
-        count = torch.bincount(pn, minlength=N).clamp(min=1).to(dtype)
-        top = x.new_full((N,), float("-inf")).scatter_reduce(0, pn, ub, "amax")
-        slack = prune_tol + count.log()
-        first = ub >= top[pn] - slack[pn]
-
-    def integrate(sel):
-        idx = sel.nonzero().squeeze(-1)
-        out = []
-        for i in range(0, idx.numel(), chunk_size):
-            j = idx[i:i + chunk_size]
-            log_kappa, mu, G, d = gaussians(pn[j], pr[j])
-            mom = integrate_whitened(mu, scale_tril[pr[j]], G, d, need_moments=False)
-            out.append(log_kappa + mom.log_mass)
-        terms = torch.cat(out) if out else x.new_zeros(0)
-        return idx, terms
-
-    idx1, t1 = integrate(first)
-    lse = _scatter_logsumexp(t1, pn[idx1], N)
-    with torch.no_grad():
-        second = ~first & (ub >= lse.detach()[pn] - slack[pn])
-    if bool(second.any()):
-        idx2, t2 = integrate(second)
-        lse = torch.logaddexp(lse, _scatter_logsumexp(t2, pn[idx2], N))
-    with torch.no_grad():
-        rest = ~first & ~second
-        pruned = _scatter_logsumexp(ub[rest], pn[rest], N)
-        log_bound = torch.logaddexp(part.certificate.log_neglected.to(dtype), pruned) - lse.detach()
+        log_pruned = torch.cat(pruned) if pruned else torch.full_like(lse, float("-inf"))
+        log_bound = torch.logaddexp(part.certificate.log_neglected.to(dtype), log_pruned) - lse.detach()
     if not bool(torch.isfinite(lse).all()):
         raise PyroCPAError("partition='local': some datum got no region with positive mass (the certificate's "
                            "leaves are empty); this is a bug, please report the decoder and data")
-    return LocalLogProb(lse, log_bound, int(pn.numel()), len(part.regions), part)
+    part.seconds.update(integrate_s=time.perf_counter() - t0, pairs_integrated=integrated)
+    return LocalLogProb(lse, log_bound, int(part.pair_datum.numel()), len(part.regions), part, integrated)
