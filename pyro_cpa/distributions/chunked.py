@@ -65,9 +65,11 @@ class RegionParams(NamedTuple):
 
 
 class _Batch(NamedTuple):
-    """One batch of kept pairs: flat indices n·R + ω into the data (global n), and the RNG states before it."""
+    """One batch of kept pairs: flat indices n·R + ω into the data (global n), the number of facet rows the
+    integrator saw (:func:`facet_order`), and the RNG states before it."""
 
     pairs: torch.Tensor
+    facets: int
     rng: tuple | None
 
 
@@ -95,6 +97,24 @@ def _set_rng_state(state: tuple, mc_kwargs: dict, device: torch.device) -> None:
         torch.get_device_module(device).set_rng_state(state[1], device)
     if state[2] is not None:
         mc_kwargs["generator"].set_state(state[2])
+
+
+def facet_order(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per region, the order of its constraint rows with the real facets (c finite) first, in their original
+    order, and the padding (c = +inf) after: (R, F) indices, and the number of real rows per region (R,).
+
+    A region padded to F rows costs the integrators O(F²) (S = 2) or more while the mean real count is ~4;
+    with the real rows first, pairs of regions with f real facets are integrated on their first f rows alone
+    (:func:`evaluate_chunk` groups kept pairs by f). Padding rows are ignored by the integrators, so the
+    values are those of the padded rows; the grouping depends only on the region, not on the chunking.
+    """
+    real = torch.isfinite(c)
+    return torch.argsort((~real).to(torch.int32), dim=-1, stable=True), real.sum(-1)
+
+
+GROUP_BY_FACETS_MAX_S = 3
+"""Kept pairs are grouped by their region's real facet count (:func:`facet_order`) for S up to this; the
+S >= 4 Monte-Carlo integrator sees the padded rows, so that its random draws do not depend on the grouping."""
 
 
 class Whitened(NamedTuple):
@@ -142,12 +162,17 @@ def mass_upper_bound(rg: RegionGaussians, d: torch.Tensor) -> torch.Tensor:
 
 
 def pair_terms(params: RegionParams, x: torch.Tensor, observed: torch.Tensor | None, n_idx: torch.Tensor,
-               r_idx: torch.Tensor, *, mc_kwargs: dict) -> torch.Tensor:
+               r_idx: torch.Tensor, rows: torch.Tensor | None, *, mc_kwargs: dict) -> torch.Tensor:
     """t = log κ + log P for the pairs (x[n_idx], ω = r_idx), shape (P,), with κ, μ, chol Σ computed for exactly
-    these pairs (differentiable in ``params`` and ``x``): the backward pass of :class:`_RecomputedLogProb`."""
+    these pairs (differentiable in ``params`` and ``x``), on the constraint rows ``rows`` (P, f) of each pair's
+    region (all rows when None): the backward pass of :class:`_RecomputedLogProb`."""
     obs = None if observed is None else observed[n_idx]
     prg = affine_gaussians(params.A[r_idx], params.b[r_idx], x[n_idx], params.obs_var, params.prior_var, obs)
-    G, d = whiten(prg.loc, prg.scale_tril, params.H[r_idx], params.c[r_idx], validate=False)
+    if rows is None:
+        H, c = params.H[r_idx], params.c[r_idx]
+    else:
+        H, c = params.H[r_idx.unsqueeze(-1), rows], params.c[r_idx.unsqueeze(-1), rows]
+    G, d = whiten(prg.loc, prg.scale_tril, H, c, validate=False)
     return prg.log_kappa + std_moments(G, d, need_moments=False, **mc_kwargs).log_mass
 
 
@@ -168,16 +193,21 @@ class ChunkResult(NamedTuple):
 
 def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | None, start: int, *,
                    prune_tol: float, need_moments: bool, mc_kwargs: dict,
-                   centred_covariance: bool = True, step: int | None = None) -> ChunkResult:
+                   centred_covariance: bool = True) -> ChunkResult:
     """Steps 1–2 of the module docstring for the data ``xc`` (n, D) (global rows from ``start``).
 
     The Gaussians, whitened constraints and moments are computed in the caller's grad mode (dense for the
-    chunk: :func:`whiten_chunk`; the integrator sees gathered rows of them); the pruning bound is detached.
-    ``step``: kept pairs per integrator call (default :func:`pair_batch`).
+    chunk: :func:`whiten_chunk`; the integrator sees gathered rows of them, grouped by the region's number of
+    real facets for S <= :data:`GROUP_BY_FACETS_MAX_S`); the pruning bound is detached.
     """
     R, _, S = params.A.shape
     n = xc.shape[0]
     F = params.H.shape[1]
+    group = S <= GROUP_BY_FACETS_MAX_S
+    if group:
+        order, facets = facet_order(params.c.detach())
+        params = params._replace(H=params.H.gather(1, order.unsqueeze(-1).expand(params.H.shape)),
+                                 c=params.c.gather(1, order))
     rg = region_gaussians(params.A, params.b, xc, params.obs_var, params.prior_var, oc)
     wh = whiten_chunk(rg, params.H, params.c)
     with torch.no_grad():
@@ -193,24 +223,34 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
         out["mean"] = loc_flat.clone()
         out["covariance"] = bound.new_zeros(n * R, S, S)
     batches = []
-    step = pair_batch(F, S) if step is None else step
 
     def integrate(mask: torch.Tensor) -> torch.Tensor:
         flat = mask.reshape(-1).nonzero().squeeze(-1)
-        for lo in range(0, flat.numel(), step):
-            idx = flat[lo:lo + step]
-            rng = _rng_state(mc_kwargs, xc.device) if S >= 4 else None
-            row = idx if per_datum_G else idx % R
-            G, d = G_flat.index_select(0, row), d_flat.index_select(0, idx)
-            if need_moments:
-                mom = integrate_whitened(loc_flat.index_select(0, idx), L_flat.index_select(0, row), G, d,
-                                         centred_covariance=centred_covariance, **mc_kwargs)
-            else:  # the mass alone: no moment assembly
-                std = std_moments(G, d, need_moments=False, **mc_kwargs)
-                mom = PolytopeMoments(std.log_mass, None, None, std.log_mass_stderr)
-            for k in out:
-                out[k].index_put_((idx,), getattr(mom, k))
-            batches.append(_Batch(idx + start * R, rng))
+        if group:  # pairs sorted by their region's real facet count f, integrated on the first f rows
+            key = facets.index_select(0, flat % R)
+            key, order = torch.sort(key, stable=True)
+            flat = flat.index_select(0, order)
+            sizes = torch.bincount(key, minlength=F + 1).tolist()
+        else:
+            sizes = [0] * F + [flat.numel()]
+        lo = 0
+        for f, size in enumerate(sizes):
+            step = pair_batch(f, S)
+            for first in range(lo, lo + size, step):
+                idx = flat[first:min(first + step, lo + size)]
+                rng = _rng_state(mc_kwargs, xc.device) if S >= 4 else None
+                row = idx if per_datum_G else idx % R
+                G, d = G_flat[:, :f].index_select(0, row), d_flat[:, :f].index_select(0, idx)
+                if need_moments:
+                    mom = integrate_whitened(loc_flat.index_select(0, idx), L_flat.index_select(0, row), G, d,
+                                             centred_covariance=centred_covariance, **mc_kwargs)
+                else:  # the mass alone: no moment assembly
+                    std = std_moments(G, d, need_moments=False, **mc_kwargs)
+                    mom = PolytopeMoments(std.log_mass, None, None, std.log_mass_stderr)
+                for k in out:
+                    out[k].index_put_((idx,), getattr(mom, k))
+                batches.append(_Batch(idx + start * R, f, rng))
+            lo += size
         return rg.log_kappa + out["log_mass"].reshape(n, R)
 
     active = bound >= bound.amax(-1, keepdim=True) - prune_tol
@@ -276,11 +316,15 @@ class _RecomputedLogProb(torch.autograd.Function):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(need) for t, need in zip([xs] + params, needs)]
             wanted = [i for i, need in enumerate(needs) if need]
+            group = params[0].shape[-1] <= GROUP_BY_FACETS_MAX_S
+            order = facet_order(params[3])[0] if group else None  # the forward pass's rows (evaluate_chunk)
             for batch in ctx.batches:
                 if batch.rng is not None:
                     _set_rng_state(batch.rng, mc_kwargs, x.device)
                 n_idx, r_idx = batch.pairs // R, batch.pairs % R
-                t = pair_terms(RegionParams(*leaves[1:]), leaves[0], observed, n_idx, r_idx, mc_kwargs=mc_kwargs)
+                rows = order.index_select(0, r_idx)[:, :batch.facets] if group else None
+                t = pair_terms(RegionParams(*leaves[1:]), leaves[0], observed, n_idx, r_idx, rows,
+                               mc_kwargs=mc_kwargs)
                 w = (t.detach() - lp[n_idx]).exp() * grad_lp[n_idx]
                 g = torch.autograd.grad(t, [leaves[i] for i in wanted], grad_outputs=w, allow_unused=True)
                 for i, gi in zip(wanted, g):
