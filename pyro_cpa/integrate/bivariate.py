@@ -160,8 +160,8 @@ def _edges_flat(G: torch.Tensor, d: torch.Tensor, parallel_tol: float, tie_tol: 
         n = rows.numel()
         pos = real.index_select(0, rows).nonzero()[:, 1].reshape(n, k)     # real rows in their order
         fidx = (rows.unsqueeze(-1) * F + pos).reshape(-1)
-        lo, hi, ex, strip = _edges_group(Gf.index_select(0, fidx).reshape(n, k, 2), df.index_select(0, fidx).reshape(n, k),
-                                         parallel_tol, tie_tol)
+        lo, hi, ex, strip = _edges_group(Gf.index_select(0, fidx).reshape(n, k, 2),
+                                         df.index_select(0, fidx).reshape(n, k), parallel_tol, tie_tol)
         emp = infeasible.index_select(0, rows) | strip | ~ex.any(-1)
         ex = ex & ~emp.unsqueeze(-1)
         empty = empty.index_copy(0, rows, emp)
@@ -286,9 +286,9 @@ def _decay_cuts(r: torch.Tensor, inside: torch.Tensor, sc: torch.Tensor) -> torc
 def _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels, parallel_tol=DEFAULT_PARALLEL_TOL):
     """Nodes of the log-space Gauss–Legendre slicing along the direction w of the nearest point (flat batch).
 
-    Returns a dict: per node the slice coordinate ``v1``, the slice interval ``(lo, hi)`` in v2 = w⊥·u, the
-    log weight ``integrand`` (log of GL weight · φ(v1) · (Φ(hi) − Φ(lo))) and the owning polygon ``nb``; per
-    polygon ``r`` (distance of the nearest point, 0 if inside), ``w`` and ``wp`` = w⊥.
+    Returns a dict: per node the slice coordinate ``v1``, the slice interval ``(lo, hi)`` in v2 = w⊥·u, its
+    log mass ``lS`` = log(Φ(hi) − Φ(lo)), the log weight ``integrand`` (log of GL weight · φ(v1) · e^lS) and
+    the owning polygon ``nb``; per polygon ``r`` (distance of the nearest point, 0 if inside), ``w`` and ``wp`` = w⊥.
     """
     dtype, device = ds.dtype, ds.device
     # nearest point of the polygon to the origin
@@ -372,7 +372,7 @@ def _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels, paral
     v1 = v1.reshape(-1)
     lS = log_ndtr_diff(lo_, hi)
     integrand = logw + lS - 0.5 * v1 * v1 - LOG_SQRT_2PI
-    return dict(v1=v1, lo=lo_, hi=hi, integrand=integrand, nb=nb, B=B, r=r, w=w, wp=wp)
+    return dict(v1=v1, lo=lo_, hi=hi, lS=lS, integrand=integrand, nb=nb, B=B, r=r, w=w, wp=wp)
 
 
 def _segment_logsumexp(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
@@ -411,7 +411,7 @@ def _moments_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     logP = _segment_logsumexp(nd["integrand"], nb, B)
     lp = torch.where(torch.isfinite(logP), logP, torch.zeros_like(logP))
     W = torch.exp(nd["integrand"] - lp.index_select(0, nb))
-    _, m, c = interval_stats(nd["lo"], nd["hi"])
+    _, m, c = interval_stats(nd["lo"], nd["hi"], nd["lS"])        # log ΔΦ of the slices: computed once
     s = nd["v1"] - nd["r"].index_select(0, nb)
 
     def seg_sum(x):
