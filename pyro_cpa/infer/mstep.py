@@ -34,7 +34,9 @@ works in Jacobi-scaled units, where every entry of K̃ is ≤ 1 and rounding noi
 the damped spectral filter f(e) = e (e + 3λ)/(e + λ)³, λ = ``rcond`` (default 1e-6), around the old
 weights (:func:`_damped_prox_solve`): directions of curvature e ≫ λ get the exact maximiser up to a
 relative 3(λ/e)², directions the data do not determine keep their old values, and no rounding noise
-is amplified by more than 1/(2λ). Dense Cholesky, or a QR of the low-rank factor of K for wide layers.
+is amplified by more than 1/(2λ). Dense Cholesky of K̃, or, for wide layers, Cholesky of the m × m Gram
+matrix of K̃'s low-rank factor (m = R·D·(S+1) columns, assembled through the Kronecker factors,
+:func:`_damped_prox_solve_kron`).
 
 **Noise update** (after the layers, with the new Ã_ω): σx_d² = r_d / N (``"diagonal"``) or
 σx² = Σ_d r_d / (N D) (``"isotropic"``), floored at ``min_obs_var``; optionally σz_s² = Σ_ω (Z_ω)_ss / N.
@@ -147,22 +149,28 @@ def _jacobi_scale(d: torch.Tensor) -> torch.Tensor:
     return (d + fi.eps * d.mean() + fi.tiny).rsqrt()
 
 
-def _filter(C: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
-    r"""f(C) rhs for symmetric PSD C with f(e) = e (e + 3λ) / (e + λ)³ (see :func:`_damped_prox_solve`).
+def _filter(C: torch.Tensor, rhs: torch.Tensor, lam: float, *, gram: bool = False) -> torch.Tensor:
+    r"""f(C) rhs for symmetric PSD C with f(e) = e (e + 3λ) / (e + λ)³ (see :func:`_damped_prox_solve`), or
+    h(C) rhs with h(e) = f(e)/e = (e + 3λ)/(e + λ)³ when ``gram`` (C is then the Gram matrix ŨᵀŨ of a factor of
+    K̃ = ŨŨᵀ, and f(K̃) = Ũ h(ŨᵀŨ) Ũᵀ: :func:`_damped_prox_solve_kron`).
 
-    One Cholesky factor of A = C + λI: f(C) = C (A⁻² + 2λ A⁻³). If rounding made C indefinite by more
-    than λ (Cholesky fails), the same f is applied to the eigenvalues clamped at 0.
+    One Cholesky factor of A = C + λI: h(C) = A⁻² + 2λ A⁻³, f(C) = C h(C). If rounding made C indefinite by
+    more than λ (Cholesky fails), the same f or h is applied to the eigenvalues clamped at 0.
     """
     if not (bool(torch.isfinite(C).all()) and bool(torch.isfinite(rhs).all())):
         raise PyroCPAError("m_step: the layer's normal equations overflowed (non-finite entries); the decoder's "
                            "weights or the data are too large for float64 — rescale the data or the decoder")
-    L, info = torch.linalg.cholesky_ex(C + lam * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device))
+    A = C.clone()
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         y2 = torch.cholesky_solve(torch.cholesky_solve(rhs, L), L)
-        return C @ (y2 + 2.0 * lam * torch.cholesky_solve(y2, L))
+        y = y2 + 2.0 * lam * torch.cholesky_solve(y2, L)
+        return y if gram else C @ y
     e, V = torch.linalg.eigh(C)
     e = e.clamp_min(0.0)
-    return V @ ((e * (e + 3.0 * lam) / (e + lam) ** 3).unsqueeze(-1) * (V.transpose(-1, -2) @ rhs))
+    h = (e + 3.0 * lam) / (e + lam) ** 3
+    return V @ ((h if gram else e * h).unsqueeze(-1) * (V.transpose(-1, -2) @ rhs))
 
 
 def _damped_prox_solve(K: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor, rcond: float) -> torch.Tensor:
@@ -188,17 +196,77 @@ def _damped_prox_solve(K: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor, rc
     return w_old + s * _filter(s * K * s.transpose(-1, -2), r, float(rcond))
 
 
-def _damped_prox_solve_factored(U: torch.Tensor, d: torch.Tensor, r: torch.Tensor, w_old: torch.Tensor,
-                                rcond: float) -> torch.Tensor:
-    r""":func:`_damped_prox_solve` for K = U Uᵀ given by a tall factor U (n, m), m < n, d = diag K, r = B − K w_old.
+#: Elements of the largest temporary of :func:`_kron_gram` (one block of rows; 8 bytes each in float64).
+KRON_GRAM_BLOCK = 4_000_000
 
-    With Ũ = s U = Q Rf (reduced QR), K̃ = Q (Rf Rfᵀ) Qᵀ and f(K̃) r̃ = Q f(Rf Rfᵀ) Qᵀ r̃ (f(0) = 0 drops the
-    part of r̃ outside the range of U, zero in exact arithmetic). Cost O(n m²) instead of O(n³).
+
+def _kron_gram(Phi: torch.Tensor, Psi: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    r"""Gram matrix C = ŨᵀŨ of the factor Ũ = [√T ∘ (φ_ωd ⊗ ψ_ωt)]_{ω,d,t} without forming Ũ.
+
+    C[(ω,d,t), (ω',d',t')] = Σ_ij T_ij Φ_ω[i,d] Φ_ω'[i,d'] Ψ_ω[j,t] Ψ_ω'[j,t'], columns ordered (ω, d, t);
+    Φ (R, a, D), Ψ (R, b, k), T (a, b). Per block of rows: H_i = Ψᵀ diag(T_i) Ψ (one batched matmul over i,
+    a·b·(Rk)² flops in all), then the sum over i against Φ (a·m² flops, m = R·D·k) — instead of the
+    a·b·m² flops of ŨᵀŨ. Only the blocks ω' ≥ ω are computed; the rest is their transpose.
     """
-    s = _jacobi_scale(d).unsqueeze(-1)
-    Q, Rf = torch.linalg.qr(s * U)
-    C = Rf @ Rf.transpose(-1, -2)
-    return w_old + s * (Q @ _filter(0.5 * (C + C.transpose(-1, -2)), Q.transpose(-1, -2) @ (s * r), float(rcond)))
+    R, a, D = Phi.shape
+    b, k = Psi.shape[1:]
+    m = R * D * k
+    Psi2 = Psi.permute(1, 2, 0).reshape(b, k, R)                          # [j, t', ω']
+    TPsi = T.unsqueeze(1) * Psi.transpose(-1, -2).reshape(1, R * k, b)   # [i, (ω,t), j]
+    PhiT = Phi.permute(1, 2, 0).contiguous()                             # [i, d', ω']
+    PhiL = Phi.transpose(-1, -2)                                         # [ω, d, i]
+    C = Phi.new_zeros(m, D, k, R)                                        # [(ω,d,t), d', t', ω']
+    step = max(1, KRON_GRAM_BLOCK // (a * k * m))
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        Rc, Rs = r1 - r0, R - r0
+        H = TPsi[:, r0 * k:r1 * k] @ Psi2[:, :, r0:].reshape(b, k * Rs)        # [i, (ω,t), (t',ω')]
+        V = H.reshape(a, Rc * k, 1, k, Rs) * PhiT[:, None, :, None, r0:]       # [i, (ω,t), d', t', ω']
+        V = V.reshape(a, Rc, k * D * k * Rs).transpose(0, 1)                  # [ω, i, (t,d',t',ω')]
+        C[r0 * D * k:r1 * D * k, :, :, r0:] = (PhiL[r0:r1] @ V).reshape(Rc * D * k, D, k, Rs)
+    C = C.permute(0, 3, 1, 2).reshape(m, m).triu()
+    return C + C.triu(1).transpose(0, 1)
+
+
+def _kron_apply_t(Phi: torch.Tensor, Psi: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Σ_ij Φ_ω[i,d] Y_ij Ψ_ω[j,t], i.e. (Φ_ω ⊗ Ψ_ω)ᵀ vec Y, shape (R, D, k)."""
+    return Phi.transpose(-1, -2) @ (Y @ Psi)
+
+
+def _kron_apply(Phi: torch.Tensor, Psi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_ω Φ_ω g_ω Ψ_ωᵀ, i.e. Σ_ω (Φ_ω ⊗ Ψ_ω) vec g_ω, shape (a, b)."""
+    R, a, k = Phi.shape[0], Phi.shape[1], Psi.shape[-1]
+    return (Phi @ g).permute(1, 0, 2).reshape(a, R * k) @ Psi.transpose(-1, -2).reshape(R * k, -1)
+
+
+def _damped_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, r: torch.Tensor,
+                            w_old: torch.Tensor, rcond: float) -> torch.Tensor:
+    r""":func:`_damped_prox_solve` for K = Σ_ω (Φ_ωΦ_ωᵀ) ⊗ (Ψ_ωΨ_ωᵀ), given by its factors Φ (R, a, D),
+    Ψ (R, b, k) (row-major vec of (a, b) matrices), d = diag K (a, b), r = B − K w_old (a, b), w_old (a, b).
+
+    With the Jacobi scale s (a, b) and the factor Ũ = [s ∘ (φ_ωd ⊗ ψ_ωt)] of K̃ = ŨŨᵀ (m = R·D·k columns),
+    f(K̃) r̃ = Ũ h(ŨᵀŨ) Ũᵀ r̃ with h(e) = f(e)/e (exact for the filter of :func:`_damped_prox_solve`, since
+    f(0) = 0). ŨᵀŨ comes from :func:`_kron_gram`; Ũᵀ r̃ and Ũ g are matvecs through the factors. Regions
+    whose Φ_ω or Ψ_ω is identically 0 (all of a region's columns of Ũ are then 0, exactly) are left out: that
+    changes nothing but the size of the m × m system. Cost O(a·b·(Rk)² + a·m² + m³) instead of O((ab)³).
+    """
+    live = (Phi != 0).flatten(1).any(1) & (Psi != 0).flatten(1).any(1)
+    if not bool(live.all()):
+        Phi, Psi = Phi[live], Psi[live]
+    s = _jacobi_scale(d)
+    T = s * s
+    R, a, D = Phi.shape
+    k = Psi.shape[-1]
+    if R == 0:
+        return w_old.clone()
+    swap = a * k > Psi.shape[1] * D  # sum the smaller side of the Gram in its second stage
+    if swap:
+        C = _kron_gram(Psi, Phi, T.T).reshape(R, k, D, R, k, D)
+        C = C.permute(0, 2, 1, 3, 5, 4).reshape(R * D * k, -1)
+    else:
+        C = _kron_gram(Phi, Psi, T)
+    g = _filter(C, _kron_apply_t(Phi, Psi, T * r).reshape(-1, 1), float(rcond), gram=True)
+    return w_old + T * _kron_apply(Phi, Psi, g.reshape(R, D, k))
 
 
 def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, *,
@@ -208,9 +276,11 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     every direction whose Jacobi-scaled curvature exceeds ``rcond`` (:func:`_damped_prox_solve`).
 
     The system K vec W̃ = vec B is solved densely (n = n_out·(n_in+1) unknowns, O(n³)) or through the
-    factor K = U Uᵀ, U = [Φ_ω ⊗ Ψ_ω]_ω with Φ_ω = F_ωᵀΛ^{1/2}, Ψ_ω Ψ_ωᵀ = M_ω (m = R·D·(S+1) columns,
-    O(n m²)), whichever is cheaper (``solver="auto"``; ``"dense"`` / ``"factored"`` force one); a
-    :class:`PyroCPAError` is raised when min(n, m) exceeds ``dense_max``.
+    factors K = Σ_ω (Φ_ωΦ_ωᵀ) ⊗ (Ψ_ωΨ_ωᵀ), Φ_ω = F_ωᵀΛ^{1/2}, Ψ_ω Ψ_ωᵀ = M_ω (m = R·D·(S+1) columns; the
+    m × m Gram matrix of the scaled factor, O(n·(R(S+1))² + n_out·m² + m³), :func:`_damped_prox_solve_kron`),
+    whichever is cheaper (``solver="auto"``; ``"dense"`` / ``"factored"`` force one); a
+    :class:`PyroCPAError` is raised when min(n, m) exceeds ``dense_max``. Both give the same filtered step
+    (to rounding).
     """
     if solver not in ("auto", "dense", "factored"):
         raise PyroCPAError(f"solver must be 'auto', 'dense' or 'factored', got {solver!r}")
@@ -225,47 +295,49 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     Pt[:, :n_in, :S] = P
     Pt[:, :n_in, S] = p.expand(R, n_in)
     Pt[:, n_in, S] = 1.0
-    M = Pt @ stats.Z @ Pt.transpose(-1, -2)  # (R, n_in+1, n_in+1)
-    M = 0.5 * (M + M.transpose(-1, -2))
     Wt_old = torch.cat([W, v.unsqueeze(-1)], dim=-1)  # (n_out, n_in+1)
     s = stats.Z[:, :, S]  # (R, S+1)
     lam_x = obs_var.reciprocal()  # (D,)
     if l == len(maps) - 1:
-        # F = I, c = 0: W̃ ΣM = ΣR (Λ cancels); solve for all rows at once.
-        Rsum = (stats.X @ Pt.transpose(-1, -2)).sum(0)  # (D, n_in+1)
-        Wt = _damped_prox_solve(M.sum(0), Rsum.T, Wt_old.T, rcond).T
+        # F = I, c = 0: W̃ ΣM = ΣR (Λ cancels); solve for all rows at once. ΣM = Σ_ω P̃_ω Z_ω P̃_ωᵀ as one product.
+        PZ = (Pt @ stats.Z).transpose(0, 1).reshape(n_in + 1, R * (S + 1))
+        Msum = PZ @ Pt.transpose(0, 1).reshape(n_in + 1, R * (S + 1)).T
+        Rsum = stats.X.transpose(0, 1).reshape(-1, R * (S + 1)) @ Pt.transpose(-1, -2).reshape(R * (S + 1), -1)
+        Wt = _damped_prox_solve(0.5 * (Msum + Msum.T), Rsum.T, Wt_old.T, rcond).T
         return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
     F = _output_jacobians(maps, rm.slopes, l, R)  # (R, D, n_out)
     m_l = rm.preactivations[l][1].expand(R, n_out)
     c = rm.b - torch.einsum("rdk,rk->rd", F, m_l)  # (R, D)
     Rw = (stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)) @ Pt.transpose(-1, -2)  # (R, D, n_in+1)
     FL = F * lam_x.unsqueeze(-1)  # Λ F, (R, D, n_out)
-    G = F.transpose(-1, -2) @ FL  # (R, n_out, n_out)
-    G = 0.5 * (G + G.transpose(-1, -2))
     B = torch.einsum("rdk,rdj->kj", FL, Rw)  # Σ Fᵀ Λ R, (n_out, n_in+1)
-    a, bdim = n_out, n_in + 1
-    n, m = a * bdim, R * F.shape[1] * (S + 1)
+    a, bdim, D = n_out, n_in + 1, F.shape[1]
+    n, m = a * bdim, R * D * (S + 1)
     if min(n, m) > dense_max:
         raise PyroCPAError(
             f"m_step: layer {l} has {n} unknowns and its system {m} factor columns, both above "
             f"dense_max={dense_max}; "
-            f"raise dense_max (memory ~ 8·min(n, m)·max(n, m) bytes) or use m_step_method='gradient'")
-    dense = n ** 3 / 3 + 2 * a * a * bdim * bdim * R <= 2 * n * m * m + m ** 3 / 3 if solver == "auto" \
+            f"raise dense_max (memory ~ 8·min(n, m)² bytes) or use m_step_method='gradient'")
+    k = S + 1
+    dense = n ** 3 / 3 + a * a * bdim * bdim * R <= n * (R * k) ** 2 + a * m * m + m ** 3 / 3 if solver == "auto" \
         else solver == "dense"
     if dense:
+        M = Pt @ stats.Z @ Pt.transpose(-1, -2)  # (R, n_in+1, n_in+1)
+        M = 0.5 * (M + M.transpose(-1, -2))
+        G = F.transpose(-1, -2) @ FL  # (R, n_out, n_out)
+        G = 0.5 * (G + G.transpose(-1, -2))
         # K[(i,j),(k,l)] = Σ_ω G[i,k] M[l,j]  (row-major vec of W̃), one matmul over regions.
         K = (G.reshape(R, a * a).T @ M.reshape(R, bdim * bdim)).reshape(a, a, bdim, bdim)
         K = K.permute(0, 3, 1, 2).reshape(n, n)
         w = _damped_prox_solve(K, B.reshape(n, 1), Wt_old.reshape(n, 1), rcond)
     else:
-        # Factor of K: Φ_ω = F_ωᵀ Λ^{1/2} (a, D), Ψ_ω = P̃_ω Z_ω^{1/2} (bdim, S+1) with Z^{1/2} from eigh.
+        # Factors: Φ_ω = F_ωᵀ Λ^{1/2} (a, D), Ψ_ω = P̃_ω Z_ω^{1/2} (bdim, S+1) with Z^{1/2} from eigh.
         ez, Vz = torch.linalg.eigh(stats.Z)
         Psi = Pt @ (Vz * ez.clamp_min(0.0).sqrt().unsqueeze(-2))
         Phi = (F * lam_x.sqrt().unsqueeze(-1)).transpose(-1, -2)
-        U = torch.einsum("rid,rjt->ijrdt", Phi, Psi).reshape(n, m)
-        d = torch.einsum("rii,rjj->ij", G, M).reshape(n, 1)
-        Kw = (G @ Wt_old @ M).sum(0)
-        w = _damped_prox_solve_factored(U, d.reshape(n), (B - Kw).reshape(n, 1), Wt_old.reshape(n, 1), rcond)
+        d = (Phi * Phi).sum(-1).T @ (Psi * Psi).sum(-1)  # diag K = Σ_ω diag G_ω diag M_ωᵀ, (a, bdim)
+        Kw = _kron_apply(Phi, Psi, _kron_apply_t(Phi, Psi, Wt_old))
+        w = _damped_prox_solve_kron(Phi, Psi, d, B - Kw, Wt_old, rcond)
     Wt = w.reshape(a, bdim)
     return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
 
