@@ -430,6 +430,117 @@ def _join(first_idx: torch.Tensor, key: torch.Tensor, inc_key: torch.Tensor, inc
     return pk // R, pk % R
 
 
+#: The region cache of a decoder is dropped (and rebuilt) beyond this many regions.
+CACHE_MAX_REGIONS = 2_000_000
+
+
+class _RegionCache:
+    """Regions (S = 2) meeting each leaf box, for one decoder's weights, shared by every call.
+
+    The certificate's leaf boxes are cells of one dyadic tiling of the root box (their centre and half-width
+    are exact binary fractions of it, so the same box has bit-identical coordinates in every call): the
+    regions meeting a leaf depend on the weights and the box alone. A call searches only the leaves no earlier
+    call searched, identifies the regions it finds by activation pattern (a pattern is one region), and runs the
+    facet search only for regions not seen before. The cache is keyed by the decoder module and is valid while
+    its affine maps are equal (``torch.equal``) to those it was built with; any change of the weights rebuilds it.
+    """
+
+    _store: "weakref.WeakKeyDictionary" = None
+
+    def __init__(self, net: CPANetwork, tol: float):
+        self.net, self.tol = net, tol
+        with torch.no_grad():
+            self.weights = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps()]
+        self.leaf: dict[bytes, np.ndarray] = {}
+        self.index: dict[bytes, int] = {}
+        self.patterns: list[list[np.ndarray]] = []       # chunks, each a list over layers of (r, n_l) bool
+        self.facets: list[np.ndarray] = []
+        self.interior: list[np.ndarray] = []
+        self.size = 0
+
+    @classmethod
+    def get(cls, net: CPANetwork, tol: float) -> "_RegionCache":
+        import weakref
+
+        if cls._store is None:
+            cls._store = weakref.WeakKeyDictionary()
+        key = getattr(net, "module", net)
+        entry = cls._store.get(key)
+        if entry is not None and entry.tol == tol and entry.size <= CACHE_MAX_REGIONS:
+            with torch.no_grad():
+                maps = net.affine_maps()
+            if len(maps) == len(entry.weights) and all(
+                    W.shape == W0.shape and v.shape == v0.shape and torch.equal(W.detach(), W0)
+                    and torch.equal(v.detach(), v0) for (W, v), (W0, v0) in zip(maps, entry.weights)):
+                entry.net = net
+                return entry
+        entry = cls(net, tol)
+        cls._store[key] = entry
+        return entry
+
+    @staticmethod
+    def _keys(rows: np.ndarray) -> list[bytes]:
+        rows = np.ascontiguousarray(rows)
+        return [r.tobytes() for r in rows]
+
+    def _search(self, centre: np.ndarray, half: np.ndarray, keys: list[bytes]) -> None:
+        patterns, inv, box, interior, cand0, open_ = _regions_in_boxes_2d(self.net, centre, half, self.tol)
+        codes = self._keys(np.packbits(np.concatenate([p.numpy() for p in patterns], 1), axis=1))
+        ids = np.array([self.index.get(k, -1) for k in codes], dtype=np.int64)
+        fresh = np.nonzero(ids < 0)[0]
+        if fresh.size:
+            # a region none of whose pieces touches a box wall is that piece: its edges are its facets
+            facets = _facets_from_table(cand0[fresh])
+            sel = np.nonzero(open_[fresh])[0]
+            if sel.size:
+                sub = _facets_2d(self.net, [p[torch.from_numpy(fresh[sel])] for p in patterns], cand0[fresh[sel]],
+                                 self.tol)
+                F = max(facets.shape[1], sub.shape[1])
+                facets = torch.nn.functional.pad(facets, (0, F - facets.shape[1]), value=-1)
+                facets[torch.from_numpy(sel)] = torch.nn.functional.pad(sub, (0, F - sub.shape[1]), value=-1)
+            ids[fresh] = self.size + np.arange(fresh.size)
+            for i, r in zip(fresh.tolist(), ids[fresh].tolist()):
+                self.index[codes[i]] = r
+            self.patterns.append([p.numpy()[fresh] for p in patterns])
+            self.facets.append(facets.numpy())
+            self.interior.append(np.ascontiguousarray(interior[fresh]))
+            self.size += fresh.size
+        gid = ids[inv]
+        order = np.argsort(box, kind="stable")
+        bounds = np.searchsorted(box[order], np.arange(len(keys) + 1))
+        for j, k in enumerate(keys):
+            self.leaf[k] = np.unique(gid[order[bounds[j]:bounds[j + 1]]])
+
+    def regions_for(self, centre: np.ndarray, half: np.ndarray):
+        """(leaf index, region index) incidences of these leaves and the :class:`RegionEnumeration` of the
+        regions they meet (indices into it)."""
+        keys = self._keys(np.concatenate([centre, half], 1))
+        new = [i for i, k in enumerate(keys) if k not in self.leaf]
+        if new:
+            sel = np.array(new)
+            self._search(centre[sel], half[sel], [keys[i] for i in new])
+        lists = [self.leaf[k] for k in keys]
+        inc_leaf = np.repeat(np.arange(len(keys)), [len(a) for a in lists])
+        inc_all = np.concatenate(lists) if lists else np.zeros(0, dtype=np.int64)
+        used, inc_reg = np.unique(inc_all, return_inverse=True)
+        if len(self.facets) > 1:          # consolidate the chunks
+            F = max(f.shape[1] for f in self.facets)
+            self.facets = [np.concatenate([np.pad(f, ((0, 0), (0, F - f.shape[1])), constant_values=-1)
+                                           for f in self.facets])]
+            self.patterns = [[np.concatenate(ps) for ps in zip(*self.patterns)]]
+            self.interior = [np.concatenate(self.interior)]
+        if self.size == 0:
+            widths = [W.shape[0] for W, _ in self.weights[:-1]]
+            pats = [torch.zeros(0, n, dtype=torch.bool) for n in widths]
+            enum = RegionEnumeration(pats, torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 2, dtype=torch.float64))
+        else:
+            u = torch.from_numpy(used)
+            enum = RegionEnumeration([torch.from_numpy(p)[u] for p in self.patterns[0]],
+                                     torch.from_numpy(self.facets[0])[u],
+                                     torch.from_numpy(self.interior[0])[u])
+        return torch.from_numpy(inc_leaf), torch.from_numpy(inc_reg.ravel()), enum
+
+
 @dataclass
 class LocalPartition:
     """The regions needed by a batch of data (see :func:`local_partition`).
@@ -453,7 +564,7 @@ class LocalPartition:
 def local_partition(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: torch.Tensor,
                     tol: float = LOCAL_TOL, *, margin: float = CERT_MARGIN, leaf_factor: float = LEAF_FACTOR,
                     outer_radius: float = OUTER_RADIUS, enum_tol: float | None = None,
-                    max_regions: int = 10 ** 7) -> LocalPartition:
+                    max_regions: int = 10 ** 7, cache_regions: bool = True) -> LocalPartition:
     """The regions that hold all but a certified fraction exp(−tol) of each datum's posterior mass.
 
     Args:
@@ -464,6 +575,8 @@ def local_partition(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: 
             below a lower bound of p(x) (see the module docstring).
         enum_tol: tolerance of the polygon splitting (default: that of :mod:`.enumerate_2d`).
         max_regions: budget of the global breakpoint partition used for S = 1.
+        cache_regions: reuse (and extend) the regions found for the same leaf boxes by earlier calls with the
+            same decoder weights (:class:`_RegionCache`; the leaf boxes form a fixed, data-independent tiling).
     """
     import time
 
@@ -493,18 +606,8 @@ def local_partition(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: 
     t1 = time.perf_counter()
     if S == 2:
         etol = POLYGON_TOL if enum_tol is None else enum_tol
-        patterns, inv, box, interior, cand0, open_ = _regions_in_boxes_2d(
-            net, cert.leaf_centre.cpu().numpy(), cert.leaf_half.cpu().numpy(), etol)
-        # a region none of whose pieces touches a box wall is that piece: its edges are its facets
-        facets = _facets_from_table(cand0)
-        idx = np.nonzero(open_)[0]
-        if idx.size:
-            sub = _facets_2d(net, [p[torch.from_numpy(idx)] for p in patterns], cand0[idx], etol)
-            F = max(facets.shape[1], sub.shape[1])
-            facets = torch.nn.functional.pad(facets, (0, F - facets.shape[1]), value=-1)
-            facets[torch.from_numpy(idx)] = torch.nn.functional.pad(sub, (0, F - sub.shape[1]), value=-1)
-        inc_leaf, inc_reg = torch.from_numpy(box), torch.from_numpy(inv)
-        enum = RegionEnumeration(patterns, facets, torch.from_numpy(np.ascontiguousarray(interior)))
+        cache = _RegionCache.get(net, etol) if cache_regions else _RegionCache(net, etol)
+        inc_leaf, inc_reg, enum = cache.regions_for(cert.leaf_centre.cpu().numpy(), cert.leaf_half.cpu().numpy())
     else:
         glob = cached_linear_regions(net, max_regions)
         lo, hi = _intervals_1d(glob)

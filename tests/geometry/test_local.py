@@ -174,3 +174,29 @@ def test_cpa_marginal_local_option():
     assert bool((local.log_prob_bound <= -40.0).all())
     with pytest.raises(PyroCPAError, match="partition"):
         CPAMarginal(dec, sx, partition="nearby")
+
+
+def test_region_cache_reuses_and_invalidates():
+    """A second call on the same leaves searches nothing and gives the same log p; after a weight change the
+    cache is rebuilt (log p equals the global partition's under the new weights)."""
+    from pyro_cpa.geometry.local import POLYGON_TOL, _RegionCache
+
+    dec = _decoder([2, 10, 10, 2], seed=19)
+    sx = 0.1
+    x = _data(dec, 8, 2, sx, seed=20)
+    net = as_cpa_network(dec)
+    with torch.no_grad():
+        first = local_log_prob(dec, x[:5], sx ** 2, 1.0)
+        entry = _RegionCache.get(net, POLYGON_TOL)
+        searched, size = len(entry.leaf), entry.size
+        again = local_log_prob(dec, x[:5], sx ** 2, 1.0)
+        assert len(entry.leaf) == searched and entry.size == size          # nothing searched again
+        assert torch.equal(again.log_prob, first.log_prob)
+        fresh = local_log_prob(dec, x, sx ** 2, 1.0, cache_regions=False)
+        mixed = local_log_prob(dec, x, sx ** 2, 1.0)                        # part cached, part new
+        assert torch.allclose(mixed.log_prob, fresh.log_prob, rtol=0, atol=EXACT_ATOL)
+        dec[0].weight.mul_(1.1)
+        moved = local_log_prob(dec, x, sx ** 2, 1.0)
+        ref = CPAMarginal(dec, sx).log_prob(x)
+    assert _RegionCache.get(net, POLYGON_TOL) is not entry
+    assert torch.allclose(moved.log_prob, ref, rtol=0, atol=EXACT_ATOL)
