@@ -855,3 +855,63 @@ def local_log_prob(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: t
                            "leaves are empty); this is a bug, please report the decoder and data")
     part.seconds.update(integrate_s=time.perf_counter() - t0, pairs_integrated=integrated)
     return LocalLogProb(lse, log_bound, int(part.pair_datum.numel()), len(part.regions), part, integrated)
+
+
+@dataclass
+class LocalEStep:
+    """Result of :func:`local_e_step`: ``stats`` (an :class:`~pyro_cpa.infer.estep.EStepStats` over the regions
+    of ``partition``), the certified ``log_bound`` (N,) of each datum's neglected fraction, and the partition."""
+
+    stats: object
+    log_bound: torch.Tensor
+    partition: LocalPartition
+
+
+def local_e_step(decoder, x: torch.Tensor, obs_var: torch.Tensor, prior_var: torch.Tensor,
+                 tol: float = LOCAL_TOL, *, prune_tol: float = 40.0, dtype: torch.dtype = torch.float64,
+                 chunk_size: int = PAIR_BLOCK, **partition_kwargs) -> LocalEStep:
+    r"""Exact E-step statistics (:mod:`pyro_cpa.infer.estep`) from the local partition: for the regions ω that
+    meet some datum's certified neighbourhood,
+
+        Z_ω = Σ_n e0_nω [[E zzᵀ, m], [mᵀ, 1]],   X_ω = Σ_n e0_nω x_n [m; 1]ᵀ,   q_ω = Σ_n e0_nω x_n ⊙ x_n,
+
+    with e0_nω = exp(term_nω − log p_local(x_n)) over the integrated pairs (:func:`local_log_prob`) and
+    ``loglik`` = log p_local. Each datum's posterior weights are those of the exact posterior restricted to the
+    integrated regions: they differ from the global E-step's by at most the certified fraction
+    ``exp(log_bound)`` (<= exp(−tol)) of the datum's mass, which is also all the mass the regions left out
+    carry. ``stats.patterns`` are the local regions' patterns, so the closed-form M-step
+    (:func:`pyro_cpa.infer.mstep.m_step`) runs on them unchanged. Fully observed, unweighted data only.
+    """
+    from ..infer.estep import EStepStats
+
+    with torch.no_grad():
+        part = local_partition(decoder, x, obs_var, prior_var, tol, **partition_kwargs)
+        N, D = x.shape
+        xd = x.to(dtype)
+        R, S = len(part.regions), part.regions.latent_dim
+        K = S + 1
+        Z = xd.new_zeros(R, K, K)
+        X = xd.new_zeros(R, D, K)
+        q = xd.new_zeros(R, D)
+        loglik = xd.new_zeros(N)
+        log_pruned = xd.new_full((N,), float("-inf"))
+        for a, b, r, bt in _local_blocks(part, x, obs_var, prior_var, dtype, prune_tol, True, chunk_size):
+            lse = _scatter_logsumexp(bt.terms, bt.n, b - a)
+            e0 = (bt.terms - lse[bt.n]).exp()
+            mt = torch.cat([bt.mean, torch.ones_like(bt.mean[:, :1])], -1)
+            Zn = mt.unsqueeze(-1) * mt.unsqueeze(-2)
+            Zn[:, :S, :S] += bt.cov
+            rr = r[bt.idx]
+            xn = xd[a:b][bt.n]
+            Z.index_add_(0, rr, e0[:, None, None] * Zn)
+            X.index_add_(0, rr, (e0[:, None] * xn).unsqueeze(-1) * mt.unsqueeze(-2))
+            q.index_add_(0, rr, e0[:, None] * xn.square())
+            loglik[a:b] = lse
+            log_pruned[a:b] = bt.log_pruned
+        if not bool(torch.isfinite(loglik).all()):
+            raise PyroCPAError("partition='local': some datum got no region with positive mass (the certificate's "
+                               "leaves are empty); this is a bug, please report the decoder and data")
+        log_bound = torch.logaddexp(part.certificate.log_neglected.to(dtype), log_pruned) - loglik
+    stats = EStepStats(Z=Z, X=X, q=q, loglik=loglik, patterns=[p.clone() for p in part.regions.patterns],
+                       num_data=float(N))
+    return LocalEStep(stats, log_bound, part)

@@ -200,3 +200,36 @@ def test_region_cache_reuses_and_invalidates():
         ref = CPAMarginal(dec, sx).log_prob(x)
     assert _RegionCache.get(net, POLYGON_TOL) is not entry
     assert torch.allclose(moved.log_prob, ref, rtol=0, atol=EXACT_ATOL)
+
+
+def test_local_e_step_matches_global_e_step():
+    """The local E-step statistics equal the global E-step's on the regions it found (matched by activation
+    pattern), the regions it did not find carry at most the certified fraction, and one closed-form M-step
+    from either gives the same new weights."""
+    from pyro_cpa.geometry.local import local_e_step
+    from pyro_cpa.infer.estep import e_step
+    from pyro_cpa.infer.mstep import m_step
+
+    dec = _decoder([2, 8, 8, 3], seed=21)
+    sx = 0.1
+    x = _data(dec, 30, 2, sx, seed=22)
+    with torch.no_grad():
+        loc = local_e_step(dec, x, torch.tensor(sx ** 2), torch.tensor(1.0))
+        marg = CPAMarginal(dec, sx)
+        glob = e_step(marg, x)
+    codes_g = {bytes(np.packbits(c.numpy())): i for i, c in enumerate(torch.cat(glob.patterns, 1))}
+    match = torch.tensor([codes_g[bytes(np.packbits(c.numpy()))] for c in torch.cat(loc.stats.patterns, 1)])
+    scale = float(glob.Z[:, -1, -1].sum())          # = N
+    assert torch.allclose(loc.stats.loglik, glob.loglik, rtol=0, atol=EXACT_ATOL)
+    for a, b in ((loc.stats.Z, glob.Z), (loc.stats.X, glob.X), (loc.stats.q, glob.q)):
+        assert float((a - b[match]).abs().max()) <= EXACT_ATOL * max(1.0, float(b.abs().max()))
+    missing = torch.ones(len(glob.Z), dtype=torch.bool)
+    missing[match] = False
+    assert float(glob.Z[missing, -1, -1].sum()) <= scale * math.exp(-40.0)
+    assert bool((loc.log_bound <= -40.0).all())
+    net = as_cpa_network(dec)
+    new_l = m_step(net, loc.stats.patterns, loc.stats, sx ** 2, 1.0)
+    new_g = m_step(net, glob.patterns, glob, sx ** 2, 1.0)
+    for (Wl, vl), (Wg, vg) in zip(new_l.maps, new_g.maps):
+        assert torch.allclose(Wl, Wg, rtol=1e-8, atol=1e-8) and torch.allclose(vl, vg, rtol=1e-8, atol=1e-8)
+    assert torch.allclose(torch.as_tensor(new_l.obs_var), torch.as_tensor(new_g.obs_var), rtol=1e-8, atol=0)
