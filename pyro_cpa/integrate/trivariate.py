@@ -496,12 +496,14 @@ def _facet_terms(fac, logP, *, switch_mass, num_nodes_2d, s_cuts, mean_max_amp=D
     mu_e = torch.zeros_like(ds2).reshape(-1).index_put((eidx,), mu_x).reshape(ds2.shape)
     live = fac.live
     lpf0 = torch.where(live, fac.log_pf, torch.zeros_like(fac.log_pf))
-    lr2 = (-0.5 * ds2 * ds2 - LOG_SQRT_2PI + ldphi - lpf0.unsqueeze(-1)).detach()
-    r2d = torch.where(exists, torch.exp(torch.where(exists, lr2, torch.zeros_like(lr2))), torch.zeros_like(lr2))
-    xbar = (ds2.unsqueeze(-1) * Gs2 + mu_e.unsqueeze(-1) * e2).detach()
-    # log P_j with the analytic gradient ∂/∂d_k = r_jk, ∂/∂g_k = −r_jk x̄_jk (value untouched)
-    sur = (r2d * (ds2 - (xbar * Gs2).sum(-1))).sum(-1)
-    lpf = lpf0 + (sur - sur.detach())
+    lpf = lpf0
+    if torch.is_grad_enabled() and (ds2.requires_grad or Gs2.requires_grad):
+        # log P_j with the analytic gradient ∂/∂d_k = r_jk, ∂/∂g_k = −r_jk x̄_jk (value untouched)
+        lr2 = (-0.5 * ds2 * ds2 - LOG_SQRT_2PI + ldphi - lpf0.unsqueeze(-1)).detach()
+        r2d = torch.where(exists, torch.exp(torch.where(exists, lr2, torch.zeros_like(lr2))), torch.zeros_like(lr2))
+        xbar = (ds2.unsqueeze(-1) * Gs2 + mu_e.unsqueeze(-1) * e2).detach()
+        sur = (r2d * (ds2 - (xbar * Gs2).sum(-1))).sum(-1)
+        lpf = lpf0 + (sur - sur.detach())
     lr2 = -0.5 * ds2 * ds2 - LOG_SQRT_2PI + ldphi - lpf.unsqueeze(-1)
     r2 = torch.where(exists, torch.exp(torch.where(exists, lr2, torch.zeros_like(lr2))), torch.zeros_like(lr2))
     mu = -(r2.unsqueeze(-1) * Gs2).sum(-2)                                     # (B, F, 2)
