@@ -17,7 +17,8 @@ def test_local_exact_quick(tmp_path):
     assert list(tmp_path.glob("*.json"))
     assert len(result["cases"]) == 2
     for row in result["cases"]:
-        assert math.isfinite(row["mean_log_p"]) and row["pairs"] > 0
-        assert row["max_log_bound"] <= -40.0                      # certified neglected fraction
+        assert math.isfinite(row["mean_log_p"]) and 0 < row["pairs_integrated"] <= row["pairs"]
+        assert row["median_log_bound"] <= row["max_log_bound"] <= -40.0     # certified neglected fraction
+        assert len(row["log_bound"]) == row["N"] == 40
         assert row["max_abs_diff_global"] <= 1e-10                # same log p as the global partition
-        assert row["regions_found"] == int(row["regions_found"])
+        assert row["points_per_s"] == pytest.approx(row["N"] / row["seconds"])
