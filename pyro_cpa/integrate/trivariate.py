@@ -92,7 +92,8 @@ DEFAULT_FLUX_Z_CUTS = (0.5, 2.0, 5.0, 10.0, 18.0, 30.0, 45.0)   # Gaussian-decay
 DEFAULT_FLUX_H_RATIO = 3.0       # geometric cuts t = h·ratio^k near the foot point of an edge
 DEFAULT_FLUX_H_LEVELS = 9        # ... k < levels; an edge with h·ratio^levels < 1 near its foot is not resolved
 DEFAULT_FLUX_MAX_AMP = 1e3       # accepted amplification Σ|terms| / P of the flux sums (error <~ 1e-12 relative)
-DEFAULT_MEAN_MAX_AMP_2D = 1e3    # facet means: the edge formula is replaced where Σ r_jk > this·(1 + |μ_j|)
+DEFAULT_MEAN_MAX_AMP_2D = 1e3    # facet means: the edge formula is replaced where Σ r_jk > this·(1 + |μ_j|) ...
+DEFAULT_FACET_MEAN_WEIGHT = 100.0  # ... and r_j Σ_k r_jk > this (its error ~1e-15 Σ_k r_jk, weighted by r_j: > 1e-13)
 _ON_PLANE_TOL = 1e-150   # |d_j| <= this on a facet: the origin is on the boundary (sign(d_j) undefined): slicing
 _CHUNK_FLUX = 512        # polytopes per chunk of the flux formula
 _SQRT1_2 = math.sqrt(0.5)
@@ -454,7 +455,8 @@ def _flux_3d(Gs, ds, real, G2, d2, edges, *, num_nodes, z_cuts, h_ratio, h_level
     # no facet at all: the whole space (no real row) or empty (exactly, by the facet polygons)
     no_real = ~real.any(-1)
     no_facet = ~live.any(-1) & ~no_real
-    logP = torch.where(no_real, torch.zeros_like(logP), torch.where(no_facet, torch.full_like(logP, float("-inf")), logP))
+    logP = torch.where(no_facet, torch.full_like(logP, float("-inf")), logP)
+    logP = torch.where(no_real, torch.zeros_like(logP), logP)
     ok = ok | no_real | no_facet
     return logP, ok, log_pf, ok_f, live
 
@@ -477,13 +479,16 @@ def _facets(G, d, *, facet_tie_tol, quad):
                    ok_f=ok_f, live=live)
 
 
-def _facet_terms(fac, logP, *, switch_mass, num_nodes_2d, s_cuts, mean_max_amp=DEFAULT_MEAN_MAX_AMP_2D):
+def _facet_terms(fac, logP, *, switch_mass, num_nodes_2d, s_cuts, mean_max_amp=DEFAULT_MEAN_MAX_AMP_2D,
+                 facet_mean_weight=DEFAULT_FACET_MEAN_WEIGHT):
     r"""Facet weights r_j = exp(log φ(d_j) + log P_j − log P) and facet mean points m_j = d_j g_j + Q_j μ_j.
 
     P_j and μ_j are the 2-D mass and mean of facet j (see :func:`_facet_polygons`): the flux value of
     :func:`_flux_3d` and the edge formula μ_j = −Σ_k r_jk n_jk, r_jk = exp(log φ(h_jk) + log ΔΦ_jk − log P_j),
     with the analytic gradient of log P_j (that of :func:`log_mass_2d`); facets whose flux value is not trusted
-    or whose edge formula cancels (Σ_k r_jk > ``mean_max_amp`` (1 + |μ_j|)) take :func:`std_moments_2d`.
+    or whose edge formula cancels (Σ_k r_jk > ``mean_max_amp`` (1 + |μ_j|)) where that matters
+    (r_j Σ_k r_jk > ``facet_mean_weight``: the error ~eps Σ_k r_jk of μ_j, weighted by r_j in E[u | ω], above
+    ~1e-13) take :func:`std_moments_2d`.
     Returns (Gs, ds, r, m) with padding rows zeroed (r = 0 there).
     """
     Gs, ds, Qj = fac.Gs, fac.ds, fac.Qj
@@ -507,8 +512,13 @@ def _facet_terms(fac, logP, *, switch_mass, num_nodes_2d, s_cuts, mean_max_amp=D
     lr2 = -0.5 * ds2 * ds2 - LOG_SQRT_2PI + ldphi - lpf.unsqueeze(-1)
     r2 = torch.where(exists, torch.exp(torch.where(exists, lr2, torch.zeros_like(lr2))), torch.zeros_like(lr2))
     mu = -(r2.unsqueeze(-1) * Gs2).sum(-2)                                     # (B, F, 2)
-    cancels = r2.detach().sum(-1) > mean_max_amp * (1.0 + mu.detach().norm(dim=-1))
-    redo = live & (~fac.ok_f | cancels)
+    empty = torch.isneginf(logP)
+    lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
+    sr = r2.detach().sum(-1)
+    cancels = sr > mean_max_amp * (1.0 + mu.detach().norm(dim=-1))
+    # ... and matters: the facet's weight in E[u | ω] times the edge formula's rounding error (~eps Σ_k r_jk)
+    lw = -0.5 * ds.detach() ** 2 - LOG_SQRT_2PI + lpf0 - lp + torch.log(torch.where(sr > 0, sr, torch.ones_like(sr)))
+    redo = live & (~fac.ok_f | (cancels & ~(lw <= math.log(facet_mean_weight))))
     idx = redo.reshape(-1).nonzero().squeeze(-1)
     if idx.numel():
         sub = std_moments_2d(fac.G2.reshape(B * F, F, 2).index_select(0, idx),
@@ -516,8 +526,6 @@ def _facet_terms(fac, logP, *, switch_mass, num_nodes_2d, s_cuts, mean_max_amp=D
                              num_nodes=num_nodes_2d, s_cuts=s_cuts, cov_max_amp=None)
         lpf = lpf.reshape(-1).index_put((idx,), sub.log_mass).reshape(B, F)
         mu = mu.reshape(-1, 2).index_put((idx,), sub.mean).reshape(B, F, 2)
-    empty = torch.isneginf(logP)
-    lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
     ok = live & ~torch.isneginf(lpf) & ~empty.unsqueeze(-1)
     lr = -0.5 * ds * ds - LOG_SQRT_2PI + torch.where(ok, lpf, torch.zeros_like(ds)) - lp
     rj = torch.where(ok, torch.exp(torch.where(ok, lr, torch.zeros_like(lr))), torch.zeros_like(lr))

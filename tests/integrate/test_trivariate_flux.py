@@ -182,7 +182,8 @@ def test_gradcheck_prism(moments):
     def f(dx, t):
         c, s = torch.cos(t), torch.sin(t)
         z = torch.zeros(1, dtype=torch.float64)
-        Rz = torch.stack([torch.cat([c, -s, z]), torch.cat([s, c, z]), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)])
+        e3 = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+        Rz = torch.stack([torch.cat([c, -s, z]), torch.cat([s, c, z]), e3])
         r = std_moments_3d(torch.cat([G[:1] @ Rz.T, G[1:]]), dx)
         return (r.log_mass, r.mean) if moments else r.log_mass
 
