@@ -350,19 +350,22 @@ def _facets_2d(net: CPANetwork, patterns: list[torch.Tensor], cand0: np.ndarray,
         g = torch.cat([-rho * H, c.unsqueeze(-1)], -1).numpy()                  # (Rc, U, 3)
         ga = torch.cat([rho * Ha, ca.unsqueeze(-1)], -1).numpy()
         U = g.shape[1]
+        gt = torch.from_numpy(g)
+        eps_u = band_unit[None, :] * np.sqrt((ga ** 2).sum(-1))                # (Rc, U)
         cand = cand0[s:s + FACET_CHUNK].copy()
         band = float(band_unit.max())
         X0, cnt0, lab0 = _initial_charts()
+        X = np.repeat(X0[None], Rc, 0).reshape(-1, *X0.shape[1:])
+        cnt = np.tile(cnt0, Rc)
+        lab = np.tile(lab0, (Rc, 1))
+        reg = np.repeat(np.arange(Rc), 4)
+        new = cand.copy()          # lines to clip by in this round (clipping is incremental: the polygons only shrink)
         for _ in range(FACET_ROUNDS):
-            X = np.repeat(X0[None], Rc, 0).reshape(-1, *X0.shape[1:])
-            cnt = np.tile(cnt0, Rc)
-            lab = np.tile(lab0, (Rc, 1))
-            reg = np.repeat(np.arange(Rc), 4)
-            K = int(cand.sum(1).max())
-            order = np.argsort(~cand, 1, kind="stable")[:, :K]                  # candidate units first
+            K = int(new.sum(1).max())
+            order = np.argsort(~new, 1, kind="stable")[:, :K]                   # the new lines first
             for k in range(K):
                 j = order[reg, k]
-                on = cand[reg, j]
+                on = new[reg, j]
                 gk = np.where(on[:, None], g[reg, j], 0.0)
                 gak = np.where(on[:, None], ga[reg, j], 0.0)
                 X, cnt, lab, src, side = _clip(X, cnt, lab, gk, gak, -10, band)
@@ -373,15 +376,15 @@ def _facets_2d(net: CPANetwork, patterns: list[torch.Tensor], cand0: np.ndarray,
             # lines that still cut some polygon (a vertex beyond the band on the wrong side)
             V = X.shape[1]
             valid = np.arange(V)[None, :] < cnt[:, None]
-            val = np.einsum("pvk,puk->puv", X, g[reg])                        # (P, U, V)
-            eps = band_unit[None, :] * np.sqrt((ga[reg] ** 2).sum(-1))          # (P, U)
-            bad = ((val < -eps[..., None]) & valid[:, None, :]).any(-1)          # (P, U)
+            val = torch.bmm(gt[torch.from_numpy(reg)], torch.from_numpy(X).transpose(1, 2)).numpy()   # (P, U, V)
+            bad = ((val < -eps_u[reg][..., None]) & valid[:, None, :]).any(-1)   # (P, U)
             cut = np.zeros((Rc, U), dtype=bool)
             np.logical_or.at(cut, reg, bad)
             cut &= ~cand
             if not cut.any():
                 break
             cand |= cut
+            new = cut
         else:
             raise PyroCPAError("local partition: the facet search did not converge; please report this decoder")
         r, kk = np.nonzero((lab >= 0) & valid)
