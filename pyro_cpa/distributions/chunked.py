@@ -193,12 +193,15 @@ class ChunkResult(NamedTuple):
 
 def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | None, start: int, *,
                    prune_tol: float, need_moments: bool, mc_kwargs: dict,
-                   centred_covariance: bool = True) -> ChunkResult:
+                   centred_covariance: bool = True, replay: bool = False) -> ChunkResult:
     """Steps 1–2 of the module docstring for the data ``xc`` (n, D) (global rows from ``start``).
 
     The Gaussians, whitened constraints and moments are computed in the caller's grad mode (dense for the
     chunk: :func:`whiten_chunk`; the integrator sees gathered rows of them, grouped by the region's number of
     real facets for S <= :data:`GROUP_BY_FACETS_MAX_S`); the pruning bound is detached.
+    Batches hold :func:`pair_batch` pairs for the rows they are integrated on; under autograd, or when they
+    will be ``replay``-ed under autograd (:class:`_RecomputedLogProb`), for the padded F rows, since a pair's
+    graph does not shrink in proportion to its rows.
     """
     R, _, S = params.A.shape
     n = xc.shape[0]
@@ -223,6 +226,7 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
         out["mean"] = loc_flat.clone()
         out["covariance"] = bound.new_zeros(n * R, S, S)
     batches = []
+    graph = replay or torch.is_grad_enabled()
 
     def integrate(mask: torch.Tensor) -> torch.Tensor:
         flat = mask.reshape(-1).nonzero().squeeze(-1)
@@ -235,7 +239,7 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
             sizes = [0] * F + [flat.numel()]
         lo = 0
         for f, size in enumerate(sizes):
-            step = pair_batch(f, S)
+            step = pair_batch(F if graph else f, S)
             for first in range(lo, lo + size, step):
                 idx = flat[first:min(first + step, lo + size)]
                 rng = _rng_state(mc_kwargs, xc.device) if S >= 4 else None
@@ -276,7 +280,7 @@ def _log_prob_chunks(params: RegionParams, x: torch.Tensor, observed: torch.Tens
             xc = x[start:start + rows]
             oc = None if observed is None else observed[start:start + rows]
             res = evaluate_chunk(params, xc, oc, start, prune_tol=prune_tol, need_moments=False,
-                                 mc_kwargs=mc_kwargs)
+                                 mc_kwargs=mc_kwargs, replay=keep_batches)
             lpc = res.terms.logsumexp(-1)
             lp.append(lpc)
             if S >= 4:  # the exact integrators (S <= 3) have stderr 0 by construction
