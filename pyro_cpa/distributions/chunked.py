@@ -230,18 +230,16 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
 
     def integrate(mask: torch.Tensor) -> torch.Tensor:
         flat = mask.reshape(-1).nonzero().squeeze(-1)
-        if group:  # pairs sorted by their region's real facet count f, integrated on the first f rows
+        if group:  # pairs by their region's real facet count f (in index order), integrated on the first f rows
             key = facets.index_select(0, flat % R)
-            key, order = torch.sort(key, stable=True)
-            flat = flat.index_select(0, order)
-            sizes = torch.bincount(key, minlength=F + 1).tolist()
+            groups = [(f, flat[key == f]) for f, size in enumerate(torch.bincount(key, minlength=F + 1).tolist())
+                      if size]
         else:
-            sizes = [0] * F + [flat.numel()]
-        lo = 0
-        for f, size in enumerate(sizes):
+            groups = [(F, flat)]
+        for f, members in groups:
             step = pair_batch(F if graph else f, S)
-            for first in range(lo, lo + size, step):
-                idx = flat[first:min(first + step, lo + size)]
+            for first in range(0, members.numel(), step):
+                idx = members[first:first + step]
                 rng = _rng_state(mc_kwargs, xc.device) if S >= 4 else None
                 row = idx if per_datum_G else idx % R
                 G, d = G_flat[:, :f].index_select(0, row), d_flat[:, :f].index_select(0, idx)
@@ -254,7 +252,6 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
                 for k in out:
                     out[k].index_put_((idx,), getattr(mom, k))
                 batches.append(_Batch(idx + start * R, f, rng))
-            lo += size
         return rg.log_kappa + out["log_mass"].reshape(n, R)
 
     active = bound >= bound.amax(-1, keepdim=True) - prune_tol
