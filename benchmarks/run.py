@@ -1,6 +1,12 @@
 """pyro-cpa performance table: one run, every row beside a baseline measured in the same process.
 
-Usage: python benchmarks/run.py [--quick] [--json FILE]
+Usage: python benchmarks/run.py [--quick] [--json FILE] [--threads N]
+
+Baselines are the best plain implementation of the alternative: importance sampling from the prior (one decoder
+pass shared by all data, matmul distances) and from a trained amortised Gaussian encoder (batched decoder passes),
+each at the smallest K (on a doubling grid) whose error stays below 1e-3 nats in repeated runs; SciPy and
+per-pair loops for the integrals; a plain vectorised NumPy E-step. The last line gives the wall-clock time of
+each section and the torch thread count (the full run takes a few minutes on a 2-core machine).
 """
 from __future__ import annotations
 
@@ -104,6 +110,17 @@ def bench_integrals(rows, quick):
                          baseline="scipy mvn.cdf (mass only)", speedup=rate * t_scipy))
 
 
+IS_TOL, IS_REPEATS = 1e-3, 3
+"""Target of the importance-sampling baselines: the mean absolute error of log p against the exact value (nats)
+is below IS_TOL in each of IS_REPEATS independent estimates (the error is heavy-tailed: one lucky draw at a small
+K would report a K that a user could not rely on)."""
+
+
+def _log_normal_sq(sq, scale_log_sum, D):
+    """log N from a squared whitened distance: −½ sq − D/2 log 2π − Σ log σ."""
+    return -0.5 * sq - 0.5 * D * math.log(2 * math.pi) - scale_log_sum
+
+
 def _importance_sampling(dist, x, n_samples, generator=None):
     """Baseline: log p(x) ≈ log mean_k p(x | z_k), z_k ~ prior (plain Monte-Carlo importance sampling).
 
@@ -113,16 +130,108 @@ def _importance_sampling(dist, x, n_samples, generator=None):
     S = dist.latent_dim
     z = torch.randn(n_samples, S, dtype=torch.float64, generator=generator) * dist.prior_scale
     with torch.no_grad():
-        g = dist.network(z) / dist.obs_scale
+        g = dist.decoder(z) / dist.obs_scale
     xs = x / dist.obs_scale
     D = x.shape[-1]
     sq = (xs * xs).sum(-1, keepdim=True) - 2.0 * xs @ g.T + (g * g).sum(-1)
-    const = D * math.log(math.sqrt(2 * math.pi)) + torch.log(dist.obs_scale).expand(D).sum()
-    return (-0.5 * sq).logsumexp(-1) - math.log(n_samples) - const
+    return _log_normal_sq(sq, torch.log(dist.obs_scale).expand(D).sum(), D).logsumexp(-1) - math.log(n_samples)
+
+
+def _prior_is(dist, x, K):
+    """Prior importance sampling in chunks of data (the (chunk, K) log-weights within ~4e6 elements)."""
+    chunks = max(1, (x.shape[0] * K) // 4_000_000)
+    return torch.cat([_importance_sampling(dist, xc, K) for xc in x.chunk(chunks)])
+
+
+def _encoder_is(dist, loc, scale, x, K, max_points=2 ** 20):
+    """Baseline: log p(x) ≈ log mean_k p(x | z_k) p(z_k) / q(z_k | x), z_k ~ q(z | x) = N(loc(x), diag scale(x)²)
+    from a trained encoder (the amortised proposal of a VAE).
+
+    The best plain implementation: the N·K draws z = loc + scale·ε go through the decoder in batches of
+    ``max_points`` (one matmul per layer), the log-weights are elementwise, and the K log-weights of a datum are
+    reduced by logsumexp batch by batch (a running log-sum-exp over the batches of draws).
+    """
+    N, S = loc.shape
+    D = x.shape[-1]
+    sx, sz = dist.obs_scale.expand(D), dist.prior_scale.expand(S)
+    per = max(1, max_points // N)  # draws per datum in one batch
+    parts = []
+    for k0 in range(0, K, per):
+        k = min(per, K - k0)
+        eps = torch.randn(k, N, S, dtype=loc.dtype)
+        z = loc + scale * eps
+        with torch.no_grad():
+            g = dist.decoder(z.reshape(-1, S)).reshape(k, N, D)
+        log_lik = _log_normal_sq((((x - g) / sx) ** 2).sum(-1), sx.log().sum(), D)
+        log_prior = _log_normal_sq(((z / sz) ** 2).sum(-1), sz.log().sum(), S)
+        log_q = _log_normal_sq((eps * eps).sum(-1), scale.log().sum(-1), S)
+        parts.append((log_lik + log_prior - log_q).logsumexp(0))
+    return torch.stack(parts).logsumexp(0) - math.log(K)
+
+
+def _is_until(estimate, exact, K0, K_max):
+    """Smallest K on the grid K0·2^j (<= K_max) whose IS_REPEATS estimates each have a mean absolute error below
+    IS_TOL nats against the exact log p; returns K, the largest of those errors, and the median seconds of one
+    estimate at that K."""
+    K = K0
+    while True:
+        err = 0.0
+        for _ in range(IS_REPEATS):
+            err = max(err, (estimate(K) - exact).abs().mean().item())
+            if err >= IS_TOL:
+                break
+        if err < IS_TOL or 2 * K > K_max:
+            return K, err, _timeit(lambda: estimate(K), min_time=0.2, max_reps=3)
+        K *= 2
+
+
+def _cpa_model(decoder, obs_scale=None):
+    """z ~ N(0, I_S), x ~ N(g(z), σx²) as a Pyro model; σx is a Pyro param when ``obs_scale`` is None (EM
+    updates it), else a constant. The decoder is registered (trained) only in the first case."""
+    import pyro
+    import pyro.distributions as pdist
+    from torch.distributions import constraints
+
+    from pyro_cpa.distributions.likelihood import CPALikelihood
+
+    S = decoder[0].in_features
+
+    def model(x):
+        if obs_scale is None:
+            pyro.module("decoder", decoder)
+            sx = pyro.param("obs_scale", torch.tensor(0.5), constraint=constraints.positive)
+        else:
+            sx = torch.as_tensor(obs_scale, dtype=x.dtype)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", pdist.Normal(torch.zeros(S, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", CPALikelihood(decoder, z, sx), obs=x)
+    return model
+
+
+def _train_encoder(net, obs_scale, x, steps, seed=0):
+    """An amortised Gaussian guide (pyro_cpa.guides.AmortizedNormal, MLP encoder) trained by SVI (Adam) on the
+    data x against the fixed decoder: the encoder a VAE user would have for this decoder."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_cpa.guides import AmortizedNormal
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = _cpa_model(net, obs_scale)
+    guide = AmortizedNormal(model, hidden=(64, 64))
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 3e-3, "lrd": 0.1 ** (1 / steps)}), Trace_ELBO())
+    with torch.enable_grad():
+        for _ in range(steps):
+            svi.step(x)
+    with torch.no_grad():
+        q = guide.encode(x)
+    return q.mean.detach(), q.stddev.detach()
 
 
 def bench_log_prob(rows, quick):
     N = 200 if quick else 1000
+    K_max = 2 ** 14 if quick else 2 ** 18
     for widths in ([1, 32, 32, 2], [1, 32, 32, 64], [2, 16, 16, 2]):
         net = random_net(widths)
         dist = CPAMarginal(net, 0.3)
@@ -130,22 +239,19 @@ def bench_log_prob(rows, quick):
         dist.regions  # enumerate once (cached by parameter state)
         t = _timeit(lambda: dist.log_prob(x), min_time=0.3, max_reps=5)
         exact = dist.log_prob(x)
-        # importance sampling with K samples until the mean absolute error is below 1e-3 nats
-        K, err, t_is = 1024, float("inf"), float("nan")
-        while K <= (2 ** 14 if quick else 2 ** 18):  # cap: the baseline's cost grows as N·K decoder passes
-            chunks = max(1, (N * K) // 4_000_000)
-
-            def run():
-                return torch.cat([_importance_sampling(dist, xc, K) for xc in x.chunk(chunks)])
-            t0 = time.perf_counter()
-            est = run()
-            t_is = time.perf_counter() - t0
-            err = (est - exact).abs().mean().item()
-            if err < 1e-3 or K * 4 > (2 ** 14 if quick else 2 ** 18):
-                break
-            K *= 4
+        torch.manual_seed(1)
+        K, err, t_is = _is_until(lambda K: _prior_is(dist, x, K), exact, 1024, K_max)
         rows.append(dict(group="log_prob", case=f"{widths} N={N}", n=N, seconds=t, rate=N / t, unit="points/s",
-                         baseline=f"importance sampling K={K} (err {err:.1e} nats)", speedup=t_is / t))
+                         baseline=f"prior IS K={K} (err {err:.1e} nats, {t_is:.3f}s)", speedup=t_is / t))
+        if widths[0] == 2:
+            steps = 300 if quick else 2000
+            t0 = time.perf_counter()
+            loc, scale = _train_encoder(net, 0.3, x, steps)
+            t_train = time.perf_counter() - t0
+            K, err, t_is = _is_until(lambda K: _encoder_is(dist, loc, scale, x, K), exact, 64, K_max)
+            rows.append(dict(group="log_prob", case=f"{widths} N={N}", n=N, seconds=t, rate=N / t, unit="points/s",
+                             baseline=f"encoder IS K={K} (err {err:.1e} nats, {t_is:.3f}s; SVI {steps} steps "
+                                      f"{t_train:.0f}s not counted)", speedup=t_is / t))
 
 
 def _circle_model(seed=0):
@@ -208,6 +314,52 @@ def bench_em(rows, quick):
     rows.append(dict(group="EM vs SVI", case=f"time to NLL<={target} ({s_em} EM steps)", n=s_em,
                      seconds=t_em_target, rate=float("nan"), unit="s",
                      baseline=f"exact-MLE SVI ({s_mle} steps, {t_mle_target:.1f}s)", speedup=t_mle_target / t_em_target))
+
+
+def bench_em_cost(rows, quick):
+    """Seconds per EM step beside one E-step at the same parameters (the issue's EM-cost and wide-layer rows).
+
+    Decoders: pyro_cpa.nn.mlp, LeakyReLU(0.1). Data: N draws of the seed-0 decoder with σx = 0.3; the model starts
+    from the seed-1 decoder (S=2: 119 regions, the issue's case) and σx = 0.5. S=2 [2,8,8,3]: one warm-up step, then the median of timed steps, with the E-step and log p
+    evaluations per step when the EM history reports them. Wide S=1 decoders: the first step, after an E-step at
+    the initial parameters (which also enumerates the partition the step starts from)."""
+    import pyro
+
+    from pyro_cpa.guides import ExactPosterior
+    from pyro_cpa.infer import EM
+    from pyro_cpa.infer.estep import e_step
+    from pyro_cpa.nn import mlp
+
+    cases = ([([2, 8, 8, 3], 100, 1, 2), ([1, 64, 64, 64, 10], 200, 0, 1), ([1, 128, 128, 2], 200, 0, 1)] if quick
+             else [([2, 8, 8, 3], 300, 1, 3), ([1, 64, 64, 64, 10], 1000, 0, 1), ([1, 128, 128, 2], 1000, 0, 1)])
+    for widths, N, warm, steps in cases:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            x = CPAMarginal(mlp(widths, lambda: nn.LeakyReLU(0.1), seed=0), 0.3).sample((N,))
+        pyro.clear_param_store()
+        dec = mlp(widths, lambda: nn.LeakyReLU(0.1), seed=1)
+        model = _cpa_model(dec)
+        em = EM(model, ExactPosterior(model))
+        for _ in range(warm):
+            em.step(x)
+        with torch.no_grad():
+            pyro.poutine.trace(model).get_trace(x)  # creates σx's param before the first step
+            dist = CPAMarginal(dec, pyro.param("obs_scale").detach())
+            R = len(dist.regions)
+            t_e = _timeit(lambda: e_step(dist, x), min_time=0.2, max_reps=3)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            em.step(x)
+            times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        hist = em.history[-steps:]
+        counts = ""
+        if all(hasattr(h, "e_steps") and hasattr(h, "log_prob_evals") for h in hist):
+            counts = (f"; per step {np.mean([h.e_steps for h in hist]):.1f} E-steps, "
+                      f"{np.mean([h.log_prob_evals for h in hist]):.1f} log p")
+        rows.append(dict(group="EM step", case=f"{widths} N={N} R={R}", n=N, seconds=t, rate=1 / t, unit="steps/s",
+                         baseline=f"one E-step {t_e:.3f}s (step = {t / t_e:.1f} E-steps){counts}", speedup=t_e / t))
 
 
 def _numpy_estep_s1(x, a, b, lo, hi, obs_var, prior_var):
@@ -382,15 +534,18 @@ def main(args):
     torch.set_default_dtype(torch.float64)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
-    print("hardware:", hardware_line())
-    with torch.no_grad():
-        bench_enumeration(rows, args.quick)
-        bench_integrals(rows, args.quick)
-        bench_log_prob(rows, args.quick)
-    bench_em(rows, args.quick)
-    bench_memory(rows, args.quick)
+    rows, sections = [], []
+    print("hardware:", hardware_line(), flush=True)
+    t_start = time.perf_counter()
+    for bench, grad in ((bench_enumeration, False), (bench_integrals, False), (bench_log_prob, False),
+                        (bench_em, True), (bench_em_cost, True), (bench_memory, True)):
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            bench(rows, args.quick)
+        sections.append(f"{bench.__name__[6:]} {time.perf_counter() - t0:.0f}s")
     print_table(rows)
+    print(f"wall-clock {time.perf_counter() - t_start:.0f}s ({', '.join(sections)}); torch threads "
+          f"{torch.get_num_threads()}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(hardware=hardware_line(), rows=rows), fh, indent=2)
