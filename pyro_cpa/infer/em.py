@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PyroCPAError
 from .distributed import comm_for, empty_shard_structure, guard, resolve_group
-from .em_engine import DEFAULT_MIN_OBS_SCALE, EMStepResult, _total_nll, em_step
+from .em_engine import DEFAULT_MIN_OBS_SCALE, EMStepResult, EStepCache, _total_nll, em_step
 from .structure import full_data_structure, trace_model
 
 
@@ -59,8 +59,10 @@ class EM:
     Each :meth:`step` runs the exact E-step (truncated-Gaussian posterior moments per datum and
     region), the closed-form M-step for every layer's weights and bias and for σx (frozen activation
     patterns), then evaluates the exact likelihood and backtracks so that the NLL never increases
-    (see :func:`~pyro_cpa.infer.em_engine.em_step`). The decoder is updated in place and σx is written to
-    its Pyro param, so the model, the parameter store and ``decoder.state_dict()`` always hold the
+    (see :func:`~pyro_cpa.infer.em_engine.em_step`; a step starts from the exact E-step the previous one
+    ended with when nothing changed in between, :class:`~pyro_cpa.infer.em_engine.EStepCache`). The decoder
+    is updated in place and σx is written to its Pyro param (EM keeps σx as the store gives it back through
+    the param's constraint), so the model, the parameter store and ``decoder.state_dict()`` always hold the
     current state: resuming from them continues the same trajectory. In particular, after
     ``pyro.get_param_store().load(path)`` with a newly built decoder registered by ``pyro.module(name,
     decoder)`` (no ``update_module_params`` needed), EM reads the decoder's weights from the store
@@ -104,6 +106,7 @@ class EM:
         self.em_kwargs = dict(em_kwargs, min_obs_scale=min_obs_scale)
         self.distributed = distributed
         self.history: list[EMStepResult] = []
+        self._cache = EStepCache()   # each step starts from the previous step's final E-step when nothing changed
 
     def _structure(self, *args, **kwargs):
         try:
@@ -147,6 +150,18 @@ class EM:
             structure = self._structure(*args, **kwargs)
             return _total_nll(structure.marginal(), structure.flat_x.detach(), self._weights(structure), comm)
 
+    @staticmethod
+    def _roundtrip(structure):
+        """σx ↦ the value the param store gives back after σx is written to it (through the param's constraint
+        transform, e.g. exp(log σx), which may change the last bit): EM keeps exactly what the store will hold."""
+        from torch.distributions import transform_to
+
+        constraint = pyro.get_param_store().get_state()["constraints"].get(structure.obs_scale_param)
+        if constraint is None:
+            return None
+        transform = transform_to(constraint)
+        return lambda s: transform(transform.inv(s))
+
     def step(self, *args, **kwargs) -> float:
         """One E-step + M-step (+ backtracking); returns the exact NLL after the step (of all ranks' data)."""
         group = resolve_group(self.distributed)
@@ -164,7 +179,9 @@ class EM:
         result = em_step(structure.network.module, obs_scale, structure.prior_scale, structure.x.detach(),
                          obs_noise=self.obs_noise, m_step_method=self.m_step,
                          update_obs_scale=self.update_obs_scale, weights=self._weights(structure),
-                         process_group=group, **self.em_kwargs)
+                         process_group=group, cache=self._cache,
+                         obs_scale_roundtrip=self._roundtrip(structure) if self.update_obs_scale else None,
+                         **self.em_kwargs)
         self._write_back()
         if self.update_obs_scale:
             store = pyro.get_param_store()

@@ -25,6 +25,32 @@ Schedules of :func:`em_step`:
   generalised (gradient) M-step.
 * ``m_step_method="gradient"`` (generalised EM, any CPA decoder, e.g. with BatchNorm): one E-step, L-BFGS
   on −Q over all decoder parameters and log σ (statistics detached), one line search.
+
+**Cost: what a step evaluates.** Every exact E-step (moments of all kept (datum, region) pairs) costs about
+as much as the rest of the step together, so a step evaluates only what it must:
+
+* *Certified blocks* (layerwise, S <= 2). The output layer T_L and the variances σx, σz do not move the
+  partition (it depends on the hidden layers only), so on them the frozen-pattern Q *is* the expected
+  complete log-likelihood E_{z|x,θ_e} log p(x, z; θ) of the last E-step's parameters θ_e, and Jensen's
+  inequality gives the EM bound  NLL(θ) <= NLL(θ_e) − [Q(θ) − Q(θ_e)]  exactly (up to the E-step's stated
+  pruning error, relative R·e^{−prune_tol}). The trailing blocks of the sweep that keep the partition (the
+  output layer, when it is the last layer updated, and the variances) are therefore maximised one after
+  the other on the same statistics (expectation–conditional maximisation) and accepted *without their own
+  evaluation* while their summed Q gain is >= −tol (the line search's tolerance below): the bound then
+  proves the same monotonicity the line search checks. Only their end point is evaluated, once: that
+  E-step is the one the next step starts from and gives the exact ``nll_after`` (as a safety net it is
+  tested like a line-search trial, and backtracked if it ever failed). S >= 3 statistics carry quadrature
+  or Monte-Carlo error, so there every block is verified.
+* *Reused E-step* (``cache``, :class:`EStepCache`; :class:`~pyro_cpa.infer.em.EM` and :func:`run_em` pass
+  one). A step ends with the exact E-step of the parameters it keeps; the next step reuses it instead of
+  recomputing it when nothing changed in between (:meth:`EStepCache.lookup`).
+* *Pairs that carry mass*: every evaluation integrates only the (datum, region) pairs that the certified
+  upper bound log κ + min_j log Φ(d_j) keeps within ``prune_tol`` nats of the datum's log p(x)
+  (:mod:`pyro_cpa.distributions.chunked`); the partition is enumerated once per parameter state
+  (:func:`~pyro_cpa.geometry.regions.cached_linear_regions`).
+
+With these a layerwise step of an L-layer decoder runs L exact E-steps (L − 1 verified hidden-layer blocks
+and the end point), one more when the cache cannot be used, instead of L + 2 (``EMStepResult.e_steps``).
 """
 from __future__ import annotations
 
@@ -71,7 +97,11 @@ class EMStepResult:
         obs_scale, prior_scale: the kept σx (0-dim for isotropic noise, else (D,)) and σz ((S,)).
         num_regions: number of regions of the E-step's partition.
         q_gain: increase of the frozen-pattern surrogate Q achieved by the (full) M-step.
-        nll_trials: exact NLL of every candidate tried (full step first).
+        nll_trials: exact NLL of every candidate evaluated (full step first).
+        e_steps: exact E-steps (likelihood and moments of every kept pair) this step computed.
+        log_prob_evals: exact likelihood-only evaluations (the ``"joint"`` / gradient line searches).
+        e_step_reused: the step started from the previous step's E-step (:class:`EStepCache`).
+        certified_blocks: blocks accepted on the EM bound without their own evaluation (module docstring).
     """
 
     nll_before: float
@@ -84,6 +114,10 @@ class EMStepResult:
     num_regions: int
     q_gain: float
     nll_trials: list = field(default_factory=list)
+    e_steps: int = 0
+    log_prob_evals: int = 0
+    e_step_reused: bool = False
+    certified_blocks: int = 0
 
 
 def _gradient_m_step(decoder, net, stats: EStepStats, obs_scale, prior_scale, *, obs_noise, update_prior_scale,
@@ -123,6 +157,96 @@ def _load(decoder, values) -> None:
 
 #: Expected failures of evaluating a candidate step (the candidate is then rejected).
 _CANDIDATE_FAILURES = (RegionBudgetExceeded, torch.linalg.LinAlgError)
+
+
+def _tensor_identity(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current contents without reading them: the object and its storage (both held,
+    so that neither the id nor the address can be reused while the key lives), the storage's address, the view
+    geometry and the version counter (bumped by every in-place write through the tensor or a view or
+    ``detach()`` of it — not by writes through ``.data`` or NumPy, which the partition cache
+    :func:`~pyro_cpa.geometry.regions.cached_linear_regions` does not see either)."""
+    return (t, t.untyped_storage(), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            t.stride(), t.dtype, t.device, t._version)
+
+
+def _same_identity(a: tuple, b: tuple, same_object: bool = True) -> bool:
+    """Same contents by identity: the same storage, view and version (and the same tensor object if asked; the
+    data arrive as a fresh ``detach()``-ed view of the caller's tensor at every Pyro trace)."""
+    return len(a) == len(b) and (a[0] is b[0] or not same_object) and a[2:] == b[2:]
+
+
+def _same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+
+class EStepCache:
+    """The exact E-step of the parameters an :func:`em_step` kept, for the next step to reuse.
+
+    Each step ends with the exact E-step of the parameters it keeps (the verification of its last accepted
+    block); the next step starts from an E-step of the very same state. :meth:`lookup` returns the stored
+    statistics only when nothing changed in between, decided by identity, never by closeness:
+
+    * the decoder's parameters and buffers: the same tensor objects with the same storage, view and version
+      counter (any in-place write — an optimiser, ``copy_``, ``load_state_dict`` — bumps it), and the same
+      ``training`` flag; the data ``x``: the same storage, view and version counter (:func:`_tensor_identity`);
+    * σx, σz and the per-datum weights: small tensors a Pyro model rebuilds at every trace, so no identity
+      survives between calls; they must be the same bits (``torch.equal`` of the same dtype and shape). The
+      E-step is a deterministic function of these bits (thread count and chunking included,
+      :data:`STATS_BLOCK`), so equal bits give the statistics a recomputation would, bit for bit;
+    * the same marginal options and process group, S <= 3 (the S >= 4 Monte-Carlo E-step draws random
+      numbers: it is always recomputed) — and, distributed, every rank must hit (agreed by one collective).
+
+    ``hits`` and ``misses`` count the lookups.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._stats: EStepStats | None = None
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _make_key(decoder, x, sx, sz, weights, mkw, comm) -> tuple:
+        tensors = list(decoder.parameters()) + list(decoder.buffers())
+        opts = tuple(sorted((k, v) for k, v in mkw.items() if k != "mc_kwargs"))
+        w = (None, None) if weights is None else (weights.obs.detach(), weights.latent.detach())
+        return (decoder, bool(decoder.training), tuple(_tensor_identity(t) for t in tensors), _tensor_identity(x),
+                (sx.detach().clone(), sz.detach().clone()), w, opts, None if comm is None else comm.group)
+
+    def store(self, stats: EStepStats | None, decoder, x, sx, sz, weights, mkw, comm) -> None:
+        """Remember ``stats`` as the E-step of the current state (None forgets)."""
+        self._stats = stats
+        self._key = None if stats is None else self._make_key(decoder, x, sx, sz, weights, mkw, comm)
+
+    def lookup(self, decoder, x, sx, sz, weights, mkw, comm, latent_dim: int) -> EStepStats | None:
+        """The stored statistics if they are those of this exact state (class docstring), else None."""
+        hit = self._stats is not None and latent_dim <= 3 and self._matches(
+            self._make_key(decoder, x, sx, sz, weights, mkw, comm))
+        if comm is not None:  # every rank reuses, or none does (the E-step is a collective)
+            hit = bool((comm.gather_ints([int(hit)]) == 1).all())
+        if hit:
+            self.hits += 1
+            return self._stats
+        self.misses += 1
+        return None
+
+    def _matches(self, key) -> bool:
+        old = self._key
+        if old is None or key[0] is not old[0] or key[1] != old[1] or key[7] is not old[7]:
+            return False
+        try:
+            if len(key[6]) != len(old[6]) or not all(a[0] == b[0] and (a[1] is b[1] or bool(a[1] == b[1]))
+                                                     for a, b in zip(key[6], old[6])):
+                return False
+        except (RuntimeError, TypeError, ValueError):  # an option without a plain equality: never reused
+            return False
+        if len(key[2]) != len(old[2]) or not all(_same_identity(a, b) for a, b in zip(key[2], old[2])):
+            return False
+        if not _same_identity(key[3], old[3], same_object=False):
+            return False
+        return all(_same_bits(a, b) for a, b in zip(key[4] + key[5], old[4] + old[5]))
 
 
 def _block_e_step(marginal, x: torch.Tensor, weights=None, comm=None) -> EStepStats:
@@ -185,13 +309,25 @@ def _total_nll(marginal, x: torch.Tensor, weights=None, comm=None) -> float:
     return float(-reduce_sums(comm, ExactSum(1, x.device).add(lp.reshape(-1, 1)), sig)[0])
 
 
+def _represent(sx: torch.Tensor, roundtrip) -> torch.Tensor:
+    """σx as the caller stores it (``obs_scale_roundtrip`` of :func:`em_step`), same dtype and shape."""
+    if roundtrip is None:
+        return sx
+    with torch.no_grad():
+        return torch.as_tensor(roundtrip(sx.detach().clone()), dtype=sx.dtype, device=sx.device).reshape(sx.shape)
+
+
 class _Verifier:
     """Exact NLL (and, on demand, the next E-step) of candidate parameters along a backtracking line."""
 
-    def __init__(self, decoder, x, mkw, max_backtracks, monotone_tol, want_stats, weights=None, comm=None):
+    def __init__(self, decoder, x, mkw, max_backtracks, monotone_tol, want_stats, weights=None, comm=None,
+                 obs_scale_roundtrip=None):
         self.decoder, self.x, self.mkw, self.weights, self.comm = decoder, x, mkw, weights, comm
         self.max_backtracks, self.monotone_tol, self.want_stats = max_backtracks, monotone_tol, want_stats
+        self.roundtrip = obs_scale_roundtrip
         self.trials: list[float] = []
+        self.e_steps = 0
+        self.log_prob_evals = 0
 
     def evaluate(self, sx, sz):
         from ..distributions import CPAMarginal
@@ -200,6 +336,10 @@ class _Verifier:
             return math.inf, None
         from .distributed import SoftFailure
 
+        if self.want_stats:
+            self.e_steps += 1
+        else:
+            self.log_prob_evals += 1
         try:
             mg = CPAMarginal(self.decoder, sx, sz, **self.mkw)
             if self.want_stats:
@@ -220,7 +360,7 @@ class _Verifier:
         for k in range(self.max_backtracks + 1):
             t = 0.5 ** k
             _load(self.decoder, new if k == 0 else [a + t * (b - a) for a, b in zip(old, new)])
-            sx = sx_new if k == 0 else sx_old + t * (sx_new - sx_old)
+            sx = sx_new if k == 0 else _represent(sx_old + t * (sx_new - sx_old), self.roundtrip)
             sz = sz_new if k == 0 else sz_old + t * (sz_new - sz_old)
             nll, stats = self.evaluate(sx, sz)
             self.trials.append(nll)
@@ -236,7 +376,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             rcond: float = DEFAULT_RCOND, gradient_steps: int = 50, gradient_lr: float = 1.0, max_backtracks: int = 10,
             monotone_tol: float = MONOTONE_TOL, max_regions: int = DEFAULT_MAX_REGIONS,
             marginal_kwargs: dict | None = None, weights=None,
-            min_obs_scale: float = DEFAULT_MIN_OBS_SCALE, process_group=None) -> EMStepResult:
+            min_obs_scale: float = DEFAULT_MIN_OBS_SCALE, process_group=None, cache: EStepCache | None = None,
+            obs_scale_roundtrip=None) -> EMStepResult:
     """One exact EM step on ``decoder`` (modified in place) with guaranteed non-increasing exact NLL.
 
     Args:
@@ -278,6 +419,12 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             contiguous shard of the data (in rank order; any sizes, 0 included) and the same decoder, σx, σz and
             options: the statistics and NLLs are summed exactly over the ranks and every rank takes the same step
             (:mod:`pyro_cpa.infer.distributed`); the trajectory is that of one process with all the data.
+        cache: optional :class:`EStepCache` shared by consecutive calls: the step starts from the previous
+            step's final E-step when the state is unchanged (the result is bit-identical to recomputing it), and
+            leaves its own final E-step there. :func:`run_em` and :class:`~pyro_cpa.infer.em.EM` pass one.
+        obs_scale_roundtrip: optional map σx ↦ the σx the caller will store and pass back (e.g. through a Pyro
+            param's constraint transform, which may change the last bit): every σx candidate goes through it
+            before it is evaluated, so the kept σx is the one the next call receives and the cache can be used.
 
     Returns:
         :class:`EMStepResult` (the new σx, σz are in ``obs_scale``, ``prior_scale``). With
@@ -293,7 +440,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                           m_step_method=m_step_method, schedule=schedule, px=px, sweeps=sweeps, order=order,
                           rcond=rcond, gradient_steps=gradient_steps, gradient_lr=gradient_lr,
                           max_backtracks=max_backtracks, monotone_tol=monotone_tol, max_regions=max_regions,
-                          marginal_kwargs=marginal_kwargs, weights=weights, min_obs_scale=min_obs_scale, comm=comm)
+                          marginal_kwargs=marginal_kwargs, weights=weights, min_obs_scale=min_obs_scale, comm=comm,
+                          cache=cache, obs_scale_roundtrip=obs_scale_roundtrip)
         if comm is not None:  # every rank finished the step and holds the same decoder, σx, σz
             comm.status(signature=state_signature(decoder, result.obs_scale, result.prior_scale))
     return result
@@ -301,7 +449,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
 
 def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scale, update_obs_scale, m_step_method,
              schedule, px, sweeps, order, rcond, gradient_steps, gradient_lr, max_backtracks, monotone_tol,
-             max_regions, marginal_kwargs, weights, min_obs_scale, comm) -> EMStepResult:
+             max_regions, marginal_kwargs, weights, min_obs_scale, comm, cache, obs_scale_roundtrip) -> EMStepResult:
     from ..distributions import CPAMarginal
     from .distributed import SoftFailure, align_to_blocks, state_signature
 
@@ -337,6 +485,7 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
     if update_prior_scale and weights is not None and weights.is_tempered:
         raise PyroCPAError("update_prior_scale=True is not supported with a tempered likelihood (a scale or mask on "
                            "only one of the latent and observed sites); scale both sites alike or keep σz fixed")
+    x_in, weights_in = x, weights   # the caller's tensors: the cache is keyed on their identity
     x = marginal._check_x(x).reshape(-1, D)
     num_data = x.shape[0]
     if comm is not None:  # every rank gets whole global blocks of STATS_BLOCK data
@@ -344,8 +493,17 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
                                                state_signature(decoder, sx_old, sz_old))
     if num_data == 0:
         raise PyroCPAError("em_step: x holds no data (shape (0, D)); EM needs at least one datum")
+
+    def remember(st, sx, sz):
+        """Leave ``st``, the E-step of the state now held (decoder, σx, σz), for the next call."""
+        if cache is not None:
+            cache.store(st, decoder, x_in, sx, sz, weights_in, mkw, comm)
+
+    stats = None if cache is None else cache.lookup(decoder, x_in, sx_old, sz_old, weights_in, mkw, comm, S)
+    reused = stats is not None
     try:
-        stats = _block_e_step(marginal, x, weights, comm)
+        if stats is None:
+            stats = _block_e_step(marginal, x, weights, comm)
     except SoftFailure as e:
         raise PyroCPAError(f"em_step: the exact E-step failed at the current parameters ({e})") from e
     except torch.linalg.LinAlgError as e:
@@ -358,14 +516,21 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
     nll_before = -stats.total_loglik
     old_params = _snapshot(decoder)
     num_regions = stats.num_regions
+    initial_e_steps = 0 if reused else 1
 
     def Q(st, sx, sz) -> float:
         with torch.no_grad():
             return float(expected_complete_loglik(net.affine_maps(dtype), net, st.patterns, st,
                                                   (sx ** 2).expand(D), sz ** 2))
 
+    def floored(s):
+        """σx floored at ``min_obs_scale`` (exactly the floor where the update asks for less) and represented
+        as the caller stores it (``obs_scale_roundtrip``) elsewhere."""
+        return torch.where(s > min_obs_scale, _represent(s, obs_scale_roundtrip).clamp_min(min_obs_scale),
+                           torch.full_like(s, min_obs_scale))
+
     def to_scale(var):
-        s = var.sqrt().clamp_min(min_obs_scale) if update_obs_scale else var.sqrt()
+        s = floored(var.sqrt()) if update_obs_scale else var.sqrt()
         return s[0].clone() if obs_noise == "isotropic" else s
 
     def finish(result: EMStepResult) -> EMStepResult:
@@ -378,43 +543,85 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
         return result
 
     if m_step_method == "closed_form" and schedule == "layerwise":
-        ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=True, weights=weights, comm=comm)
+        ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=True, weights=weights, comm=comm,
+                        obs_scale_roundtrip=obs_scale_roundtrip)
         layers = list(range(net.num_layers))
         if order == "backward":
             layers.reverse()
+        blocks = (["px"] if px else []) + layers + (["variances"] if (update_obs_scale or update_prior_scale) else [])
+        # The trailing blocks that keep the partition (module docstring) may be certified: exact for S <= 2.
+        num_certifiable = 0
+        if S <= 2:
+            for block in reversed(blocks):
+                if block not in ("variances", net.num_layers - 1):
+                    break
+                num_certifiable += 1
         nll, sx, sz = nll_before, sx_old, sz_old
-        total_bt, moved, q_gain = 0, False, 0.0
-        var_block = ["variances"] if (update_obs_scale or update_prior_scale) else []
-        for block in (["px"] if px else []) + layers + var_block:
-            q0 = Q(stats, sx, sz)
-            old = _snapshot(decoder)
+        total_bt, moved, q_gain, certified = 0, False, 0.0, 0
+        run = None  # certified blocks not yet evaluated: (parameters, σx, σz before them, their summed Q gain)
+
+        def propose(block, st, sx, sz):
+            """Write the block's maximiser of Q (statistics ``st``) into the decoder; (σx, σz) candidates, Q gain."""
+            q0 = Q(st, sx, sz)
             obs_var, prior_var = (sx ** 2).expand(D), sz ** 2
+            maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps(dtype)]
+            sx_c, sz_c = sx, sz
             if block == "variances":
-                maps = [(W.detach(), v.detach()) for W, v in net.affine_maps(dtype)]
-                new_ov, new_pv = update_variances(maps, net, stats, obs_var, prior_var, obs_noise=obs_noise,
+                new_ov, new_pv = update_variances(maps, net, st, obs_var, prior_var, obs_noise=obs_noise,
                                                   update_prior_scale=update_prior_scale,
                                                   update_obs_scale=update_obs_scale, min_obs_var=min_obs_var)
                 sx_c, sz_c = to_scale(new_ov), new_pv.sqrt()
             elif block == "px":
-                maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps(dtype)]
-                net.set_affine_maps(prior_expansion(maps, stats, prior_var))
-                sx_c, sz_c = sx, sz
+                net.set_affine_maps(prior_expansion(maps, st, prior_var))
             else:
-                maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps(dtype)]
-                maps[block] = update_layer(maps, block, net, stats, obs_var, rcond=rcond)
+                maps[block] = update_layer(maps, block, net, st, obs_var, rcond=rcond)
                 net.set_affine_maps(maps)
-                sx_c, sz_c = sx, sz
-            if block != "px":  # the reduction re-labels z: the frozen-E-step Q is not comparable
-                q_gain += Q(stats, sx_c, sz_c) - q0
-            new = _snapshot(decoder)
+            # px re-labels z: the frozen-E-step Q is not comparable across it (gain reported as 0)
+            return sx_c, sz_c, (0.0 if block == "px" else Q(st, sx_c, sz_c) - q0)
+
+        def verify(old, new, sx_from, sx_to, sz_from, sz_to):
+            """Line search θ_old → θ_new from the last evaluated state; keeps the accepted point's E-step."""
+            nonlocal nll, sx, sz, stats, total_bt, moved
             ok, k, nll_c, stats_c, sx_k, sz_k = ver.line_search(nll, stats.total_abs_loglik, old, new,
-                                                                sx, sx_c, sz, sz_c)
+                                                                sx_from, sx_to, sz_from, sz_to)
             total_bt += k
             if ok:
                 moved = True
                 nll, sx, sz, stats = nll_c, sx_k, sz_k, stats_c
+            else:
+                sx, sz = sx_from, sz_from
+
+        def flush():
+            """Evaluate the end point of the certified run (the E-step the next block or step needs)."""
+            nonlocal run
+            old, sx_e, sz_e, _ = run
+            run = None
+            verify(old, _snapshot(decoder), sx_e, sx, sz_e, sz)
+
+        for i, block in enumerate(blocks):
+            old = _snapshot(decoder)
+            sx_c, sz_c, gain = propose(block, stats, sx, sz)
+            tol = monotone_tol * max(1.0, stats.total_abs_loglik)
+            if i >= len(blocks) - num_certifiable and (0.0 if run is None else run[3]) + gain >= -tol:
+                # EM bound: NLL(θ) <= NLL(θ_e) − [Q(θ) − Q(θ_e)] <= NLL(θ_e) + tol (θ_e: the statistics' θ)
+                run = (old, sx, sz, gain) if run is None else run[:3] + (run[3] + gain,)
+                sx, sz = sx_c, sz_c
+                q_gain += gain
+                certified += 1
+                continue
+            if run is not None:  # a certifiable block failed its certificate: evaluate the certified ones first
+                _load(decoder, old)
+                flush()
+                old = _snapshot(decoder)
+                sx_c, sz_c, gain = propose(block, stats, sx, sz)
+            q_gain += gain
+            verify(old, _snapshot(decoder), sx, sx_c, sz, sz_c)
+        if run is not None:
+            flush()
+        remember(stats, sx, sz)
         return finish(EMStepResult(nll_before, nll, total_bt, moved, 1.0 if moved else 0.0, sx.clone(), sz.clone(),
-                                   num_regions, q_gain, ver.trials))
+                                   num_regions, q_gain, ver.trials, e_steps=initial_e_steps + ver.e_steps,
+                                   e_step_reused=reused, certified_blocks=certified))
 
     obs_var_old = (sx_old ** 2).expand(D)
     prior_var_old = sz_old ** 2
@@ -430,23 +637,30 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
                                           update_prior_scale=update_prior_scale,
                                           update_obs_scale=update_obs_scale, steps=gradient_steps,
                                           lr=gradient_lr)
-        sx_new = sx_new.clamp_min(min_obs_scale) if update_obs_scale else sx_new
+        sx_new = floored(sx_new) if update_obs_scale else sx_new
     q_new = Q(stats, sx_new, sz_new)
     new_params = _snapshot(decoder)
-    ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False, weights=weights, comm=comm)
+    ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False, weights=weights, comm=comm,
+                    obs_scale_roundtrip=obs_scale_roundtrip)
     ok, k, nll, _, sx, sz = ver.line_search(nll_before, stats.total_abs_loglik, old_params, new_params,
                                             sx_old, sx_new, sz_old, sz_new)
+    # the line search checks likelihoods only: an accepted step leaves no E-step; a rejected one restored θ_old,
+    # whose E-step this step started from
+    remember(None if ok else stats, sx, sz)
     return finish(EMStepResult(nll_before, nll, k, ok, 0.5 ** k if ok else 0.0, sx.clone(), sz.clone(), num_regions,
-                               q_new - q_old, ver.trials))
+                               q_new - q_old, ver.trials, e_steps=initial_e_steps, log_prob_evals=ver.log_prob_evals,
+                               e_step_reused=reused))
 
 
 def run_em(decoder, obs_scale, prior_scale, x: torch.Tensor, num_steps: int, *, callback=None,
            **kwargs) -> tuple[torch.Tensor, torch.Tensor, list[EMStepResult]]:
     """Run :func:`em_step` ``num_steps`` times, threading σx, σz; returns (obs_scale, prior_scale, history).
 
-    ``callback(step, result)`` is called after every step; returning True stops early.
+    ``callback(step, result)`` is called after every step; returning True stops early. Consecutive steps share
+    an :class:`EStepCache` (a step starts from the previous step's final E-step) unless ``cache`` is given.
     """
     history = []
+    kwargs.setdefault("cache", EStepCache())
     for i in range(num_steps):
         res = em_step(decoder, obs_scale, prior_scale, x, **kwargs)
         obs_scale, prior_scale = res.obs_scale, res.prior_scale
