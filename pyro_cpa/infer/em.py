@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pyro
 import torch
+from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from ..errors import PyroCPAError
@@ -152,15 +153,17 @@ class EM:
 
     @staticmethod
     def _roundtrip(structure):
-        """σx ↦ the value the param store gives back after σx is written to it (through the param's constraint
-        transform, e.g. exp(log σx), which may change the last bit): EM keeps exactly what the store will hold."""
+        """σx ↦ the value the param store gives back after σx is written to it (in the param's dtype, through its
+        constraint transform, e.g. exp(log σx), which may change the last bits): EM keeps what the store will hold."""
         from torch.distributions import transform_to
 
-        constraint = pyro.get_param_store().get_state()["constraints"].get(structure.obs_scale_param)
-        if constraint is None:
+        store = pyro.get_param_store()
+        name = structure.obs_scale_param
+        if name is None or name not in store:
             return None
-        transform = transform_to(constraint)
-        return lambda s: transform(transform.inv(s))
+        transform = transform_to(store.get_state()["constraints"].get(name, constraints.real))
+        dtype = store[name].dtype
+        return lambda s: transform(transform.inv(s.to(dtype))).to(s.dtype)
 
     def step(self, *args, **kwargs) -> float:
         """One E-step + M-step (+ backtracking); returns the exact NLL after the step (of all ranks' data)."""

@@ -36,8 +36,9 @@ as much as the rest of the step together, so a step evaluates only what it must:
   pruning error, relative R·e^{−prune_tol}). The trailing blocks of the sweep that keep the partition (the
   output layer, when it is the last layer updated, and the variances) are therefore maximised one after
   the other on the same statistics (expectation–conditional maximisation) and accepted *without their own
-  evaluation* while their summed Q gain is >= −tol (the line search's tolerance below): the bound then
-  proves the same monotonicity the line search checks. Only their end point is evaluated, once: that
+  evaluation* while their summed Q gain, less Q's rounding allowance (``Q_ROUNDING_RTOL`` · the sum of the
+  absolute values of Q's terms), is >= −tol (the line search's tolerance below): the bound then proves the
+  same monotonicity the line search checks. Only their end point is evaluated, once: that
   E-step is the one the next step starts from and gives the exact ``nll_after`` (as a safety net it is
   tested like a line-search trial, and backtracked if it ever failed). S >= 3 statistics carry quadrature
   or Monte-Carlo error, so there every block is verified.
@@ -64,9 +65,16 @@ from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..geometry.regions import DEFAULT_MAX_REGIONS
 from ..nn.network import as_cpa_network
 from .estep import EStepStats, e_step, weighted_log_prob
-from .mstep import DEFAULT_RCOND, expected_complete_loglik, m_step, prior_expansion, update_layer, update_variances
+from .mstep import (DEFAULT_RCOND, expected_complete_loglik, frozen_region_maps, m_step, prior_expansion,
+                    update_layer, update_variances)
 
 MONOTONE_TOL = 1e-12
+#: Rounding allowance of a computed Q (and of a difference of two), relative to the sum of the absolute values of
+#: its terms (:func:`_q_scale`): Q sums products over regions and coordinates, whose float64 rounding is a few ε
+#: of that scale per term (pairwise summation); 1e-13 ≈ 450 ε leaves a wide margin. A certified block's
+#: computed Q gain must exceed −tol by this allowance, so that no certificate is decided by rounding (e.g. when
+#: huge weights make the terms of Q cancel by 30 digits).
+Q_ROUNDING_RTOL = 1e-13
 #: EM reduces its E-step statistics over consecutive blocks of this many data, one block at a time in data
 #: order, whatever the marginal's ``chunk_size`` or the thread count: the same per-datum batches and the
 #: same summation order, hence bit-identical statistics. (The EM map is expanding early in training —
@@ -143,6 +151,24 @@ def _gradient_m_step(decoder, net, stats: EStepStats, obs_scale, prior_scale, *,
     if obs_noise == "isotropic":
         sx = sx.reshape(-1)[0]
     return sx, log_sz.detach().exp()
+
+
+def _q_scale(maps, net, stats: EStepStats, obs_var: torch.Tensor, prior_var: torch.Tensor) -> float:
+    """Σ of the absolute values of the terms of Q (:func:`~pyro_cpa.infer.mstep.expected_complete_loglik`): the
+    scale of its rounding. With ã = [A_ω b_ω] the frozen maps of ``maps``:
+
+        ½ Σ_d [N |log 2πσx_d²| + Σ_ω (q_ωd + 2 |ã_ωd|ᵀ|X_ω[d]| + |ã_ωd|ᵀ|Z_ω||ã_ωd|) / σx_d²]
+        + ½ Σ_s [N |log 2πσz_s²| + Σ_ω |Z_ω,ss| / σz_s²]."""
+    rm = frozen_region_maps(maps, net.activations, stats.patterns)
+    At = torch.cat([rm.A, rm.b.unsqueeze(-1)], -1).abs()
+    S = stats.Z.shape[-1] - 1
+    N = stats.num_data
+    log2pi = math.log(2 * math.pi)
+    r = (stats.q.abs().sum(0) + 2 * torch.einsum("rdk,rdk->d", At, stats.X.abs())
+         + torch.einsum("rdk,rkl,rdl->d", At, stats.Z.abs(), At))
+    zz = torch.diagonal(stats.Z[:, :S, :S], dim1=-2, dim2=-1).abs().sum(0)
+    return 0.5 * float((N * (log2pi + obs_var.log()).abs() + r / obs_var).sum()
+                       + (N * (log2pi + prior_var.log()).abs() + zz / prior_var).sum())
 
 
 def _snapshot(decoder) -> list[torch.Tensor]:
@@ -558,7 +584,12 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
                 num_certifiable += 1
         nll, sx, sz = nll_before, sx_old, sz_old
         total_bt, moved, q_gain, certified = 0, False, 0.0, 0
-        run = None  # certified blocks not yet evaluated: (parameters, σx, σz before them, their summed Q gain)
+        run = None  # certified blocks not yet evaluated: (parameters, σx, σz before them, summed Q gain, Q's scale)
+
+        def q_scale(st, sx, sz) -> float:
+            with torch.no_grad():
+                maps = [(W.detach(), v.detach()) for W, v in net.affine_maps(dtype)]
+                return _q_scale(maps, net, st, (sx ** 2).expand(D), (sz ** 2).expand(S))
 
         def propose(block, st, sx, sz):
             """Write the block's maximiser of Q (statistics ``st``) into the decoder; (σx, σz) candidates, Q gain."""
@@ -594,17 +625,22 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
         def flush():
             """Evaluate the end point of the certified run (the E-step the next block or step needs)."""
             nonlocal run
-            old, sx_e, sz_e, _ = run
+            old, sx_e, sz_e = run[:3]
             run = None
             verify(old, _snapshot(decoder), sx_e, sx, sz_e, sz)
 
         for i, block in enumerate(blocks):
             old = _snapshot(decoder)
+            certifiable = i >= len(blocks) - num_certifiable
+            # Q's rounding scale over the run: at its start (before any of its blocks) and after this block
+            scale = (q_scale(stats, sx, sz) if run is None else run[4]) if certifiable else 0.0
             sx_c, sz_c, gain = propose(block, stats, sx, sz)
             tol = monotone_tol * max(1.0, stats.total_abs_loglik)
-            if i >= len(blocks) - num_certifiable and (0.0 if run is None else run[3]) + gain >= -tol:
+            if certifiable:
+                scale = max(scale, q_scale(stats, sx_c, sz_c))
+            if certifiable and (0.0 if run is None else run[3]) + gain - Q_ROUNDING_RTOL * scale >= -tol:
                 # EM bound: NLL(θ) <= NLL(θ_e) − [Q(θ) − Q(θ_e)] <= NLL(θ_e) + tol (θ_e: the statistics' θ)
-                run = (old, sx, sz, gain) if run is None else run[:3] + (run[3] + gain,)
+                run = (old, sx, sz, gain, scale) if run is None else run[:3] + (run[3] + gain, scale)
                 sx, sz = sx_c, sz_c
                 q_gain += gain
                 certified += 1

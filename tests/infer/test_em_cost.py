@@ -9,14 +9,16 @@ import math
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from scipy import integrate
 from torch import nn
+from torch.distributions import constraints
 
 from pyro_cpa.datasets import noisy_circle
-from pyro_cpa.demo.circle import make_decoder, make_model
-from pyro_cpa.distributions import CPAMarginal
+from pyro_cpa.demo.circle import make_decoder
+from pyro_cpa.distributions import CPALikelihood, CPAMarginal
 from pyro_cpa.infer import EM
 from pyro_cpa.infer.em_engine import EStepCache, em_step, run_em
 from pyro_cpa.infer.estep import e_step
@@ -144,19 +146,30 @@ def test_the_e_step_is_not_reused_after_any_change():
     assert cache.hits == 1
 
 
-def test_em_trainer_reuses_its_e_step_through_the_param_store():
-    """σx goes through the store's constraint transform (exp ∘ log, which may change the last bit): EM keeps σx as
-    the store gives it back, so its next step receives the same bits and reuses the E-step."""
+def _model(decoder, sx_dtype):
+    def model(x):
+        pyro.module("decoder", decoder)
+        sx = pyro.param("obs_scale", torch.tensor(0.5, dtype=sx_dtype), constraint=constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(1, dtype=x.dtype), 1.0).to_event(1))
+            pyro.sample("x", CPALikelihood(decoder, z, sx), obs=x)
+    return model
+
+
+@pytest.mark.parametrize("sx_dtype", [torch.float64, torch.float32])
+def test_em_trainer_reuses_its_e_step_through_the_param_store(sx_dtype):
+    """σx goes through the store (the param's dtype, its constraint transform exp ∘ log, which may change the last
+    bits): EM keeps σx as the store gives it back, so its next step receives the same bits and reuses the E-step."""
     pyro.clear_param_store()
     x = noisy_circle(80, seed=5)
-    em = EM(make_model(make_decoder(4)))
+    em = EM(_model(make_decoder(4), sx_dtype))
     kept = []
     for _ in range(6):
         em.step(x)
         kept.append(pyro.param("obs_scale").detach().clone())
     hist = em.history
     for prev, h, stored in zip(hist, hist[1:], kept):
-        assert h.e_step_reused == torch.equal(stored, prev.obs_scale)
+        assert h.e_step_reused == torch.equal(stored.to(prev.obs_scale), prev.obs_scale)
     assert sum(h.e_step_reused for h in hist[1:]) >= 1
     assert all(h.nll_after <= h.nll_before + 1e-9 * abs(h.nll_before) for h in hist)
 
