@@ -8,15 +8,18 @@ For data x_n and regions ω the marginal is log p(x_n) = logsumexp_ω t_nω, t_n
    u_nω = log κ_ω(x_n) + min_j log Φ(d_j) ≥ t_nω is formed densely; pairs with
    u_nω ≥ max_ω u_nω − prune_tol are integrated, then those of the rest with u_nω ≥ log p(x_n) − prune_tol.
    A chunk has at most :data:`DENSE_ELEMENTS` elements per dense temporary (rows × R × (D + F + S²)).
-2. **Integration, per batch of kept pairs** (:func:`pair_batch`, within :data:`PAIR_ELEMENTS`): t_nω for the gathered pairs
-   (κ, μ, Σ recomputed for exactly those pairs by :func:`~.region_gaussians.affine_gaussians`).
+2. **Integration, per batch of kept pairs** (:func:`pair_batch`, within :data:`PAIR_ELEMENTS`): t_nω for the
+   gathered pairs, from the chunk's whitened constraints (:func:`whiten_chunk`: normals once per region,
+   distances per pair, which the bound of step 1 also uses); for S <= 3 the pairs are grouped by their region's
+   number of real facets f and integrated on those f rows alone (:func:`facet_order`), not on F padded rows.
 3. **Reduction**: log p(x_n) = logsumexp over the kept pairs of datum n; only the (N,) results are kept.
 
 **Autograd** (:class:`_RecomputedLogProb`): the forward pass keeps log p (N,) and the kept pairs' indices
 (one int64 per kept pair, for the whole data); the backward pass replays each batch of step 2 with
-autograd on and accumulates ∂ log p(x_n)/∂θ = Σ_ω w_nω ∂t_nω/∂θ, w_nω = exp(t_nω − log p(x_n)), into the
-gradients of the region parameters (A_ω, b_ω, H_ω, c_ω — themselves differentiable functions of the decoder's
-weights, outside this function), of σx², σz² and of x. The partition and the set of kept pairs are constants
+autograd on (κ, μ, Σ recomputed for exactly those pairs by :func:`~.region_gaussians.affine_gaussians`) and
+accumulates ∂ log p(x_n)/∂θ = Σ_ω w_nω ∂t_nω/∂θ, w_nω = exp(t_nω − log p(x_n)), into the gradients of
+the region parameters (A_ω, b_ω, H_ω, c_ω — themselves differentiable functions of the decoder's weights,
+outside this function), of σx², σz² and of x. The partition and the set of kept pairs are constants
 of the step (pruned pairs carry weight < e^{−prune_tol}; their gradient was already 0 up to that weight).
 Memory under autograd is O(one batch) for the graph plus 8 bytes per kept pair, instead of ~15 KB per
 (datum, region) pair for the full graph. The S >= 4 Monte-Carlo integrator is replayed on the RNG state
