@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._threads import with_library_threads
 from ..errors import PyroCPAError
 
 
@@ -126,6 +127,7 @@ def _groups(weights, n: int, device):
             for t in torch.unique(temper[active]).tolist()]
 
 
+@with_library_threads
 def weighted_log_prob(marginal, x: torch.Tensor, weights=None, return_stderr: bool = False):
     r"""Exact evidence terms L_n = s_z,n [log C(t_n) + log p(x_n; σx/√t_n)] (0 where s_x,n = 0), shape (N,).
 
@@ -151,6 +153,97 @@ def weighted_log_prob(marginal, x: torch.Tensor, weights=None, return_stderr: bo
     return (out, err) if return_stderr else out
 
 
+def _s1_regions(params):
+    """Per-region S = 1 quantities of :func:`_s1_pairs`: (A (R, D), b, lo (R,), hi, w (D,), aw, λ, v, s, const).
+
+    The region ω = {z : h_j z <= c_j} is the interval (lo_ω, hi_ω) (:func:`interval_from_constraints`; an
+    empty region gets lo = +inf). λ_ω = 1/σz² + Σ_d a_ωd² w_d is the posterior precision (w = 1/σx²),
+    v = 1/λ, s = √v, and const = −½ (D log 2π + Σ log σx² + log σz² + log λ) the part of log κ without
+    the quadratic form.
+    """
+    from ..integrate.univariate import interval_from_constraints
+
+    A, b, H, c, obs_var, prior_var = params
+    a = A[..., 0]
+    lo, hi, infeasible = interval_from_constraints(H[..., 0], c)
+    lo = torch.where(infeasible, torch.full_like(lo, math.inf), lo)
+    w = obs_var.reciprocal()
+    aw = a * w
+    lam = prior_var.reciprocal() + (a * aw).sum(-1)
+    v = lam.reciprocal()
+    const = -0.5 * (a.shape[-1] * math.log(2 * math.pi) + obs_var.log().sum() + prior_var.log().sum() + lam.log())
+    return a, b, lo, hi, w, aw, lam, v, v.sqrt(), const
+
+
+def _s1_pairs(regions, xc: torch.Tensor, prior_var: torch.Tensor):
+    r"""Exact S = 1 pair quantities for fully observed data xc (n, D): (terms (n, R), m (n, R), C (n, R)).
+
+    The same maths as :meth:`~pyro_cpa.distributions.CPAMarginal._pairs` (every pair, no pruning), written
+    for S = 1 with a fixed number of tensor operations: μ_nω = v_ω Σ_d w_d a_ωd (x_nd − b_ωd),
+    log κ = const_ω − ½ [Σ_d w_d (x_nd − b_ωd − a_ωd μ_nω)² + μ_nω²/σz²] (a sum of non-negative terms, as in
+    :func:`~pyro_cpa.distributions.region_gaussians.affine_gaussians`), the whitened interval
+    ((lo_ω − μ)/s_ω, (hi_ω − μ)/s_ω) and its log P, mean and variance by
+    :func:`~pyro_cpa.integrate.univariate.interval_stats` (machine precision in every regime);
+    terms = log κ + log P, m = μ + s E[u], C = v Var[u].
+    """
+    from ..integrate.univariate import interval_stats
+
+    a, b, lo, hi, w, aw, _, v, s, const = regions
+    r = xc.unsqueeze(-2) - b                                  # (n, R, D)
+    mu = v * (r * aw).sum(-1)
+    quad = ((r - a * mu.unsqueeze(-1)).square() * w).sum(-1) + mu.square() / prior_var
+    log_mass, mean_u, var_u = interval_stats((lo - mu) / s, (hi - mu) / s)
+    return const - 0.5 * quad + log_mass, mu + s * mean_u, v * var_u
+
+
+def _s1_chunk_stats(regions, xc, wc, prior_var):
+    """(Z (R, 2, 2), X (R, D, 2), q (R, D), log p (n,)) of fully observed S = 1 data (see :func:`e_step`)."""
+    terms, m, C = _s1_pairs(regions, xc, prior_var)
+    lp = terms.logsumexp(-1)
+    ew = (terms - lp.unsqueeze(-1)).exp() * wc.unsqueeze(-1)   # s_x,n e0_nω
+    ewm = ew * m
+    n, R = ew.shape
+    Zc = torch.stack([ewm * m + ew * C, ewm, ewm, ew], -1).sum(0).reshape(R, 2, 2)
+    Xc = (xc.T @ torch.stack([ewm, ew], -1).reshape(n, 2 * R)).reshape(-1, R, 2).transpose(0, 1)
+    return Zc, Xc, ew.T @ xc.square(), lp
+
+
+def _use_s1_kernel(marginal) -> bool:
+    """Whether :func:`e_step` takes the S = 1 kernel (:func:`_s1_chunk_stats`) for fully observed chunks."""
+    return marginal.latent_dim == 1
+
+
+def _chunk_stats(mg, xc, oc, wc, obs_var):
+    """(Z, X, q, log p) of one chunk by the generic pair machinery (:meth:`CPAMarginal._pairs`, any S,
+    missing coordinates)."""
+    # the statistics sum E[z̃z̃ᵀ] = C + m mᵀ: the centred covariance quadrature buys nothing here
+    terms, _, mom, _, (A, b, _, _) = mg._pairs(xc, need_moments=True, centred_covariance=False)
+    lp = terms.logsumexp(-1)
+    e0 = (terms - lp.unsqueeze(-1)).exp()  # pruned pairs: exp(-inf) = 0
+    live = torch.isfinite(terms)  # pruned pairs (log mass -inf by construction) carry no moments
+    m = torch.where(live.unsqueeze(-1), mom.mean, torch.zeros_like(mom.mean))
+    C = torch.where(live[..., None, None], mom.covariance, torch.zeros_like(mom.covariance))
+    n, R, S = m.shape
+    D, K = xc.shape[-1], S + 1
+    mt = torch.cat([m, torch.ones_like(m[..., :1])], -1)  # (n, R, S+1)
+    Zn = mt.unsqueeze(-1) * mt.unsqueeze(-2)
+    Zn[..., :S, :S] += C  # E[z̃ z̃ᵀ | x_n, ω]
+    ew = e0 * wc.unsqueeze(-1)  # s_x,n e0_nω
+    Zc = torch.einsum("nr,nrkl->rkl", ew, Zn)
+    x0 = torch.where(oc, xc, torch.zeros_like(xc))
+    Xc = (x0.T @ (ew.unsqueeze(-1) * mt).reshape(n, R * K)).reshape(D, R, K).transpose(0, 1)
+    qc = ew.T @ x0.square()
+    if not bool(oc.all()):
+        mis = (~oc).to(xc.dtype)
+        At = torch.cat([A, b.unsqueeze(-1)], -1)  # (R, D, S+1), the old parameters
+        Y = (mis.T @ (ew[..., None, None] * Zn).reshape(n, R * K * K)).reshape(D, R, K, K)
+        Y = Y.transpose(0, 1)  # (R, D, K, K): Σ_n s_x e0 mis_nd E[z̃ z̃ᵀ | x_n, ω]
+        Xc = Xc + torch.einsum("rdk,rdkl->rdl", At, Y)
+        qc = qc + (ew.T @ mis) * obs_var + torch.einsum("rdk,rdkl,rdl->rd", At, Y, At)
+    return Zc, Xc, qc, lp
+
+
+@with_library_threads
 def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=None) -> EStepStats:
     """Exact E-step statistics of the data ``x`` (N, D) (or (..., D), flattened) under ``marginal``.
 
@@ -160,6 +253,8 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
         chunk_size: data per batch (memory ∝ chunk_size · R · S²); the marginal's ``chunk_size`` by default.
         weights: optional :class:`~pyro_cpa.infer.structure.DataWeights` (module docstring).
     """
+    from ..distributions.chunked import chunk_rows
+
     x = marginal._check_x(x)
     flat = x.reshape(-1, x.shape[-1])
     N, D = flat.shape
@@ -171,46 +266,38 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
     w_obs = torch.ones(N, dtype=flat.dtype, device=flat.device) if weights is None else weights.obs.to(flat)
     w_lat = w_obs if weights is None else weights.latent.to(flat)
     keep = observed.any(-1)  # data with no observed coordinate have L_n = 0 for every θ: left out
+    complete = bool(observed.all())
     Z = X = q = None
     loglik = flat.new_zeros(N)
     num_data = 0.0
     with torch.no_grad():
         obs_var = marginal._variances()[0]
         for t, idx in _groups(weights, N, flat.device):
-            idx = idx[keep[idx]]
+            idx = idx if complete else idx[keep[idx]]
             mg = tempered_marginal(marginal, t) if weights is not None else marginal
-            for start in range(0, idx.shape[0], chunk):
-                ic = idx[start:start + chunk]
+            s1 = _use_s1_kernel(mg)
+            if s1:  # S = 1: every pair at once, a fixed number of tensor operations (_s1_pairs)
+                params = mg._params()
+                regions = _s1_regions(params)
+                rows = min(chunk, chunk_rows(params.A.shape[0], D, params.H.shape[1], 1, chunk))
+            else:
+                rows = chunk
+            sliced = weights is None and complete  # idx = 0..N−1: slices instead of gathers
+            for start in range(0, idx.shape[0], rows):
+                ic = slice(start, start + rows) if sliced else idx[start:start + rows]
                 xc, oc, wc = flat[ic], observed[ic], w_obs[ic]
-                # the statistics sum E[z̃z̃ᵀ] = C + m mᵀ: the centred covariance quadrature buys nothing here
-                terms, _, mom, _, (A, b, _, _) = mg._pairs(xc, need_moments=True, centred_covariance=False)
-                lp = terms.logsumexp(-1)
-                e0 = (terms - lp.unsqueeze(-1)).exp()  # pruned pairs: exp(-inf) = 0
-                live = torch.isfinite(terms)  # pruned pairs (log mass -inf by construction) carry no moments
-                m = torch.where(live.unsqueeze(-1), mom.mean, torch.zeros_like(mom.mean))
-                C = torch.where(live[..., None, None], mom.covariance, torch.zeros_like(mom.covariance))
-                n, R, S = m.shape
-                K = S + 1
-                mt = torch.cat([m, torch.ones_like(m[..., :1])], -1)  # (n, R, S+1)
-                Zn = mt.unsqueeze(-1) * mt.unsqueeze(-2)
-                Zn[..., :S, :S] += C  # E[z̃ z̃ᵀ | x_n, ω]
-                ew = e0 * wc.unsqueeze(-1)  # s_x,n e0_nω
-                Zc = torch.einsum("nr,nrkl->rkl", ew, Zn)
-                x0 = torch.where(oc, xc, torch.zeros_like(xc))
-                Xc = (x0.T @ (ew.unsqueeze(-1) * mt).reshape(n, R * K)).reshape(D, R, K).transpose(0, 1)
-                qc = ew.T @ x0.square()
-                if not bool(oc.all()):
-                    mis = (~oc).to(xc.dtype)
-                    At = torch.cat([A, b.unsqueeze(-1)], -1)  # (R, D, S+1), the old parameters
-                    Y = (mis.T @ (ew[..., None, None] * Zn).reshape(n, R * K * K)).reshape(D, R, K, K)
-                    Y = Y.transpose(0, 1)  # (R, D, K, K): Σ_n s_x e0 mis_nd E[z̃ z̃ᵀ | x_n, ω]
-                    Xc = Xc + torch.einsum("rdk,rdkl->rdl", At, Y)
-                    qc = qc + (ew.T @ mis) * obs_var + torch.einsum("rdk,rdkl,rdl->rd", At, Y, At)
+                if s1 and (complete or bool(oc.all())):
+                    Zc, Xc, qc, lp = _s1_chunk_stats(regions, xc, wc, params.prior_var)
+                else:
+                    Zc, Xc, qc, lp = _chunk_stats(mg, xc, oc, wc, obs_var)
                 Z, X, q = (Zc, Xc, qc) if Z is None else (Z + Zc, X + Xc, q + qc)
                 if weights is not None:
                     lp = w_lat[ic] * (lp + _log_temper_constant(marginal, xc, t))
-                loglik = loglik.index_put((ic,), lp)
-                num_data += float(wc.sum())
+                if sliced:
+                    loglik[ic] = lp
+                else:
+                    loglik = loglik.index_put((ic,), lp)
+                num_data += float(xc.shape[0]) if weights is None else float(wc.sum())
     if Z is None:
         raise PyroCPAError("e_step: no datum carries weight (every observation is masked, zero-scaled or entirely "
                            "missing)")

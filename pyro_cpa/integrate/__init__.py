@@ -17,12 +17,14 @@ S      method                                                           accuracy
 =====  ==============================================================  ===========================
 
 Everything is torch, batched over all leading dimensions and differentiable (autograd) with respect
-to μ, L, H and c.
+to μ, L, H and c. The entry points run on one intra-op thread whatever ``torch.set_num_threads`` says
+(:mod:`pyro_cpa._threads`: many small operations; results bit-identical for every thread count).
 """
 from __future__ import annotations
 
 import torch
 
+from .._threads import with_library_threads
 from ..errors import EmptyPolytopeError, PyroCPAError
 from .types import PolytopeMoments, StandardMoments
 
@@ -81,6 +83,7 @@ def log_mass_upper_bound(G: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.special.log_ndtr(d).min(dim=-1).values if d.shape[-1] else d.new_zeros(d.shape[:-1])
 
 
+@with_library_threads
 def std_moments(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True, centred_covariance: bool = True,
                 **kwargs) -> StandardMoments:
     """Dispatch the whitened problem to the method for its dimension S = G.shape[-1] (see module doc).
@@ -111,6 +114,7 @@ def std_moments(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True, 
     return std_moments_tilting(G, d, **kwargs)
 
 
+@with_library_threads
 def gaussian_polytope_moments(loc: torch.Tensor, scale_tril: torch.Tensor, H: torch.Tensor, c: torch.Tensor,
                               *, active: torch.Tensor | None = None, validate: bool = True,
                               **kwargs) -> PolytopeMoments:
@@ -136,6 +140,7 @@ def gaussian_polytope_moments(loc: torch.Tensor, scale_tril: torch.Tensor, H: to
     return integrate_whitened(loc, scale_tril, G, d, active=active, **kwargs)
 
 
+@with_library_threads
 def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Tensor, d: torch.Tensor,
                        *, active: torch.Tensor | None = None, need_moments: bool = True,
                        centred_covariance: bool = True, **kwargs) -> PolytopeMoments:

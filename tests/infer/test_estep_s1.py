@@ -1,0 +1,120 @@
+"""The S = 1 E-step kernel (estep._s1_chunk_stats): the same statistics as the generic pair machinery, and as an
+independent quadrature reference (issue 12, per-call overhead)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+from torch import nn
+
+from pyro_cpa.datasets import noisy_circle
+from pyro_cpa.demo.circle import make_decoder
+from pyro_cpa.distributions import CPAMarginal
+from pyro_cpa.infer import estep
+from pyro_cpa.infer.estep import e_step
+from pyro_cpa.infer.structure import DataWeights
+from pyro_cpa.nn import mlp
+
+GENERIC_RTOL = 1e-12
+"""Kernel vs generic path: the same maths up to summation order, and the generic path's pruning of pairs more
+than prune_tol = 40 nats down (a relative e^-40 ≈ 4e-18)."""
+QUAD_RTOL = 1e-9
+"""Kernel vs scipy.integrate.quad (its own error estimate is ~1e-12 here)."""
+
+
+def _generic(monkeypatch, *args, **kwargs):
+    with monkeypatch.context() as m:
+        m.setattr(estep, "_use_s1_kernel", lambda marginal: False)
+        return e_step(*args, **kwargs)
+
+
+def _assert_stats_close(a, b, rtol):
+    for name in ("Z", "X", "q", "loglik"):
+        x, y = getattr(a, name), getattr(b, name)
+        scale = y.abs().max().clamp(min=1.0)
+        assert float((x - y).abs().max()) <= rtol * float(scale), name
+    assert a.num_data == pytest.approx(b.num_data, rel=1e-15)
+
+
+def _marginals():
+    far = mlp([1, 16, 16, 3], nn.ReLU, seed=3)
+    return [(CPAMarginal(make_decoder(0), 0.5), noisy_circle(300)),
+            (CPAMarginal(far, 0.05), torch.randn(120, 3, dtype=torch.float64) * 4.0)]  # far from the curve: tails
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_s1_kernel_matches_generic_path(monkeypatch, case):
+    dist, x = _marginals()[case]
+    calls = []
+    kernel = estep._s1_chunk_stats
+    monkeypatch.setattr(estep, "_s1_chunk_stats", lambda *a: calls.append(1) or kernel(*a))
+    fast = e_step(dist, x)
+    assert calls, "the S = 1 kernel was not used"
+    _assert_stats_close(fast, _generic(monkeypatch, dist, x), GENERIC_RTOL)
+    chunked = e_step(dist, x, chunk_size=37)
+    _assert_stats_close(chunked, fast, GENERIC_RTOL)
+
+
+def test_s1_kernel_with_weights_and_missing_data(monkeypatch):
+    dist, x = _marginals()[0]
+    x = x.clone()
+    x[3, 1] = float("nan")
+    x[10] = float("nan")
+    g = torch.Generator().manual_seed(0)
+    w_obs = torch.rand(x.shape[0], generator=g, dtype=torch.float64) * 2
+    w_obs[5] = 0.0
+    weights = DataWeights(w_obs, w_obs * 0.5 + (w_obs > 0) * 0.5)
+    fast = e_step(dist, x, weights=weights, chunk_size=64)
+    _assert_stats_close(fast, _generic(monkeypatch, dist, x, weights=weights, chunk_size=64), GENERIC_RTOL)
+
+
+def _quad_reference(dist, x):
+    """Z, X, q, log p by scipy quadrature of the exact posterior over every region's interval."""
+    A, b, H, c = (t.detach().numpy() for t in dist._region_params())
+    obs_var = float(dist.obs_scale) ** 2
+    R, D = b.shape
+    lo = np.full(R, -np.inf)
+    hi = np.full(R, np.inf)
+    for r in range(R):
+        for h, cc in zip(H[r, :, 0], c[r]):
+            if np.isfinite(cc) and h > 0:
+                hi[r] = min(hi[r], cc / h)
+            elif np.isfinite(cc) and h < 0:
+                lo[r] = max(lo[r], cc / h)
+    Z = np.zeros((R, 2, 2))
+    X = np.zeros((R, D, 2))
+    q = np.zeros((R, D))
+    lps = []
+    for xn in x.numpy():
+        def log_joint(z, r):
+            res = xn - A[r, :, 0] * z - b[r]
+            return -0.5 * z * z - 0.5 * (res @ res) / obs_var
+        # shift by the maximum of the log joint on a grid (scipy integrates exp of values near 0)
+        shift = max(log_joint(z, r) for r in range(R) for z in np.linspace(max(lo[r], -8), min(hi[r], 8), 201)
+                    if lo[r] < hi[r])
+        mom = np.zeros((R, 3))
+        for r in range(R):
+            if not lo[r] < hi[r]:
+                continue
+            for k in range(3):
+                mom[r, k] = integrate.quad(lambda z: z ** k * math.exp(log_joint(z, r) - shift), max(lo[r], -40),
+                                           min(hi[r], 40), epsabs=0, epsrel=1e-13, limit=200)[0]
+        total = mom[:, 0].sum()
+        lps.append(math.log(total) + shift - 0.5 * D * math.log(2 * math.pi * obs_var) - 0.5 * math.log(2 * math.pi))
+        e = mom / total  # E[1_ω z^k | x_n]
+        Z[:, 0, 0] += e[:, 2]
+        Z[:, 0, 1] += e[:, 1]
+        Z[:, 1, 0] += e[:, 1]
+        Z[:, 1, 1] += e[:, 0]
+        X += xn[None, :, None] * np.stack([e[:, 1], e[:, 0]], -1)[:, None, :]
+        q += e[:, :1] * xn[None, :] ** 2
+    return Z, X, q, np.array(lps)
+
+
+def test_s1_kernel_against_quadrature():
+    dist, x = _marginals()[0]
+    x = x[:6]
+    st = e_step(dist, x)
+    for mine, ref in zip((st.Z, st.X, st.q, st.loglik), _quad_reference(dist, x)):
+        np.testing.assert_allclose(mine.numpy(), ref, rtol=QUAD_RTOL, atol=QUAD_RTOL * np.abs(ref).max())
