@@ -171,6 +171,13 @@ def _q_scale(maps, net, stats: EStepStats, obs_var: torch.Tensor, prior_var: tor
                        + (N * (log2pi + prior_var.log()).abs() + zz / prior_var).sum())
 
 
+def _precision_message(decoder, sx, what: str) -> str:
+    scale = max(float(p.detach().abs().max()) for p in decoder.parameters())
+    return (f"em_step: the exact E-step failed at the current parameters ({what}). The decoder's largest weight is "
+            f"{scale:.3g} and σx is {float(sx.min()):.3g}: products of that size overflow or lose all precision. "
+            "Rescale the data and the decoder (e.g. standardise x, re-initialise the weights).")
+
+
 def _snapshot(decoder) -> list[torch.Tensor]:
     return [p.detach().clone() for p in decoder.parameters()]
 
@@ -533,12 +540,11 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
     except SoftFailure as e:
         raise PyroCPAError(f"em_step: the exact E-step failed at the current parameters ({e})") from e
     except torch.linalg.LinAlgError as e:
-        scale = max(float(p.detach().abs().max()) for p in decoder.parameters())
-        raise PyroCPAError(
-            f"em_step: the exact E-step failed at the current parameters ({e.__class__.__name__}: the per-region "
-            f"posterior covariances are not positive definite in float64). The decoder's largest weight is "
-            f"{scale:.3g} and σx is {float(sx_old.min()):.3g}: products of that size overflow or lose all precision. "
-            "Rescale the data and the decoder (e.g. standardise x, re-initialise the weights).") from e
+        raise PyroCPAError(_precision_message(decoder, sx_old, f"{e.__class__.__name__}: the per-region posterior "
+                                              "covariances are not positive definite in float64")) from e
+    finite = all(bool(torch.isfinite(t).all()) for t in (stats.Z, stats.X, stats.q))
+    if not (finite and math.isfinite(stats.total_loglik)):
+        raise PyroCPAError(_precision_message(decoder, sx_old, "its statistics are not finite"))
     nll_before = -stats.total_loglik
     old_params = _snapshot(decoder)
     num_regions = stats.num_regions
