@@ -61,3 +61,16 @@ def test_results_bit_identical_for_one_and_two_threads():
         torch.set_num_threads(before)
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+def test_log_prob_and_its_backward_run_single_threaded(monkeypatch, two_threads):
+    import pyro_cpa.distributions.chunked as chunked
+    seen = []
+    fn = chunked.std_moments
+    monkeypatch.setattr(chunked, "std_moments",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or fn(*a, **k))
+    decoder = make_decoder(0)
+    lp = CPAMarginal(decoder, 0.5).log_prob(noisy_circle(50))
+    lp.sum().backward()                  # the backward recomputes each batch: also on one thread
+    assert len(seen) >= 2 and set(seen) == {1}
+    assert torch.get_num_threads() == 2

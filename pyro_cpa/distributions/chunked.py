@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._threads import with_library_threads
 from ..integrate import PolytopeMoments, integrate_whitened, std_moments, whiten
 from .region_gaussians import RegionGaussians, affine_gaussians, region_gaussians
 
@@ -308,6 +309,7 @@ class _RecomputedLogProb(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @with_library_threads
     def backward(ctx, grad_lp, _grad_err):
         x, lp, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
@@ -345,6 +347,7 @@ def observed_mask(x: torch.Tensor) -> torch.Tensor | None:
     return None if bool(observed.all()) else observed
 
 
+@with_library_threads
 def chunked_log_prob(params: RegionParams, x: torch.Tensor, *, prune_tol: float, chunk_size: int,
                      mc_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact log p(x_n) (N,) for flat data x (N, D) (NaN = missing) and its Monte-Carlo standard error (N,).
