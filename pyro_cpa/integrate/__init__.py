@@ -10,9 +10,11 @@ so that ω becomes {u : g_jᵀu <= d_j} under N(0, I), and solved by a method pe
 =====  ==============================================================  ===========================
 S      method                                                           accuracy
 =====  ==============================================================  ===========================
-1      closed form with log_ndtr                                        machine precision
-2      Owen's-T edge formula; log-space slice quadrature far out        machine precision (~1e-13)
-3      Gauss–Legendre slices of 2-D polygons; divergence-theorem moments ~1e-10 relative
+1      closed form (Mills-ratio tails, no E[u²]−E[u]²)                  machine precision
+2      flux formula over the edges; Owen's T near the mean; log-space   machine precision (~1e-13)
+       slices far out
+3      flux formula: facets -> edges (1-D Gauss–Legendre in log space); ~1e-12 relative
+       slices of 2-D polygons where the flux sum cancels
 >= 4   minimax-tilting importance sampling (Botev 2017)                 Monte Carlo, with stderr
 =====  ==============================================================  ===========================
 
@@ -134,7 +136,7 @@ def gaussian_polytope_moments(loc: torch.Tensor, scale_tril: torch.Tensor, H: to
         :class:`PolytopeMoments` with ``mean = loc + L E[u|ω]`` and ``covariance = L Cov[u|ω] Lᵀ``, where
         Cov[u|ω] is the integrator's direct covariance when it provides one (S = 1, S >= 4), else
         E[uuᵀ|ω] − E[u|ω]E[u|ω]ᵀ. Exact to machine precision for S <= 2,
-        to ~1e-10 for S = 3; Monte Carlo with ``log_mass_stderr`` for S >= 4.
+        to ~1e-12 for S = 3 (the covariance by subtraction, so less far out); Monte Carlo with ``log_mass_stderr`` for S >= 4.
     """
     G, d = whiten(loc, scale_tril, H, c, validate=validate)
     return integrate_whitened(loc, scale_tril, G, d, active=active, **kwargs)
