@@ -50,6 +50,21 @@ def _check_expand(old: torch.Size, new: torch.Size, name: str) -> None:
                          "> 1 must keep their size, and dims cannot be removed)")
 
 
+
+def _check_representable(A: torch.Tensor, b: torch.Tensor, obs_var: torch.Tensor, prior_var: torch.Tensor) -> None:
+    """Raise when the exact computation cannot be represented in the working dtype: a non-finite affine map
+    (A_ω, b_ω), or a posterior precision 1/σz² + Σ_d A_ωd²/σx_d² that overflows (e.g. decoder weights of
+    1e100). Without this check such decoders give a silent NaN or an opaque Cholesky failure."""
+    with torch.no_grad():
+        prec = prior_var.reciprocal().sum() + (A * A / obs_var.unsqueeze(-1)).sum((-1, -2))
+        ok = bool(torch.isfinite(A).all()) and bool(torch.isfinite(b).all()) and bool(torch.isfinite(prec).all())
+    if not ok:
+        big = float(A.detach().abs().nan_to_num(math.inf).max()) if A.numel() else 0.0
+        raise PyroCPAError(
+            f"The decoder's affine maps are not representable in {A.dtype}: the largest |A_ω| is {big:.3g} with "
+            f"σx = {float(obs_var.min().sqrt()):.3g}, so the posterior precision AᵀΣx⁻¹A overflows (or a map is "
+            "not finite). Rescale the data and the decoder (e.g. standardise x, re-initialise the weights).")
+
 class CPAMarginal(TorchDistribution):
     r"""Exact marginal p(x) of x = g(z) + ε for a CPA decoder g (see module docstring).
 
@@ -188,7 +203,9 @@ class CPAMarginal(TorchDistribution):
     def _params(self) -> RegionParams:
         """A_ω, b_ω, H_ω, c_ω of the current partition, σx², σz² (differentiable in the decoder and scales)."""
         A, b, H, c = self._region_params()
-        return RegionParams(A, b, H, c, *self._variances())
+        obs_var, prior_var = self._variances()
+        _check_representable(A, b, obs_var, prior_var)
+        return RegionParams(A, b, H, c, obs_var, prior_var)
 
     def _pairs(self, x: torch.Tensor, need_moments: bool = True, centred_covariance: bool = True):
         """For flat x (N, D): terms log κ + log P (N, R) (−inf on pruned pairs), their Monte-Carlo standard

@@ -366,3 +366,22 @@ def test_s2_gradients_are_finite_and_match_finite_differences():
             flat[i] = old
             fd = (up - down) / (2 * eps)
             assert abs(fd - g.view(-1)[i].item()) < 1e-5 * max(1, abs(fd))
+
+
+@pytest.mark.parametrize("factor", [1e100, math.inf])
+def test_unrepresentable_decoder_raises_a_clear_error_not_nan(factor):
+    """Weights x1e100 overflow the posterior precision AᵀΣx⁻¹A: log_prob, the E-step and the posterior must say
+    so (and how to fix it), never return NaN or fail inside a Cholesky."""
+    from pyro_cpa.datasets import noisy_circle
+    from pyro_cpa.demo.circle import make_decoder
+    from pyro_cpa.infer.estep import e_step
+    decoder = make_decoder(0)
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.mul_(factor)
+    dist = CPAMarginal(decoder, 0.5)
+    x = noisy_circle(20)
+    fix = "Rescale the data and the decoder" if math.isfinite(factor) else "NaN or infinite weights"
+    for call in (lambda: dist.log_prob(x), lambda: e_step(dist, x), lambda: dist.posterior(x[0])):
+        with pytest.raises(PyroCPAError, match=fix):
+            call()
