@@ -90,21 +90,38 @@ class EM:
             0 included) and the same initial decoder and σx; the E-step statistics and the exact NLLs are summed
             exactly over the ranks, every rank takes the same step, and the trajectory is that of one process
             with all the data (:mod:`pyro_cpa.infer.distributed`). An exception on one rank stops every rank.
+        partition: ``"global"`` (default: every linear region of the decoder, enumerated once per parameter
+            state) or ``"local"`` (S <= 2, ReLU-type layers, fully observed data, one process): every E-step and
+            every verification runs on the regions near each datum's posterior mass, with the neglected fraction
+            of each datum's evidence certified below exp(−``local_tol``) (:mod:`pyro_cpa.geometry.local`), for
+            decoders whose global partition is too large. A model observing ``CPALikelihood`` cannot carry this
+            choice, hence the keyword (it fills ``marginal_kwargs``). Masks and scales are honoured (one local
+            partition per distinct (observed, latent) weight pair, :func:`~pyro_cpa.infer.estep.local_e_step_stats`).
+        local_tol: the local partition's certified log-fraction (default 40: at most e^−40 of each datum's mass
+            is left out).
         **em_kwargs: further options of :func:`~pyro_cpa.infer.em_engine.em_step`
             (``max_backtracks``, ``schedule``, ``rcond``, ``max_regions``, ...).
     """
 
     def __init__(self, model, guide=None, *, obs_noise: str = "isotropic", m_step: str = "closed_form",
                  update_obs_scale: bool = True, min_obs_scale: float = DEFAULT_MIN_OBS_SCALE, distributed=False,
-                 **em_kwargs):
+                 partition: str = "global", local_tol: float = 40.0, **em_kwargs):
         from ..guides import ExactPosterior
+        from .em_engine import _LOCAL_DISTRIBUTED
 
         if guide is not None and not isinstance(guide, ExactPosterior):
             raise PyroCPAError(f"EM's E-step is the exact posterior; pass ExactPosterior(model) or None, "
                                f"not {type(guide).__name__}. Use pyro.infer.SVI for other guides.")
+        if partition not in ("global", "local"):
+            raise PyroCPAError(f"EM: partition must be 'global' or 'local', got {partition!r}")
+        mkw = dict(em_kwargs.pop("marginal_kwargs", None) or {})
+        if partition == "local":
+            mkw.update(partition="local", local_tol=float(local_tol))
+        if mkw.get("partition", "global") == "local" and distributed is not False:
+            raise PyroCPAError(_LOCAL_DISTRIBUTED)
         self.model, self.guide = model, guide
         self.obs_noise, self.m_step, self.update_obs_scale = obs_noise, m_step, update_obs_scale
-        self.em_kwargs = dict(em_kwargs, min_obs_scale=min_obs_scale)
+        self.em_kwargs = dict(em_kwargs, min_obs_scale=min_obs_scale, marginal_kwargs=mkw)
         self.distributed = distributed
         self.history: list[EMStepResult] = []
         self._cache = EStepCache()   # each step starts from the previous step's final E-step when nothing changed
@@ -149,7 +166,10 @@ class EM:
         comm = comm_for(resolve_group(self.distributed))
         with guard(comm):
             structure = self._structure(*args, **kwargs)
-            return _total_nll(structure.marginal(), structure.flat_x.detach(), self._weights(structure), comm)
+            mkw = dict(self.em_kwargs["marginal_kwargs"])
+            if "max_regions" in self.em_kwargs:
+                mkw.setdefault("max_regions", self.em_kwargs["max_regions"])
+            return _total_nll(structure.marginal(**mkw), structure.flat_x.detach(), self._weights(structure), comm)
 
     @staticmethod
     def _roundtrip(structure):

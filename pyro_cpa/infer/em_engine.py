@@ -64,7 +64,7 @@ import torch
 from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..geometry.regions import DEFAULT_MAX_REGIONS
 from ..nn.network import as_cpa_network
-from .estep import EStepStats, e_step, weighted_log_prob
+from .estep import EStepStats, e_step, local_e_step_stats, weighted_log_prob
 from .mstep import (DEFAULT_RCOND, expected_complete_loglik, frozen_region_maps, m_step, prior_expansion,
                     update_layer, update_variances)
 
@@ -85,6 +85,10 @@ STATS_BLOCK = 256
 #: through every datum (N = 1, N = 2, identical points, N ≤ the decoder's capacity): EM then drives σx down
 #: to this floor, and warns (:class:`ObsScaleFloorWarning`).
 DEFAULT_MIN_OBS_SCALE = 1e-6
+
+_LOCAL_DISTRIBUTED = ("EM with partition='local' runs in one process only: the local partition's regions depend on "
+                      "the data of each call, so the ranks' statistics would not share one region set. Use "
+                      "distributed=False / process_group=None, or the global partition for distributed EM.")
 
 
 class ObsScaleFloorWarning(UserWarning):
@@ -294,6 +298,10 @@ def _block_e_step(marginal, x: torch.Tensor, weights=None, comm=None) -> EStepSt
     from .distributed import ExactSum, agreed_failures, reduce_sums, state_signature
     from .structure import DataWeights
 
+    if marginal.partition == "local":   # one local partition over all the data (its region set is the call's)
+        if comm is not None:
+            raise PyroCPAError(_LOCAL_DISTRIBUTED)
+        return local_e_step_stats(marginal, x, weights)
     N, D = x.shape[0], marginal.event_shape[0]
     with agreed_failures(comm, _CANDIDATE_FAILURES):
         regions = marginal.regions
@@ -334,7 +342,7 @@ def _total_nll(marginal, x: torch.Tensor, weights=None, comm=None) -> float:
     from .distributed import ExactSum, agreed_failures, exact_sum, reduce_sums, state_signature
 
     with torch.no_grad(), agreed_failures(comm, _CANDIDATE_FAILURES):
-        patterns = marginal.regions.patterns
+        patterns = None if comm is None else marginal.regions.patterns
         lp = weighted_log_prob(marginal, x, weights) if x.shape[0] else x.new_zeros(0)
     if comm is None:
         return float(-exact_sum(lp))
@@ -504,6 +512,8 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
         m_step_method = "gradient"   # convolutions, pools, PReLU: no closed-form update (issue 14)
     mkw = dict(marginal_kwargs or {})
     mkw.setdefault("max_regions", max_regions)
+    if mkw.get("partition", "global") == "local" and comm is not None:
+        raise PyroCPAError(_LOCAL_DISTRIBUTED)
     marginal = CPAMarginal(decoder, obs_scale, prior_scale, **mkw)
     D, S = net.out_features, net.in_features
     dtype = marginal.dtype

@@ -66,6 +66,9 @@ class EStepStats:
         loglik_sum, loglik_abs_sum: Σ_n L_n and Σ_n |L_n| over *all* data (every rank's, when the E-step is
             distributed, :mod:`pyro_cpa.infer.distributed`), summed exactly; None: use ``loglik`` (this
             process's data only).
+        log_bound: local partition only (:func:`local_e_step_stats`): (N,) log of the certified upper bound of the
+            fraction of each datum's evidence that the statistics leave out (−inf for data left out); None for
+            the global partition.
     """
 
     Z: torch.Tensor
@@ -76,6 +79,7 @@ class EStepStats:
     num_data: float
     loglik_sum: float | None = None
     loglik_abs_sum: float | None = None
+    log_bound: torch.Tensor | None = None
 
     @property
     def total_loglik(self) -> float:
@@ -101,9 +105,11 @@ def tempered_marginal(marginal, t: float):
     """The CPA marginal with σx/√t (same decoder, σz, options and partition): p(x; σx/√t)."""
     from ..distributions import CPAMarginal
 
+    local = marginal.partition == "local"
     return CPAMarginal(marginal.decoder, marginal.obs_scale / math.sqrt(t), marginal.prior_scale,
                        max_regions=marginal.max_regions, prune_tol=marginal.prune_tol, chunk_size=marginal.chunk_size,
-                       dtype=marginal.dtype, mc_kwargs=marginal.mc_kwargs, regions=marginal.regions)
+                       dtype=marginal.dtype, mc_kwargs=marginal.mc_kwargs, regions=None if local else marginal.regions,
+                       partition=marginal.partition, local_tol=marginal.local_tol)
 
 
 def _log_temper_constant(marginal, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -302,3 +308,81 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
         raise PyroCPAError("e_step: no datum carries weight (every observation is masked, zero-scaled or entirely "
                            "missing)")
     return EStepStats(Z=Z, X=X, q=q, loglik=loglik, patterns=patterns, num_data=num_data)
+
+
+def _weight_groups(weights, n: int, device):
+    """[(s_x, s_z, indices)] of the active data grouped by their weight pair (one group when unweighted)."""
+    if weights is None:
+        return [(1.0, 1.0, torch.arange(n, device=device))]
+    if weights.obs.shape[0] != n:
+        raise PyroCPAError(f"weights are given for {weights.obs.shape[0]} data but x has {n}")
+    active = weights.active.to(device)
+    pairs = torch.stack([weights.obs, weights.latent], -1).to(device=device, dtype=torch.float64)
+    # Grouping by the exact weight values only decides which data share one local partition: each group's
+    # statistics are exact whatever the grouping.
+    keys, inv = torch.unique(pairs[active], dim=0, return_inverse=True)
+    idx = torch.nonzero(active).squeeze(-1)
+    return [(float(k[0]), float(k[1]), idx[inv == g]) for g, k in enumerate(keys)]
+
+
+@with_library_threads
+def local_e_step_stats(marginal, x: torch.Tensor, weights=None) -> EStepStats:
+    r"""Exact E-step statistics of x (N, D) on the *local* partition of ``marginal`` (``partition="local"``).
+
+    The statistics of :func:`e_step` (module docstring), summed over the regions that
+    :func:`~pyro_cpa.geometry.local.local_e_step` finds near each datum's posterior mass (one call over all the
+    data of a weight group: the region set is that of the call). Each datum's posterior is the exact posterior
+    restricted to its integrated regions: the statistics and L_n differ from the global E-step's by at most the
+    certified fraction exp(``log_bound``) <= exp(−``local_tol``) of the datum's mass (``stats.log_bound``), and
+    L_n = s_z,n [log C(t_n) + log p_local(x_n; σx/√t_n)] is a lower bound of the exact L_n (for s_z,n > 0)
+    within s_z,n log1p(exp(log_bound)).
+
+    Weights: data are grouped by their pair (s_x,n, s_z,n); each group is one local E-step under σx/√t
+    (t = s_x/s_z, the tempered posterior, module docstring) whose statistics are multiplied by s_x. Masks,
+    plate-level scales and a one-site temper give one or two groups; per-datum scales that all differ cost one
+    local partition per datum. The groups' regions are merged by activation pattern (sums of exact terms).
+    Missing coordinates (NaN) are not supported by the local partition (clear error).
+    """
+    from ..geometry.local import local_e_step
+    from .distributed import exact_sum
+
+    x = marginal._check_x(x)
+    flat = x.reshape(-1, x.shape[-1])
+    N, D = flat.shape
+    if N == 0:
+        raise PyroCPAError("e_step: x is empty")
+    if bool(torch.isnan(flat).any()):
+        raise PyroCPAError("partition='local' does not support missing data (NaN entries of x) yet; use the global "
+                           "partition (partition='global') for data with missing coordinates")
+    obs_var, prior_var = marginal._variances()
+    loglik = flat.new_zeros(N)
+    log_bound = flat.new_full((N,), float("-inf"))
+    parts, num_data = [], 0.0
+    with torch.no_grad():
+        for s_x, s_z, idx in _weight_groups(weights, N, flat.device):
+            xg = flat[idx]
+            t = s_x / s_z
+            res = local_e_step(marginal.network, xg, obs_var / t, prior_var, marginal.local_tol,
+                               prune_tol=marginal.prune_tol, dtype=marginal.dtype)
+            st = res.stats
+            lp = st.loglik if weights is None else s_z * (st.loglik + _log_temper_constant(marginal, xg, t))
+            loglik = loglik.index_put((idx,), lp)
+            log_bound = log_bound.index_put((idx,), res.log_bound)
+            parts.append((s_x * st.Z, s_x * st.X, s_x * st.q, torch.cat(st.patterns, -1)))
+            num_data += s_x * float(idx.numel())
+    if not parts:
+        raise PyroCPAError("e_step: no datum carries weight (every observation is masked or zero-scaled)")
+    if len(parts) == 1:
+        Z, X, q, codes = parts[0]
+    else:   # one region per activation pattern: the groups' sums of the same region are added
+        codes_all = torch.cat([p[3] for p in parts])
+        codes, inv = torch.unique(codes_all.to(torch.uint8), dim=0, return_inverse=True)
+        codes = codes.bool()
+        R = codes.shape[0]
+        Z, X, q = (torch.cat([p[i] for p in parts]).new_zeros((R,) + parts[0][i].shape[1:]).index_add_(
+            0, inv, torch.cat([p[i] for p in parts])) for i in range(3))
+    sizes = [p.shape[-1] for p in res.stats.patterns]
+    patterns = list(codes.split(sizes, -1))
+    return EStepStats(Z=Z, X=X, q=q, loglik=loglik, patterns=[p.clone() for p in patterns], num_data=num_data,
+                      loglik_sum=float(exact_sum(loglik)), loglik_abs_sum=float(exact_sum(loglik.abs())),
+                      log_bound=log_bound)
