@@ -50,6 +50,16 @@ as much as the rest of the step together, so a step evaluates only what it must:
   (:mod:`pyro_cpa.distributions.chunked`); the partition is enumerated once per parameter state
   (:func:`~pyro_cpa.geometry.regions.cached_linear_regions`).
 
+**Local partition** (``marginal_kwargs={"partition": "local", "local_tol": τ}``; S <= 2, one process, no missing
+data): every E-step and every verification runs on the regions near each datum's posterior mass
+(:func:`~pyro_cpa.infer.estep.local_e_step_stats`, one local partition per call over all the data: its region
+set is the call's, so the E-step is not split into ``STATS_BLOCK`` blocks), for decoders whose global partition
+cannot be enumerated. The statistics are those of the posterior restricted to the integrated regions and the
+NLL is −Σ_n log p_local(x_n) >= the exact NLL, both within the certified fraction e^{−τ} (~4e-18 at τ = 40) of
+each datum's mass — far inside ``monotone_tol``: the EM bound of the certified blocks holds on the restricted
+posterior for any θ (log p(x; θ) >= log ∫_U p(x, z; θ) dz >= Q-bound, U the E-step's regions), and the line
+search compares local NLLs, which are exact to that fraction.
+
 With these a layerwise step of an L-layer decoder runs L exact E-steps (L − 1 verified hidden-layer blocks
 and the end point), one more when the cache cannot be used, instead of L + 2 (``EMStepResult.e_steps``).
 """
@@ -294,6 +304,8 @@ def _block_e_step(marginal, x: torch.Tensor, weights=None, comm=None) -> EStepSt
     depend on chunking, threads or — with ``comm`` (a :class:`~pyro_cpa.infer.distributed.Comm`, x the rank's
     block-aligned data, :func:`~pyro_cpa.infer.distributed.align_to_blocks`) — on the number of ranks. The
     returned statistics are those of all data of all ranks; ``loglik`` is this process's data only.
+    A local marginal (``partition="local"``) takes one :func:`~pyro_cpa.infer.estep.local_e_step_stats` over all of
+    x instead (one process only).
     """
     from .distributed import ExactSum, agreed_failures, reduce_sums, state_signature
     from .structure import DataWeights
