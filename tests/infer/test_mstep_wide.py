@@ -160,8 +160,9 @@ def test_factored_solve_rounding_response_dead_units_and_empty_regions():
 
 
 def test_auto_picks_the_factored_solve_for_a_wide_layer(monkeypatch):
-    """A [1, 24, 24, 2] hidden layer (600 unknowns) goes through the Gram of the factor, with the dense answer."""
-    net, st, maps, obs_var = _setup((1, 24, 24, 2), N=200)
+    """A [1, 48, 48, 2] hidden layer (2,352 unknowns, a few hundred factor columns) goes through the Gram of the
+    factor, with the dense answer."""
+    net, st, maps, obs_var = _setup((1, 48, 48, 2), N=200)
     calls = []
     monkeypatch.setattr(mstep, "_kron_gram", lambda *a: calls.append(1) or _kron_gram(*a))
     Wa, va = update_layer(maps, 1, net, st, obs_var)
