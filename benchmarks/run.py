@@ -556,6 +556,11 @@ def main(args):
         with torch.set_grad_enabled(grad):
             bench(rows, args.quick)
         sections.append(f"{bench.__name__[6:]} {time.perf_counter() - t0:.0f}s")
+    if args.thread_counts:
+        from threads_row import threads_rows   # benchmarks/threads_row.py: the same work at 1, 2, ... threads
+        t0 = time.perf_counter()
+        rows += threads_rows(tuple(args.thread_counts), quick=args.quick)
+        sections.append(f"threads {time.perf_counter() - t0:.0f}s")
     print_table(rows)
     print(f"wall-clock {time.perf_counter() - t_start:.0f}s ({', '.join(sections)}); torch threads "
           f"{torch.get_num_threads()}")
@@ -571,6 +576,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write the table as JSON")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the batches here are small; 0 = torch's default)")
+    p.add_argument("--thread-counts", type=int, nargs="*", default=[1, 2],
+                   help="thread counts of the 'threads' rows (first = reference; e.g. 1 2 16 on a 16-core machine; "
+                        "none: skip them)")
     return p.parse_args(argv)
 
 
