@@ -5,7 +5,8 @@ Usage: python benchmarks/threads_row.py [--quick] [--threads 1 2 16] [--device c
 ``threads_rows(...)`` returns rows in the format of ``benchmarks/run.py`` (group "threads"); ``print_threads(rows)``
 prints them. Every case is timed at every thread count in the same process (wall clock, median of repetitions,
 the thread counts interleaved), and the row's "vs baseline" column is t(1 thread) / t(k threads): above 1 means
-faster with more threads. The thread setting is restored afterwards. With a ``device`` other than the CPU, each case
+faster with more threads. The thread setting is restored afterwards. The cases run without a default device
+(``torch.set_default_device``), whose per-call overhead would tax every row alike. With a ``device`` other than the CPU, each case
 also runs on CPU-built copies moved to that device (same decoders, same data), timed with the device synchronised,
 in a row labelled by the device whose ratio is against the same 1-thread CPU reference.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import CPU, _polytope_batch, random_net, sync  # noqa: E402  (benchmarks/run.py, same folder)
+from run import CPU, _polytope_batch, plain_default_device, random_net, sync  # noqa: E402  (benchmarks/run.py, same folder)
 
 
 def _cases(quick: bool, device: torch.device = CPU):
@@ -62,7 +63,8 @@ def threads_rows(threads=(1, 2), quick: bool = False, min_time: float = 0.3, max
     before = torch.get_num_threads()
     rows = []
     try:
-        with torch.no_grad():
+        # library calls only: timed without a default-device mode (benchmarks/run.py: plain_default_device)
+        with torch.no_grad(), plain_default_device():
             cases = _cases(quick)
             dev_cases = _cases(quick, device) if device.type != "cpu" else [None] * len(cases)
             for (name, n, unit, fn), dev_case in zip(cases, dev_cases):
