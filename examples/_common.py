@@ -28,6 +28,7 @@ from torch.distributions import constraints
 from pyro_cpa.distributions import CPALikelihood
 from pyro_cpa.guides import AmortizedNormal, ExactPosterior
 from pyro_cpa.infer import EM, log_evidence
+from pyro_cpa.nn import mlp
 
 
 # ---------------------------------------------------------------------- set-up
@@ -51,14 +52,8 @@ def setup(args) -> None:
 
 # ---------------------------------------------------------------------- the model
 def make_decoder(widths, slope: float = 0.1, seed: int = 0) -> nn.Sequential:
-    """Linear(w0, w1) → LeakyReLU(slope) → … → Linear(w_{L-1}, w_L), float64, seeded."""
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.LeakyReLU(slope))
-    return nn.Sequential(*layers).double()
+    """Linear(w0, w1) → LeakyReLU(slope) → … → Linear(w_{L-1}, w_L), float64, seeded (:func:`pyro_cpa.nn.mlp`)."""
+    return mlp(widths, lambda: nn.LeakyReLU(slope), seed=seed)
 
 
 def make_model(decoder: nn.Module, latent_dim: int, init_obs_scale: float = 0.5):

@@ -10,6 +10,7 @@ from torch import nn
 from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.errors import PyroCPAError
 from pyro_cpa.geometry.local import certify_boxes, local_log_prob, output_bounds
+from pyro_cpa.nn import mlp
 from pyro_cpa.nn.network import as_cpa_network
 
 #: Agreement of exact log p between the local and the global partitions (both exact to rounding).
@@ -17,13 +18,7 @@ EXACT_ATOL = 1e-10
 
 
 def _decoder(widths, seed=0, slope=0.1):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.LeakyReLU(slope))
-    return nn.Sequential(*layers).double().eval()
+    return mlp(widths, lambda: nn.LeakyReLU(slope), seed=seed).eval()
 
 
 def _data(dec, n, S, sx, seed=1):
