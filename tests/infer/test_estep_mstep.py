@@ -12,6 +12,7 @@ import torch
 from scipy import integrate
 from torch import nn
 
+from mstep_reference import layer_neg_q
 from pyro_cpa import NotCPAError, PyroCPAError
 from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.infer.estep import e_step
@@ -213,14 +214,7 @@ def test_layer_update_is_the_exact_block_maximiser(S, widths, noise):
     obs_var = torch.full((D,), 0.3) if noise == "isotropic" else torch.linspace(0.2, 0.5, D)
     maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps()]
     for l in range(len(maps)):
-        W0, v0 = maps[l]
-        n_out, n_in = W0.shape
-
-        def negQ(w):
-            m = list(maps)
-            m[l] = (w[:n_out * n_in].reshape(n_out, n_in), w[n_out * n_in:])
-            return -expected_complete_loglik(m, net, st.patterns, st, obs_var, 1.0)
-        w0 = torch.cat([W0.reshape(-1), v0])
+        negQ, w0 = layer_neg_q(maps, l, net, st, obs_var)
         g = torch.autograd.functional.jacobian(negQ, w0)
         Hs = torch.autograd.functional.hessian(negQ, w0)
         # Q is quadratic in one layer: a (minimum-norm) Newton step reaches its maximum. In the hidden

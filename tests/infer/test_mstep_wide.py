@@ -10,6 +10,7 @@ from torch import nn
 from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.infer import mstep
 from pyro_cpa.infer.estep import e_step
+from mstep_reference import layer_neg_q
 from pyro_cpa.infer.mstep import DEFAULT_RCOND, expected_complete_loglik, update_layer
 from pyro_cpa.nn import as_cpa_network, mlp
 
@@ -82,18 +83,11 @@ def test_factored_solve_matches_a_dense_direct_solve(widths):
     net, st, maps, obs_var = _setup(widths)
     lam = DEFAULT_RCOND
     for l in range(len(maps) - 1):
-        W0, v0 = maps[l]
-        n_out, n_in = W0.shape
-
-        def negQ(w):
-            m = list(maps)
-            m[l] = (w[:n_out * n_in].reshape(n_out, n_in), w[n_out * n_in:])
-            return -expected_complete_loglik(m, net, st.patterns, st, obs_var, 1.0)
-
+        n_out, n_in = maps[l][0].shape
+        negQ, w0 = layer_neg_q(maps, l, net, st, obs_var)
         # the solver's unknowns are rows [W_i, v_i]; the Hessian's are [vec W, v]: reorder
         perm = torch.cat([torch.cat([torch.arange(i * n_in, (i + 1) * n_in), torch.tensor([n_out * n_in + i])])
                           for i in range(n_out)])
-        w0 = torch.cat([W0.reshape(-1), v0])
         g = torch.autograd.functional.jacobian(negQ, w0)[perm]
         H = torch.autograd.functional.hessian(negQ, w0)[perm][:, perm]
         H = 0.5 * (H + H.T)
