@@ -87,16 +87,21 @@ def log_mass_upper_bound(G: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 @with_library_threads
 def std_moments(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True, centred_covariance: bool = True,
-                **kwargs) -> StandardMoments:
+                edges=None, **kwargs) -> StandardMoments:
     """Dispatch the whitened problem to the method for its dimension S = G.shape[-1] (see module doc).
 
     ``need_moments=False`` computes log P only (mean and second moment are returned as zeros; S <= 3).
     ``centred_covariance=False`` lets S = 2 skip the centred quadrature that makes a far-out or thin polygon's
     covariance accurate relative to its own smallest eigenvalue (the second moment E[uuᵀ] and the mean stay
     exact): for callers that only sum second moments, such as the E-step (~6× faster on S = 2 moments).
+    ``edges`` (S = 2 only): the polygons' :class:`~pyro_cpa.integrate.bivariate.PolygonEdges` when the caller has
+    them, e.g. :func:`~pyro_cpa.integrate.bivariate.translate_edges` of a region's polygon for many data (see
+    :func:`~pyro_cpa.integrate.bivariate.std_moments_2d`).
     ``kwargs`` are passed to the S >= 4 Monte-Carlo method (e.g. ``num_samples``, ``generator``).
     """
     S = G.shape[-1]
+    if edges is not None and S != 2:
+        raise PyroCPAError(f"std_moments: precomputed polygon edges are for S = 2 only (got S = {S}); pass edges=None")
     if G.shape[-2] == 0:  # no constraint: the whole space
         batch = G.shape[:-2]
         eye = torch.eye(S, dtype=G.dtype, device=G.device)
@@ -107,7 +112,7 @@ def std_moments(G: torch.Tensor, d: torch.Tensor, *, need_moments: bool = True, 
         return std_moments_1d(G, d, need_moments=need_moments)
     if S == 2:
         from .bivariate import std_moments_2d
-        return std_moments_2d(G, d, need_moments=need_moments,
+        return std_moments_2d(G, d, need_moments=need_moments, edges=edges,
                               **({} if centred_covariance else {"cov_max_amp": None}))
     if S == 3:
         from .trivariate import std_moments_3d
@@ -145,16 +150,23 @@ def gaussian_polytope_moments(loc: torch.Tensor, scale_tril: torch.Tensor, H: to
 @with_library_threads
 def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Tensor, d: torch.Tensor,
                        *, active: torch.Tensor | None = None, need_moments: bool = True,
-                       centred_covariance: bool = True, **kwargs) -> PolytopeMoments:
-    """As :func:`gaussian_polytope_moments`, from constraints already whitened by :func:`whiten`."""
+                       centred_covariance: bool = True, edges=None, **kwargs) -> PolytopeMoments:
+    """As :func:`gaussian_polytope_moments`, from constraints already whitened by :func:`whiten`.
+
+    ``edges`` (S = 2 only): precomputed polygon edges of (G, d) with the full batch shape (see :func:`std_moments`).
+    """
     S = loc.shape[-1]
     batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1], loc.shape[:-1], scale_tril.shape[:-2])
     G = G.expand(batch + G.shape[-2:])
     d = d.expand(batch + d.shape[-1:])
     L = scale_tril.expand(batch + (S, S))
     mu = loc.expand(batch + (S,))
+    if edges is not None and tuple(edges.empty.shape) != tuple(batch):
+        raise PyroCPAError(f"integrate_whitened: edges have batch shape {tuple(edges.empty.shape)}, expected "
+                           f"{tuple(batch)} (the broadcast batch of loc, scale_tril, G, d)")
     if active is None:
-        std = std_moments(G, d, need_moments=need_moments, centred_covariance=centred_covariance, **kwargs)
+        std = std_moments(G, d, need_moments=need_moments, centred_covariance=centred_covariance, edges=edges,
+                          **kwargs)
         log_mass, m_u, E_uu, err, cov_u = std.log_mass, std.mean, std.second_moment, std.log_mass_stderr, std.covariance
     else:
         active = active.expand(batch)
@@ -162,7 +174,8 @@ def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Ten
         n = active.numel()
         std = std_moments(G.reshape(n, *G.shape[-2:]).index_select(0, idx),
                           d.reshape(n, d.shape[-1]).index_select(0, idx), need_moments=need_moments,
-                          centred_covariance=centred_covariance, **kwargs)
+                          centred_covariance=centred_covariance,
+                          edges=None if edges is None else edges.flat().select(idx), **kwargs)
         log_mass = G.new_full((n,), float("-inf")).index_copy(0, idx, std.log_mass).reshape(batch)
         m_u = G.new_zeros(n, S).index_copy(0, idx, std.mean).reshape(batch + (S,))
         E_uu = G.new_zeros(n, S, S).index_copy(0, idx, std.second_moment).reshape(batch + (S, S))

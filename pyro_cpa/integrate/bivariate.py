@@ -63,6 +63,7 @@ An empty polygon returns log_mass = -inf, mean = 0, second_moment = 0 (NaN-free)
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -70,8 +71,8 @@ from .owens_t import DEFAULT_OWENS_T_NODES, owens_t
 from .types import StandardMoments
 from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_stats, log_ndtr_diff
 
-__all__ = ["std_moments_2d", "polygon_edges", "log_mass_2d", "DEFAULT_SWITCH_MASS", "DEFAULT_NUM_NODES",
-           "DEFAULT_S_CUTS"]
+__all__ = ["std_moments_2d", "polygon_edges", "translate_edges", "PolygonEdges", "log_mass_2d",
+           "DEFAULT_SWITCH_MASS", "DEFAULT_NUM_NODES", "DEFAULT_S_CUTS"]
 
 DEFAULT_SWITCH_MASS = 1e-4
 DEFAULT_NUM_NODES = 16
@@ -96,8 +97,40 @@ _GROUP_MIN_ROWS = 512   # polygon_edges groups batches of at least this many pol
 _CHUNK = 8192   # pairs per chunk of the flattened batch (keeps the (chunk, F, F) temporaries in cache)
 
 
+class PolygonEdges(NamedTuple):
+    """The edges of a batch of polygons {u : G u <= d} (:func:`polygon_edges`, :func:`translate_edges`).
+
+    Attributes (batch shape ``...``, F rows): ``Gs`` (..., F, 2) and ``ds`` (..., F), the rows with padding
+    zeroed; ``e`` (..., F, 2) the tangents (−g_2, g_1); ``t_lo``, ``t_hi`` (..., F) the edge parameter ranges
+    (safe values 0, 1 where the edge does not exist); ``exists`` (..., F); ``empty``, ``whole`` (...,) flags.
+    """
+
+    Gs: torch.Tensor
+    ds: torch.Tensor
+    e: torch.Tensor
+    t_lo: torch.Tensor
+    t_hi: torch.Tensor
+    exists: torch.Tensor
+    empty: torch.Tensor
+    whole: torch.Tensor
+
+    def map(self, fn) -> "PolygonEdges":
+        """``fn(x, event_dims)`` applied to each field; ``event_dims`` is the number of its trailing non-batch
+        dimensions (2 for Gs and e, 1 for the per-row fields, 0 for the flags)."""
+        return PolygonEdges(*(fn(x, k) for x, k in zip(self, (2, 1, 2, 1, 1, 1, 0, 0))))
+
+    def flat(self) -> "PolygonEdges":
+        """The fields with the batch flattened to one dimension."""
+        n = self.empty.numel()
+        return self.map(lambda x, k: x.reshape((n,) + x.shape[x.dim() - k:]))
+
+    def select(self, idx: torch.Tensor) -> "PolygonEdges":
+        """The polygons ``idx`` of a flat batch (:meth:`flat`)."""
+        return self.map(lambda x, k: x.index_select(0, idx))
+
+
 def polygon_edges(G: torch.Tensor, d: torch.Tensor, *, parallel_tol: float = DEFAULT_PARALLEL_TOL,
-                  tie_tol: float = DEFAULT_TIE_TOL):
+                  tie_tol: float = DEFAULT_TIE_TOL) -> PolygonEdges:
     r"""Edges of {u : G u <= d} in 2-D.
 
     Each polygon's real rows (g_i != 0, d_i < inf) are taken in their order, and the polygons are grouped by
@@ -123,16 +156,46 @@ def polygon_edges(G: torch.Tensor, d: torch.Tensor, *, parallel_tol: float = DEF
     closes even for nearly parallel lines, whose intersection is ill-conditioned). Then
     t_hi = min_{k: s_ik > tol} t_ik, t_lo = max_{k: s_ik < −tol} t_ik and edge i exists iff t_hi > t_lo.
 
-    Returns ``(Gs, ds, e, t_lo, t_hi, exists, empty, whole)``: rows with padding zeroed (Gs, ds = 0),
-    tangents e (..., F, 2), edge parameter ranges (..., F) (safe values 0, 1 where the edge does not
-    exist), the existence mask, and (...,) flags for an empty polygon and for the whole plane.
+    Returns :class:`PolygonEdges` ``(Gs, ds, e, t_lo, t_hi, exists, empty, whole)``: rows with padding zeroed
+    (Gs, ds = 0), tangents e (..., F, 2), edge parameter ranges (..., F) (safe values 0, 1 where the edge does
+    not exist), the existence mask, and (...,) flags for an empty polygon and for the whole plane.
     """
     batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
     F = G.shape[-2]
     n = math.prod(batch)
     out = _edges_flat(G.expand(batch + (F, 2)).reshape(n, F, 2), d.expand(batch + (F,)).reshape(n, F),
                       parallel_tol, tie_tol)
-    return tuple(x.reshape(batch + x.shape[1:]) for x in out)
+    return PolygonEdges(*(x.reshape(batch + x.shape[1:]) for x in out))
+
+
+def translate_edges(edges: PolygonEdges, d: torch.Tensor, shift: torch.Tensor) -> PolygonEdges:
+    r"""The edges of the translated polygon {u : G u <= d} from those of {v : G v <= ĉ}, u = v − δ, without
+    pairwise work: O(F) per polygon instead of :func:`polygon_edges`' O(F²).
+
+    With d_i = ĉ_i − g_i·δ, the point v = ĉ_i g_i + t' e_i of line i is u = d_i g_i + (t' − e_i·δ) e_i. A
+    translation moves no line relative to another, so everything combinatorial — which lines bound edges,
+    which vertex ends which edge, ``exists``, ``empty``, ``whole``, the parallel/tie decisions (made with the
+    tolerances of :func:`polygon_edges` on ĉ) — is that of the untranslated polygon, and only
+
+        ds_i = d_i,   t_lo,i = t'_lo,i − e_i·δ,   t_hi,i = t'_hi,i − e_i·δ   (±inf stay ±inf)
+
+    move (on the existing edges; the others keep the safe values 0, 1). The caller supplies d (..., F) and
+    shift_i = e_i·δ (..., F), both computed from the same δ; ``edges`` (those of {G v <= ĉ}) must have the batch
+    shape of d (gather them per pair first). E.g. the polygon of (datum n, region ω) is that of the region in
+    v = L_ω⁻¹z, translated by δ = L_ω⁻¹μ_nω: d_j = ĉ_j − ĥ_jᵀμ, e_j·δ = ê_jᵀμ with ĥ_j = L⁻ᵀg_j, ê_j = L⁻ᵀe_j
+    (:func:`pyro_cpa.distributions.chunked.whiten_chunk`).
+
+    Rounding: t'_lo, t'_hi carry the absolute error of vertices computed from ĉ (~eps·|ĉ|/|g_i × g_k|), the
+    shift ~eps·|ê||μ|: the same absolute error as the vertices :func:`polygon_edges` computes from d, whose
+    d_i = ĉ_i − ĥ_iᵀμ already carry ~eps(|ĉ| + |ĥ||μ|) (tests/integrate/test_bivariate_translate.py
+    checks both against mpmath far from the origin). An edge shorter than the rounding of the shift can come out
+    with t_lo = t_hi (rounding is monotone, never t_lo > t_hi); its mass is then 0 in every formula.
+    """
+    real = (edges.Gs != 0).any(-1)
+    ds = torch.where(real, d, torch.zeros_like(d))
+    t_lo = torch.where(edges.exists, edges.t_lo - shift, edges.t_lo)
+    t_hi = torch.where(edges.exists, edges.t_hi - shift, edges.t_hi)
+    return edges._replace(ds=ds, t_lo=t_lo, t_hi=t_hi)
 
 
 def _edges_flat(G: torch.Tensor, d: torch.Tensor, parallel_tol: float, tie_tol: float):
@@ -221,9 +284,10 @@ def _edges_group(g: torch.Tensor, dd: torch.Tensor, parallel_tol: float, tie_tol
     return t_lo, t_hi, exists, strip_empty
 
 
-def _in_chunks(fn, G: torch.Tensor, d: torch.Tensor, chunk: int, **kw):
+def _in_chunks(fn, G: torch.Tensor, d: torch.Tensor, chunk: int, edges: PolygonEdges | None = None, **kw):
     """``fn(G, d, **kw)`` evaluated on chunks of the flattened batch (keeps the temporaries in cache);
-    None when the batch fits in one chunk. ``fn`` returns a tensor (...,) or a :class:`StandardMoments`."""
+    None when the batch fits in one chunk. ``fn`` returns a tensor (...,) or a :class:`StandardMoments`.
+    Given ``edges`` (:class:`PolygonEdges` of the batch), each chunk gets its own as ``fn(..., edges=...)``."""
     batch = d.shape[:-1] if G.shape[:-2] == d.shape[:-1] else torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
     F, S = G.shape[-2], G.shape[-1]
     n = math.prod(batch)
@@ -231,7 +295,12 @@ def _in_chunks(fn, G: torch.Tensor, d: torch.Tensor, chunk: int, **kw):
         return None
     Gf = G.expand(batch + (F, S)).reshape(n, F, S)
     df = d.expand(batch + (F,)).reshape(n, F)
-    outs = [fn(Gf[i:i + chunk], df[i:i + chunk], **kw) for i in range(0, n, chunk)]
+    if edges is not None:
+        ef = edges.flat()
+        kw_at = lambda i: dict(kw, edges=ef.map(lambda x, k: x[i:i + chunk]))   # noqa: E731
+    else:
+        kw_at = lambda i: kw   # noqa: E731
+    outs = [fn(Gf[i:i + chunk], df[i:i + chunk], **kw_at(i)) for i in range(0, n, chunk)]
     if isinstance(outs[0], torch.Tensor):
         return torch.cat(outs).reshape(batch)
     return type(outs[0])(*(None if f[0] is None else torch.cat(f).reshape(batch + f[0].shape[1:])
@@ -535,7 +604,7 @@ def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z
 
 def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAULT_SWITCH_MASS,
                 num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
-                owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS, _edges=None,
+                owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS, edges: PolygonEdges | None = None,
                 _accept_owens=None, _max_amp: float = DEFAULT_FLUX_MAX_AMP) -> torch.Tensor:
     r"""log P(u ∈ {G u <= d}) for u ~ N(0, I_2), batched (see module doc). -inf for empty polygons.
 
@@ -550,32 +619,38 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
 
     exact wherever log P is (no derivative of a quadrature rule, whose cuts move with the inputs).
 
+    ``edges``: the polygons' :class:`PolygonEdges` when the caller already has them — :func:`polygon_edges`
+    of (G, d), or :func:`translate_edges` of a polygon's edges computed once for many translates of it (e.g.
+    one region, many data) — so that the O(F²) edge computation is skipped. They are taken as given (not
+    checked against G, d) and used, detached, for the value and for the gradient above.
+
     ``_accept_owens(idx, log_P_owens) -> bool mask`` (internal, used by the 3-D slicing) may accept the
     Owen's-T value of further polygons (flat indices ``idx``) whose absolute error is known to be negligible.
     """
     kw = dict(switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts, owens_nodes=owens_nodes, levels=levels,
               _accept_owens=_accept_owens, _max_amp=_max_amp)
+    edges = None if edges is None else edges.map(lambda x, k: x.detach())
     if torch.is_grad_enabled() and (G.requires_grad or d.requires_grad):
         batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
-        return _LogMass2d.apply(G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:]), kw)
-    edges = None if _edges is None else tuple(x.detach() for x in _edges)
-    return _log_mass_2d_impl(G, d, _edges=edges, **kw)
+        return _LogMass2d.apply(G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:]), edges, kw)
+    return _log_mass_2d_impl(G, d, edges=edges, **kw)
 
 
 class _LogMass2d(torch.autograd.Function):
     """log P with the analytic divergence-theorem gradient (see :func:`log_mass_2d`)."""
 
     @staticmethod
-    def forward(ctx, G, d, kw):
+    def forward(ctx, G, d, edges, kw):
         with torch.no_grad():
-            lp = _log_mass_2d_impl(G, d, **kw)
+            lp = _log_mass_2d_impl(G, d, edges=edges, **kw)
         ctx.save_for_backward(G, d, lp)
+        ctx.edges = edges                 # detached (log_mass_2d): the edges the value was computed on
         return lp
 
     @staticmethod
     def backward(ctx, gout):
         G, d, lp = ctx.saved_tensors
-        Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d)
+        Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d) if ctx.edges is None else ctx.edges
         ldphi, mu = _edge_stats(t_lo, t_hi, exists)
         fin = torch.isfinite(lp)
         ok = exists & fin.unsqueeze(-1)
@@ -584,18 +659,18 @@ class _LogMass2d(torch.autograd.Function):
         r = torch.where(ok, torch.exp(torch.where(ok, lr, torch.zeros_like(lr))), torch.zeros_like(lr))
         gr = gout.unsqueeze(-1) * r
         xbar = ds.unsqueeze(-1) * Gs + mu.unsqueeze(-1) * e
-        return -gr.unsqueeze(-1) * xbar, gr, None
+        return -gr.unsqueeze(-1) * xbar, gr, None, None
 
 
 def _log_mass_2d_impl(G: torch.Tensor, d: torch.Tensor, *, switch_mass, num_nodes, s_cuts, owens_nodes, levels,
-                      _edges=None, _accept_owens=None, _max_amp=DEFAULT_FLUX_MAX_AMP) -> torch.Tensor:
+                      edges=None, _accept_owens=None, _max_amp=DEFAULT_FLUX_MAX_AMP) -> torch.Tensor:
     """:func:`log_mass_2d` without the custom gradient."""
-    if _edges is None and _accept_owens is None:
-        out = _in_chunks(_log_mass_2d_impl, G, d, _CHUNK, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
-                         owens_nodes=owens_nodes, levels=levels, _max_amp=_max_amp)
+    if _accept_owens is None:
+        out = _in_chunks(_log_mass_2d_impl, G, d, _CHUNK, edges=edges, switch_mass=switch_mass, num_nodes=num_nodes,
+                         s_cuts=s_cuts, owens_nodes=owens_nodes, levels=levels, _max_amp=_max_amp)
         if out is not None:
             return out
-    Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d) if _edges is None else _edges
+    Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d) if edges is None else edges
     batch = ds.shape[:-1]
     F = ds.shape[-1]
     live = ~empty & ~whole
@@ -634,7 +709,7 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
                    num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
                    owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS,
                    need_moments: bool = True, cov_max_amp: float | None = DEFAULT_COV_MAX_AMP,
-                   mean_max_amp: float = DEFAULT_MEAN_MAX_AMP) -> StandardMoments:
+                   mean_max_amp: float = DEFAULT_MEAN_MAX_AMP, edges: PolygonEdges | None = None) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_2) on the polygon {u : G u <= d}, exact.
 
     Args:
@@ -655,21 +730,26 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
             second moment, e.g. the E-step's sums of E[zzᵀ]; the mean is still made accurate).
         mean_max_amp: where Σ_i r_i > mean_max_amp (1 + |E[u]|) (small polygons: the edge formula −Σ r_i g_i
             cancels, error ~1e-12 Σ r_i), the mean and second moment come from the centred slicing too.
+        edges: the polygons' :class:`PolygonEdges` (batch shape of d), if the caller has them: e.g.
+            :func:`translate_edges` of one polygon's edges for many translates of it, which skips the O(F²)
+            :func:`polygon_edges` per polygon. Taken as given (not checked against G, d); differentiable
+            through their t_lo, t_hi, ds, Gs, e as :func:`polygon_edges`' own.
 
     Returns:
         :class:`StandardMoments` (log_mass (...,), mean (..., 2), second_moment (..., 2, 2),
         log_mass_stderr = 0, covariance (..., 2, 2), symmetric positive semi-definite). Exact to machine precision (~1e-13 relative); see the module doc for the
         formulas. Empty polygons: log_mass = -inf, mean = 0, second_moment = 0.
     """
-    out = _in_chunks(std_moments_2d, G, d, _CHUNK, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
-                     owens_nodes=owens_nodes, levels=levels, need_moments=need_moments, cov_max_amp=cov_max_amp,
-                     mean_max_amp=mean_max_amp)
+    out = _in_chunks(std_moments_2d, G, d, _CHUNK, edges=edges, switch_mass=switch_mass, num_nodes=num_nodes,
+                     s_cuts=s_cuts, owens_nodes=owens_nodes, levels=levels, need_moments=need_moments,
+                     cov_max_amp=cov_max_amp, mean_max_amp=mean_max_amp)
     if out is not None:
         return out
-    edges = polygon_edges(G, d)
+    if edges is None:
+        edges = polygon_edges(G, d)
     Gs, ds, e, t_lo, t_hi, exists, empty, whole = edges
     logP = log_mass_2d(G, d, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
-                       owens_nodes=owens_nodes, levels=levels, _edges=edges)
+                       owens_nodes=owens_nodes, levels=levels, edges=edges)
     if not need_moments:
         z2 = logP.new_zeros(logP.shape + (2, 2))
         return StandardMoments(logP, logP.new_zeros(logP.shape + (2,)), z2, torch.zeros_like(logP), z2)
