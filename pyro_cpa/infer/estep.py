@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -159,8 +160,24 @@ def weighted_log_prob(marginal, x: torch.Tensor, weights=None, return_stderr: bo
     return (out, err) if return_stderr else out
 
 
-def _s1_regions(params):
-    """Per-region S = 1 quantities of :func:`_s1_pairs`: (A (R, D), b, lo (R,), hi, w (D,), aw, λ, v, s, const).
+class _S1Regions(NamedTuple):
+    """Per-region S = 1 quantities of :func:`_s1_pairs` (see :func:`_s1_regions`); the (D, 1, R) fields are laid
+    out so that the sums over the D coordinates run over the leading dimension of (D, n, R) products."""
+
+    a: torch.Tensor       # (D, 1, R) slopes a_ωd
+    b: torch.Tensor       # (D, 1, R) offsets b_ωd
+    aw: torch.Tensor      # (D, 1, R) a_ωd w_d
+    w: torch.Tensor       # (D, 1, 1) w_d = 1/σx_d²
+    lo: torch.Tensor      # (R,) interval end points (lo = +inf for an empty region)
+    hi: torch.Tensor
+    v: torch.Tensor       # (R,) posterior variance 1/λ_ω
+    s: torch.Tensor       # (R,) √v
+    const: torch.Tensor   # (R,) the part of log κ without the quadratic form
+    prior_var: torch.Tensor
+
+
+def _s1_regions(params) -> _S1Regions:
+    """Per-region S = 1 quantities of :func:`_s1_pairs` from ``params`` (A, b, H, c, σx², σz²).
 
     The region ω = {z : h_j z <= c_j} is the interval (lo_ω, hi_ω) (:func:`interval_from_constraints`; an
     empty region gets lo = +inf). λ_ω = 1/σz² + Σ_d a_ωd² w_d is the posterior precision (w = 1/σx²),
@@ -178,10 +195,40 @@ def _s1_regions(params):
     lam = prior_var.reciprocal() + (a * aw).sum(-1)
     v = lam.reciprocal()
     const = -0.5 * (a.shape[-1] * math.log(2 * math.pi) + obs_var.log().sum() + prior_var.log().sum() + lam.log())
-    return a, b, lo, hi, w, aw, lam, v, v.sqrt(), const
+    lay = (lambda t: t.T.unsqueeze(1).contiguous())   # (R, D) -> (D, 1, R)
+    return _S1Regions(lay(a), lay(b), lay(aw), w.reshape(-1, 1, 1), lo, hi, v, v.sqrt(), const, prior_var)
 
 
-def _s1_pairs(regions, xc: torch.Tensor, prior_var: torch.Tensor):
+_S1_MEMO: list = [None, None]
+"""[key, value] of the last :func:`_s1_setup`: the key holds the region tensors themselves (so that their ids
+cannot be reused while it lives), their version counters and copies of σx², σz²."""
+
+
+def _s1_setup(mg) -> tuple[_S1Regions, int, int]:
+    """(:func:`_s1_regions`, R, F) of the marginal ``mg`` under its current parameters, without gradient.
+
+    Reused while the region tensors are the same objects at the same version (the marginal memoises them per
+    partition state without gradient) and σx², σz² are bit-identical: the per-region constants are then the
+    same, so is the check that they are representable (:meth:`~pyro_cpa.distributions.CPAMarginal._params`).
+    """
+    from ..distributions.chunked import RegionParams
+    from ..distributions.cpa_marginal import _check_representable
+
+    tensors = mg._region_params()
+    obs_var, prior_var = mg._variances()
+    key, value = _S1_MEMO
+    if (key is not None and all(t is k for t, k in zip(tensors, key[0]))
+            and tuple(t._version for t in tensors) == key[1] and torch.equal(obs_var, key[2])
+            and torch.equal(prior_var, key[3])):
+        return value
+    A, b, H, c = tensors
+    _check_representable(A, b, obs_var, prior_var)
+    value = (_s1_regions(RegionParams(A, b, H, c, obs_var, prior_var)), A.shape[0], H.shape[1])
+    _S1_MEMO[:] = [(tensors, tuple(t._version for t in tensors), obs_var.clone(), prior_var.clone()), value]
+    return value
+
+
+def _s1_pairs(regions: _S1Regions, xc: torch.Tensor):
     r"""Exact S = 1 pair quantities for fully observed data xc (n, D): (terms (n, R), m (n, R), C (n, R)).
 
     The same maths as :meth:`~pyro_cpa.distributions.CPAMarginal._pairs` (every pair, no pruning), written
@@ -190,27 +237,32 @@ def _s1_pairs(regions, xc: torch.Tensor, prior_var: torch.Tensor):
     :func:`~pyro_cpa.distributions.region_gaussians.affine_gaussians`), the whitened interval
     ((lo_ω − μ)/s_ω, (hi_ω − μ)/s_ω) and its log P, mean and variance by
     :func:`~pyro_cpa.integrate.univariate.interval_stats` (machine precision in every regime);
-    terms = log κ + log P, m = μ + s E[u], C = v Var[u].
+    terms = log κ + log P, m = μ + s E[u], C = v Var[u]. The sums over d run over the leading dimension of
+    (D, n, R) products (a reduction over a short trailing dimension is several times slower).
     """
     from ..integrate.univariate import interval_stats
 
-    a, b, lo, hi, w, aw, _, v, s, const = regions
-    r = xc.unsqueeze(-2) - b                                  # (n, R, D)
-    mu = v * (r * aw).sum(-1)
-    quad = ((r - a * mu.unsqueeze(-1)).square() * w).sum(-1) + mu.square() / prior_var
-    log_mass, mean_u, var_u = interval_stats((lo - mu) / s, (hi - mu) / s)
-    return const - 0.5 * quad + log_mass, mu + s * mean_u, v * var_u
+    g = regions
+    r = xc.T.unsqueeze(-1) - g.b                             # (D, n, R)
+    mu = g.v * (r * g.aw).sum(0)
+    quad = ((r - g.a * mu).square() * g.w).sum(0) + mu.square() / g.prior_var
+    log_mass, mean_u, var_u = interval_stats((g.lo - mu) / g.s, (g.hi - mu) / g.s)
+    return g.const - 0.5 * quad + log_mass, torch.addcmul(mu, g.s, mean_u), g.v * var_u
 
 
-def _s1_chunk_stats(regions, xc, wc, prior_var):
-    """(Z (R, 2, 2), X (R, D, 2), q (R, D), log p (n,)) of fully observed S = 1 data (see :func:`e_step`)."""
-    terms, m, C = _s1_pairs(regions, xc, prior_var)
+def _s1_chunk_stats(regions, xc, wc):
+    """(Z (R, 2, 2), X (R, D, 2), q (R, D), log p (n,)) of fully observed S = 1 data (see :func:`e_step`);
+    ``wc`` (n,) the weights s_x,n, or None for weights 1."""
+    terms, m, C = _s1_pairs(regions, xc)
     lp = terms.logsumexp(-1)
-    ew = (terms - lp.unsqueeze(-1)).exp() * wc.unsqueeze(-1)   # s_x,n e0_nω
+    ew = (terms - lp.unsqueeze(-1)).exp()                      # e0_nω
+    if wc is not None:
+        ew = ew * wc.unsqueeze(-1)                             # s_x,n e0_nω
     ewm = ew * m
-    n, R = ew.shape
-    Zc = torch.stack([ewm * m + ew * C, ewm, ewm, ew], -1).sum(0).reshape(R, 2, 2)
-    Xc = (xc.T @ torch.stack([ewm, ew], -1).reshape(n, 2 * R)).reshape(-1, R, 2).transpose(0, 1)
+    z01 = ewm.sum(0)
+    R = ew.shape[1]
+    Zc = torch.stack([torch.addcmul(ewm * m, ew, C).sum(0), z01, z01, ew.sum(0)], -1).view(R, 2, 2)
+    Xc = (xc.T @ torch.cat([ewm, ew], 1)).view(-1, 2, R).permute(2, 0, 1)
     return Zc, Xc, ew.T @ xc.square(), lp
 
 
@@ -283,9 +335,8 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
             mg = tempered_marginal(marginal, t) if weights is not None else marginal
             s1 = _use_s1_kernel(mg)
             if s1:  # S = 1: every pair at once, a fixed number of tensor operations (_s1_pairs)
-                params = mg._params()
-                regions = _s1_regions(params)
-                rows = min(chunk, chunk_rows(params.A.shape[0], D, params.H.shape[1], 1, chunk))
+                regions, R, F = _s1_setup(mg)
+                rows = min(chunk, chunk_rows(R, D, F, 1, chunk))
             else:
                 rows = chunk
             sliced = weights is None and complete  # idx = 0..N−1: slices instead of gathers
@@ -293,7 +344,7 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
                 ic = slice(start, start + rows) if sliced else idx[start:start + rows]
                 xc, oc, wc = flat[ic], observed[ic], w_obs[ic]
                 if s1 and (complete or bool(oc.all())):
-                    Zc, Xc, qc, lp = _s1_chunk_stats(regions, xc, wc, params.prior_var)
+                    Zc, Xc, qc, lp = _s1_chunk_stats(regions, xc, None if weights is None else wc)
                 else:
                     Zc, Xc, qc, lp = _chunk_stats(mg, xc, oc, wc, obs_var)
                 Z, X, q = (Zc, Xc, qc) if Z is None else (Z + Zc, X + Xc, q + qc)
