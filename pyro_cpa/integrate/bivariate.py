@@ -632,7 +632,10 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
     edges = None if edges is None else edges.map(lambda x, k: x.detach())
     if torch.is_grad_enabled() and (G.requires_grad or d.requires_grad):
         batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
-        return _LogMass2d.apply(G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:]), edges, kw)
+        G, d = G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:])
+        if edges is None:   # once, for the value and the gradient
+            edges = polygon_edges(G.detach(), d.detach())
+        return _LogMass2d.apply(G, d, edges, kw)
     return _log_mass_2d_impl(G, d, edges=edges, **kw)
 
 
@@ -643,14 +646,14 @@ class _LogMass2d(torch.autograd.Function):
     def forward(ctx, G, d, edges, kw):
         with torch.no_grad():
             lp = _log_mass_2d_impl(G, d, edges=edges, **kw)
-        ctx.save_for_backward(G, d, lp)
+        ctx.save_for_backward(lp)
         ctx.edges = edges                 # detached (log_mass_2d): the edges the value was computed on
         return lp
 
     @staticmethod
     def backward(ctx, gout):
-        G, d, lp = ctx.saved_tensors
-        Gs, ds, e, t_lo, t_hi, exists, empty, whole = polygon_edges(G, d) if ctx.edges is None else ctx.edges
+        (lp,) = ctx.saved_tensors
+        Gs, ds, e, t_lo, t_hi, exists, empty, whole = ctx.edges
         ldphi, mu = _edge_stats(t_lo, t_hi, exists)
         fin = torch.isfinite(lp)
         ok = exists & fin.unsqueeze(-1)
