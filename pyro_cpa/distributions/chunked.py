@@ -12,6 +12,9 @@ For data x_n and regions ω the marginal is log p(x_n) = logsumexp_ω t_nω, t_n
    gathered pairs, from the chunk's whitened constraints (:func:`whiten_chunk`: normals once per region,
    distances per pair, which the bound of step 1 also uses); for S <= 3 the pairs are grouped by their region's
    number of real facets f and integrated on those f rows alone (:func:`facet_order`), not on F padded rows.
+   For S = 2 without missing data the whitened polygon of pair (n, ω) is region ω's polygon in v = L_ω⁻¹z
+   translated by L_ω⁻¹μ_nω, so its edges are computed once per region and translated per pair in O(F)
+   (:func:`region_polygons`, :func:`pair_edges`), not recomputed in O(F²) per pair.
 3. **Reduction**: log p(x_n) = logsumexp over the kept pairs of datum n; only the (N,) results are kept.
 
 **Autograd** (:class:`_RecomputedLogProb`): the forward pass keeps log p (N,) and the kept pairs' indices
