@@ -430,7 +430,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             monotone_tol: float = MONOTONE_TOL, max_regions: int = DEFAULT_MAX_REGIONS,
             marginal_kwargs: dict | None = None, weights=None,
             min_obs_scale: float = DEFAULT_MIN_OBS_SCALE, process_group=None, cache: EStepCache | None = None,
-            obs_scale_roundtrip=None) -> EMStepResult:
+            obs_scale_roundtrip=None, layer_solver: str = "auto") -> EMStepResult:
     """One exact EM step on ``decoder`` (modified in place) with guaranteed non-increasing exact NLL.
 
     Args:
@@ -478,6 +478,12 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
         obs_scale_roundtrip: optional map σx ↦ the σx the caller will store and pass back (e.g. through a Pyro
             param's constraint transform, which may change the last bit): every σx candidate goes through it
             before it is evaluated, so the kept σx is the one the next call receives and the cache can be used.
+        layer_solver: closed form only: the hidden layers' solve (``solver`` of
+            :func:`~pyro_cpa.infer.mstep.update_layer`): ``"auto"`` (default; the exact damped maximiser, Cholesky of
+            an n × n or m × m system), ``"dense"``, ``"factored"``, or ``"cg"``: at most ``mstep.CG_ITERS``
+            conjugate-gradient iterations through the Kronecker factors, an inexact block maximiser that never lowers
+            Q (the step stays verified and monotone) and costs O(CG_ITERS · n·R·(S+1)) instead of O(n³) — for wide
+            hidden layers, where the exact solve costs many E-steps.
 
     Returns:
         :class:`EMStepResult` (the new σx, σz are in ``obs_scale``, ``prior_scale``). With
@@ -494,7 +500,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
                           rcond=rcond, gradient_steps=gradient_steps, gradient_lr=gradient_lr,
                           max_backtracks=max_backtracks, monotone_tol=monotone_tol, max_regions=max_regions,
                           marginal_kwargs=marginal_kwargs, weights=weights, min_obs_scale=min_obs_scale, comm=comm,
-                          cache=cache, obs_scale_roundtrip=obs_scale_roundtrip)
+                          cache=cache, obs_scale_roundtrip=obs_scale_roundtrip, layer_solver=layer_solver)
         if comm is not None:  # every rank finished the step and holds the same decoder, σx, σz
             comm.status(signature=state_signature(decoder, result.obs_scale, result.prior_scale))
     return result
@@ -502,7 +508,8 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
 
 def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scale, update_obs_scale, m_step_method,
              schedule, px, sweeps, order, rcond, gradient_steps, gradient_lr, max_backtracks, monotone_tol,
-             max_regions, marginal_kwargs, weights, min_obs_scale, comm, cache, obs_scale_roundtrip) -> EMStepResult:
+             max_regions, marginal_kwargs, weights, min_obs_scale, comm, cache, obs_scale_roundtrip,
+             layer_solver) -> EMStepResult:
     from ..distributions import CPAMarginal
     from .distributed import SoftFailure, align_to_blocks, state_signature
 
@@ -516,6 +523,8 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
         raise PyroCPAError(f"order must be 'forward' or 'backward', got {order!r}")
     if max_backtracks < 0:
         raise PyroCPAError(f"max_backtracks must be >= 0, got {max_backtracks}")
+    if layer_solver not in ("auto", "dense", "factored", "cg"):
+        raise PyroCPAError(f"layer_solver must be 'auto', 'dense', 'factored' or 'cg', got {layer_solver!r}")
     if not (math.isfinite(min_obs_scale) and min_obs_scale > 0):
         raise PyroCPAError(f"min_obs_scale must be a positive finite number, got {min_obs_scale}")
     min_obs_var = min_obs_scale ** 2
@@ -633,7 +642,7 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
             elif block == "px":
                 net.set_affine_maps(prior_expansion(maps, st, prior_var))
             else:
-                maps[block] = update_layer(maps, block, net, st, obs_var, rcond=rcond)
+                maps[block] = update_layer(maps, block, net, st, obs_var, rcond=rcond, solver=layer_solver)
                 net.set_affine_maps(maps)
             # px re-labels z: the frozen-E-step Q is not comparable across it (gain reported as 0)
             return sx_c, sz_c, (0.0 if block == "px" else Q(st, sx_c, sz_c) - q0)
@@ -693,7 +702,7 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
     if m_step_method == "closed_form":
         res = m_step(net, stats.patterns, stats, obs_var_old, prior_var_old, obs_noise=obs_noise,
                      update_prior_scale=update_prior_scale, update_obs_scale=update_obs_scale, sweeps=sweeps,
-                     order=order, rcond=rcond, min_obs_var=min_obs_var)
+                     order=order, rcond=rcond, min_obs_var=min_obs_var, solver=layer_solver)
         net.set_affine_maps(res.maps)  # validates every step before writing anything
         sx_new, sz_new = to_scale(res.obs_var), res.prior_var.sqrt()
     else:

@@ -65,6 +65,10 @@ PX_MIN_REL = 1e-10
 SWEEP_GAIN_FLOOR = 1e-13
 DEFAULT_MIN_OBS_VAR = 1e-12
 DEFAULT_DENSE_MAX = 6144
+#: Iteration cap of the truncated conjugate-gradient layer solve (``solver="cg"``, :func:`_cg_prox_solve_kron`).
+CG_ITERS = 100
+#: Early stop of that solve: ‖(K̃ + λI) y − r̃‖₂ <= CG_RTOL · ‖r̃‖₂ (the damped system solved to rounding level).
+CG_RTOL = 1e-12
 
 
 class MStepResult(NamedTuple):
@@ -334,7 +338,7 @@ def _damped_prox_solve_dense_kron(G: torch.Tensor, M: torch.Tensor, B: torch.Ten
 
 def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, *,
                  rcond: float = DEFAULT_RCOND, dense_max: int = DEFAULT_DENSE_MAX,
-                 solver: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                 solver: str = "auto", cg_iters: int = CG_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximiser of Q over layer l's (W_l, v_l), the other layers and σx² fixed (module docstring): exact in
     every direction whose Jacobi-scaled curvature exceeds ``rcond`` (:func:`_damped_prox_solve`).
 
@@ -344,38 +348,24 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     whichever is cheaper (``solver="auto"``; ``"dense"`` / ``"factored"`` force one); a
     :class:`PyroCPAError` is raised when min(n, m) exceeds ``dense_max``. Both give the same filtered step
     (to rounding).
+
+    ``solver="cg"`` (hidden layers; the output layer is always solved exactly) instead takes at most ``cg_iters``
+    conjugate-gradient iterations through the factors (:func:`_cg_prox_solve_kron`): an inexact block maximiser
+    that never lowers Q, O(cg_iters · n·R·(S+1)) instead of O(n³) and no n × n or m × m matrix (``dense_max`` does
+    not apply).
     """
-    if solver not in ("auto", "dense", "factored"):
-        raise PyroCPAError(f"solver must be 'auto', 'dense' or 'factored', got {solver!r}")
-    rm = frozen_region_maps(maps, net.activations, stats.patterns)
-    W, v = maps[l]
-    n_out, n_in = W.shape
-    R = stats.Z.shape[0]
-    S = stats.Z.shape[-1] - 1
-    P, p = rm.layer_inputs[l]
-    P = P.expand(R, n_in, S)
-    Pt = W.new_zeros(R, n_in + 1, S + 1)
-    Pt[:, :n_in, :S] = P
-    Pt[:, :n_in, S] = p.expand(R, n_in)
-    Pt[:, n_in, S] = 1.0
-    Wt_old = torch.cat([W, v.unsqueeze(-1)], dim=-1)  # (n_out, n_in+1)
-    s = stats.Z[:, :, S]  # (R, S+1)
-    lam_x = obs_var.reciprocal()  # (D,)
+    if solver not in ("auto", "dense", "factored", "cg"):
+        raise PyroCPAError(f"solver must be 'auto', 'dense', 'factored' or 'cg', got {solver!r}")
     if l == len(maps) - 1:
-        # F = I, c = 0: W̃ ΣM = ΣR (Λ cancels); solve for all rows at once. ΣM = Σ_ω P̃_ω Z_ω P̃_ωᵀ as one product.
-        PZ = (Pt @ stats.Z).transpose(0, 1).reshape(n_in + 1, R * (S + 1))
-        Msum = PZ @ Pt.transpose(0, 1).reshape(n_in + 1, R * (S + 1)).T
-        Rsum = stats.X.transpose(0, 1).reshape(-1, R * (S + 1)) @ Pt.transpose(-1, -2).reshape(R * (S + 1), -1)
-        Wt = _damped_prox_solve(0.5 * (Msum + Msum.T), Rsum.T, Wt_old.T, rcond).T
-        return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
-    F = _output_jacobians(maps, rm.slopes, l, R)  # (R, D, n_out)
-    m_l = rm.preactivations[l][1].expand(R, n_out)
-    c = rm.b - torch.einsum("rdk,rk->rd", F, m_l)  # (R, D)
-    Rw = (stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)) @ Pt.transpose(-1, -2)  # (R, D, n_in+1)
-    FL = F * lam_x.unsqueeze(-1)  # Λ F, (R, D, n_out)
-    B = torch.einsum("rdk,rdj->kj", FL, Rw)  # Σ Fᵀ Λ R, (n_out, n_in+1)
+        return _update_output_layer(maps, net, stats, rcond)
+    Pt, F, FL, B, Wt_old, lam_x = _hidden_normal_equations(maps, l, net, stats, obs_var)
+    R, S, (n_out, n_in) = stats.Z.shape[0], stats.Z.shape[-1] - 1, maps[l][0].shape
     a, bdim, D = n_out, n_in + 1, F.shape[1]
     n, m = a * bdim, R * D * (S + 1)
+    if solver == "cg":
+        Phi, Psi, d = _layer_factors(Pt, F, lam_x, stats)
+        Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, cg_iters)
+        return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
     if min(n, m) > dense_max:
         raise PyroCPAError(
             f"m_step: layer {l} has {n} unknowns and its system {m} factor columns, both above "
@@ -392,15 +382,119 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
         # K[(i,j),(k,l)] = Σ_ω G[i,k] M[l,j]  (row-major vec of W̃), one matmul over regions.
         w = _damped_prox_solve_dense_kron(G, M, B, Wt_old, rcond)
     else:
-        # Factors: Φ_ω = F_ωᵀ Λ^{1/2} (a, D), Ψ_ω = P̃_ω Z_ω^{1/2} (bdim, S+1) with Z^{1/2} from eigh.
-        ez, Vz = torch.linalg.eigh(stats.Z)
-        Psi = Pt @ (Vz * ez.clamp_min(0.0).sqrt().unsqueeze(-2))
-        Phi = (F * lam_x.sqrt().unsqueeze(-1)).transpose(-1, -2)
-        d = (Phi * Phi).sum(-1).T @ (Psi * Psi).sum(-1)  # diag K = Σ_ω diag G_ω diag M_ωᵀ, (a, bdim)
+        Phi, Psi, d = _layer_factors(Pt, F, lam_x, stats)
         Kw = _kron_apply(Phi, Psi, _kron_apply_t(Phi, Psi, Wt_old))
         w = _damped_prox_solve_kron(Phi, Psi, d, B - Kw, Wt_old, rcond)
     Wt = w.reshape(a, bdim)
     return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
+
+
+def _update_output_layer(maps: list, net, stats: EStepStats, rcond: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`update_layer` of the last layer (F = I, c = 0: W̃ ΣM = ΣR, Λ cancels; all rows at once)."""
+    l = len(maps) - 1
+    rm = frozen_region_maps(maps, net.activations, stats.patterns)
+    W, v = maps[l]
+    n_out, n_in = W.shape
+    R = stats.Z.shape[0]
+    S = stats.Z.shape[-1] - 1
+    P, p = rm.layer_inputs[l]
+    P = P.expand(R, n_in, S)
+    Pt = W.new_zeros(R, n_in + 1, S + 1)
+    Pt[:, :n_in, :S] = P
+    Pt[:, :n_in, S] = p.expand(R, n_in)
+    Pt[:, n_in, S] = 1.0
+    Wt_old = torch.cat([W, v.unsqueeze(-1)], dim=-1)  # (n_out, n_in+1)
+    # ΣM = Σ_ω P̃_ω Z_ω P̃_ωᵀ as one product.
+    PZ = (Pt @ stats.Z).transpose(0, 1).reshape(n_in + 1, R * (S + 1))
+    Msum = PZ @ Pt.transpose(0, 1).reshape(n_in + 1, R * (S + 1)).T
+    Rsum = stats.X.transpose(0, 1).reshape(-1, R * (S + 1)) @ Pt.transpose(-1, -2).reshape(R * (S + 1), -1)
+    Wt = _damped_prox_solve(0.5 * (Msum + Msum.T), Rsum.T, Wt_old.T, rcond).T
+    return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
+
+
+def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor):
+    """Hidden layer l's normal equations K vec W̃ = vec B (module docstring) by their pieces:
+    (P̃ (R, n_in+1, S+1), F (R, D, n_out), ΛF, B (n_out, n_in+1), W̃_old, Λ's diagonal (D,))."""
+    rm = frozen_region_maps(maps, net.activations, stats.patterns)
+    W, v = maps[l]
+    n_out, n_in = W.shape
+    R = stats.Z.shape[0]
+    S = stats.Z.shape[-1] - 1
+    P, p = rm.layer_inputs[l]
+    P = P.expand(R, n_in, S)
+    Pt = W.new_zeros(R, n_in + 1, S + 1)
+    Pt[:, :n_in, :S] = P
+    Pt[:, :n_in, S] = p.expand(R, n_in)
+    Pt[:, n_in, S] = 1.0
+    Wt_old = torch.cat([W, v.unsqueeze(-1)], dim=-1)  # (n_out, n_in+1)
+    s = stats.Z[:, :, S]  # (R, S+1)
+    lam_x = obs_var.reciprocal()  # (D,)
+    F = _output_jacobians(maps, rm.slopes, l, R)  # (R, D, n_out)
+    m_l = rm.preactivations[l][1].expand(R, n_out)
+    c = rm.b - torch.einsum("rdk,rk->rd", F, m_l)  # (R, D)
+    Rw = (stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)) @ Pt.transpose(-1, -2)  # (R, D, n_in+1)
+    FL = F * lam_x.unsqueeze(-1)  # Λ F, (R, D, n_out)
+    B = torch.einsum("rdk,rdj->kj", FL, Rw)  # Σ Fᵀ Λ R, (n_out, n_in+1)
+    return Pt, F, FL, B, Wt_old, lam_x
+
+
+def _layer_factors(Pt: torch.Tensor, F: torch.Tensor, lam_x: torch.Tensor, stats: EStepStats):
+    """Factors of K = Σ_ω (Φ_ωΦ_ωᵀ) ⊗ (Ψ_ωΨ_ωᵀ): Φ_ω = F_ωᵀ Λ^{1/2} (R, n_out, D), Ψ_ω = P̃_ω Z_ω^{1/2}
+    (R, n_in+1, S+1) with Z^{1/2} from eigh, and d = diag K = Σ_ω diag G_ω diag M_ωᵀ (n_out, n_in+1)."""
+    ez, Vz = torch.linalg.eigh(stats.Z)
+    Psi = Pt @ (Vz * ez.clamp_min(0.0).sqrt().unsqueeze(-2))
+    Phi = (F * lam_x.sqrt().unsqueeze(-1)).transpose(-1, -2)
+    d = (Phi * Phi).sum(-1).T @ (Psi * Psi).sum(-1)
+    return Phi, Psi, d
+
+
+def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor,
+                        rcond: float, iters: int) -> torch.Tensor:
+    r"""Truncated conjugate gradients for the damped layer step, K = Σ_ω (Φ_ωΦ_ωᵀ) ⊗ (Ψ_ωΨ_ωᵀ) given by its factors
+    Φ (R, a, D), Ψ (R, b, k), d = diag K (a, b), B and w_old (a, b).
+
+    In the Jacobi-scaled units of :func:`_damped_prox_solve` (s, K̃ = sKs, r̃ = s(B − K w_old), A = K̃ + λI,
+    λ = ``rcond``) it returns w_old + s y_j, y_j the j-th CG iterate from y_0 = 0 for A y = r̃, j the first index
+    with ‖r̃ − A y_j‖₂ <= ``CG_RTOL`` ‖r̃‖₂, or ``iters``. y_j minimises φ(y) = ½ yᵀAy − r̃ᵀy over the Krylov space
+    span{r̃, A r̃, …, A^{j−1} r̃}, and φ(y_j) <= φ(0) = 0; the gain of Q is r̃ᵀy − ½ yᵀK̃y = −φ(y) + ½λ‖y‖² >= 0,
+    so this block never lowers Q (an inexact, generalised-EM block maximiser). CG resolves the well-determined
+    directions (the top of K̃'s spectrum) first: the iteration cap acts as the damping (CG as a regularising
+    iteration), and for well-conditioned A (e_max/λ small) the early stop makes it the exact damped solve
+    (A⁻¹ r̃, Tikhonov, not the filter f of :func:`_damped_prox_solve`). Products with K̃ go through the factors,
+    K vec Y = Σ_ω Φ_ω (Φ_ωᵀ Y Ψ_ω) Ψ_ωᵀ (:func:`_kron_apply`, :func:`_kron_apply_t`): O(R·a·b·k) per iteration,
+    K̃ is never formed. The iteration count depends only on those products' results, so equal statistics give
+    equal steps. Dead coordinates (zero rows of K and B) have r̃ = 0 and a zero row of K̃ exactly and keep their
+    old values bit-for-bit.
+    """
+    if iters < 1:
+        raise PyroCPAError(f"cg_iters must be >= 1, got {iters}")
+    live = (Phi != 0).flatten(1).any(1) & (Psi != 0).flatten(1).any(1)   # regions with a nonzero term of K
+    if not bool(live.all()):
+        Phi, Psi = Phi[live], Psi[live]
+    s = _jacobi_scale(d)
+    lam = float(rcond)
+
+    def K(Y):
+        return _kron_apply(Phi, Psi, _kron_apply_t(Phi, Psi, Y))
+
+    r = s * (B - K(w_old))
+    if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(r).all())):
+        raise PyroCPAError(_OVERFLOW)
+    y = torch.zeros_like(r)
+    res = r
+    p = r
+    rr = float(res.square().sum())
+    stop = CG_RTOL ** 2 * rr
+    for _ in range(iters):
+        if rr <= stop:   # also r̃ = 0 (stop = 0): nothing to solve
+            break
+        Ap = s * K(s * p) + lam * p
+        alpha = rr / float((p * Ap).sum())   # pᵀAp >= λ‖p‖² > 0 while rr > 0
+        y = y + alpha * p
+        res = res - alpha * Ap
+        rr, rr_old = float(res.square().sum()), rr
+        p = res + (rr / rr_old) * p
+    return w_old + s * y
 
 
 def update_variances(maps, net, stats: EStepStats, obs_var: torch.Tensor, prior_var: torch.Tensor, *,
@@ -460,7 +554,7 @@ def prior_expansion(maps, stats: EStepStats, prior_var) -> list:
 def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: str = "isotropic",
            update_prior_scale: bool = False, update_obs_scale: bool = True, sweeps: int = 1, tol: float = 0.0,
            order: str = "forward", rcond: float = DEFAULT_RCOND, min_obs_var: float = DEFAULT_MIN_OBS_VAR,
-           dense_max: int = DEFAULT_DENSE_MAX) -> MStepResult:
+           dense_max: int = DEFAULT_DENSE_MAX, solver: str = "auto") -> MStepResult:
     """Closed-form (block coordinate ascent) maximisation of the frozen-pattern surrogate Q.
 
     Args:
@@ -477,6 +571,8 @@ def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: s
         rcond: damping λ of the layer solves in Jacobi-scaled units (:func:`_damped_prox_solve`): directions
             of curvature ≫ λ are solved exactly, those ≪ λ keep their old values; min_obs_var: floor of σx².
         dense_max: largest min(unknowns, factor columns) of a layer system (:func:`update_layer`).
+        solver: the hidden layers' solve (:func:`update_layer`): ``"auto"`` (exact), ``"dense"``, ``"factored"``,
+            or ``"cg"`` (truncated conjugate gradients, an inexact maximiser that never lowers Q).
 
     Returns:
         :class:`MStepResult` ``(maps, obs_var, prior_var, q_trace)``; the network is not modified.
@@ -503,7 +599,7 @@ def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: s
         q_trace = [float(expected_complete_loglik(maps, net, patterns, stats, obs_var, prior_var))]
         for _ in range(sweeps):
             for l in layers:
-                maps[l] = update_layer(maps, l, net, stats, obs_var, rcond=rcond, dense_max=dense_max)
+                maps[l] = update_layer(maps, l, net, stats, obs_var, rcond=rcond, dense_max=dense_max, solver=solver)
             obs_var, prior_var = update_variances(maps, net, stats, obs_var, prior_var, obs_noise=obs_noise,
                                                   update_prior_scale=update_prior_scale,
                                                   update_obs_scale=update_obs_scale, min_obs_var=min_obs_var)
