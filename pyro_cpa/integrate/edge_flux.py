@@ -37,20 +37,20 @@ p, bin of α_L): G is maximised over the p bin, α_L taken at its bin's lower en
 A piece cut short (at q or at z_0) lies inside its class's ellipse, so the class's G bounds it too.
 Every piece is integrated with ``gl_levels[0]`` = 10 nodes in one dense batch; the few whose α_L is below the
 threshold where 10 suffice (:func:`_thresholds`) are redone with their certified count rounded up to the next
-level (or by singularity subtraction, below).
+level.
 
-**Singularity subtraction** of a first piece [p, b], b = min(q, sqrt(p² + 1)), that plain Legendre with 10 nodes
-does not certify, where h² + p² <= ``sub_r2`` = 2 (the poles are close): with w = (t² + h²)/2 and E(w) = (1 − e^{−w})/w (entire, |E| <= max(1, e^{−Re w})),
+**Singularity subtraction** of the first piece [p, b], b = min(q, sqrt(p² + 1)), where h² + p² <= ``sub_r2`` = 2
+(the poles are close): with w = (t² + h²)/2 and E(w) = (1 − e^{−w})/w (entire, |E| <= max(1, e^{−Re w})),
 
     e^{−(h² + p²)/2} ∫_p^b e^{−(t² − p²)/2} h/(h² + t²) dt = atan((b − p) h/(h² + bp)) − (h/2) ∫_p^b E(w) dt;
 
 the remainder's relative error is at most (16/15) 3 e^{1.5} e^{ℓ²β²/2} ρ^{2−2n}/(ρ² − 1) (β = (ρ − 1/ρ)/2, since
-Re t² >= −ℓ²β² on E_ρ; with the default first cut z = 0.5), tabulated by the half-length ℓ (:func:`_sub_table`);
-the subtraction cancels by at most e^{1.5}.
+Re t² >= −ℓ²β² on E_ρ; with the default first cut z = 0.5), tabulated by the half-length ℓ (:func:`_sub_table`;
+7 nodes for all, 10 or 12 where the table asks); the subtraction cancels by at most e^{1.5}.
 
-Counts are rounded up to a few levels (``*_levels``): a Python loop over levels, never over edges. Every operation is elementwise in a fixed order
-(sqrt, exp, expm1, log, atan, table look-ups; no pow, no reductions across edges except the final per-edge
-sum in piece order), so each value depends on its own (h, p, q) only. Truncation errors are certified by the
+Counts are rounded up to a few levels (``*_levels``): a Python loop over levels, never over edges. Every
+operation is elementwise in a fixed order (sqrt, exp, expm1, log, atan, table look-ups; no pow, no reductions
+across edges except the final per-edge sum in piece order), so each value depends on its own (h, p, q) only. Truncation errors are certified by the
 bounds (Legendre) or measured (Laguerre); rounding adds ~1e-16. Audited against mpmath:
 tests/integrate/test_edge_flux.py. No gradient is needed (the mass's gradient is analytic).
 """
@@ -71,7 +71,7 @@ DEFAULT_LAG_MIN_DZ = 2.0         # a finite tail [z0, zq] by a Laguerre differen
 DEFAULT_EDGE_Z_MAX = 45.0        # the tail beyond z = 45 (relative e^-45) is dropped
 DEFAULT_EDGE_SUB_R2 = 2.0        # first piece singularity-subtracted where h² + p² <= this
 DEFAULT_GL_LEVELS = (10, 13, 16, 40)   # every item at the first level, then again at the next for those needing more
-DEFAULT_SUB_LEVELS = (8, 12)
+DEFAULT_SUB_LEVELS = (7, 10, 12)
 DEFAULT_LAG_LEVELS = (10, 17, 22)
 _MAX_NODES = 40
 _ALPHA_BINS_PER_E = 8            # Legendre table: bins of log α_L of width 1/8 ...
@@ -322,9 +322,13 @@ def log_edge_flux(h: torch.Tensor, p: torch.Tensor, q: torch.Tensor, *, tol: flo
     sel = lambda arrays, idx: arrays if idx is None else [x.index_select(0, idx) for x in arrays]   # noqa: E731
     # ---- Legendre pieces [a, b], a = p + k²/(sqrt(p² + k²) + p) (= sqrt(p² + k²); exactly p for k = 0), b the
     # same expression at k + 1 (bitwise the next piece's a), cut at top
-    owner = torch.repeat_interleave(m)
+    near = (h * h + p2 <= sub_r2) & (m > 0)           # first piece by singularity subtraction
+    nearl = near.long()
+    mpl = m - nearl
+    owner = torch.repeat_interleave(mpl)
     if owner.numel():
-        kk = torch.arange(owner.numel(), device=device) - (m.cumsum(0) - m).index_select(0, owner)
+        kk = (torch.arange(owner.numel(), device=device) - (mpl.cumsum(0) - mpl).index_select(0, owner)
+              + nearl.index_select(0, owner))
         pp, hh = p.index_select(0, owner), h.index_select(0, owner)
         pp2 = pp * pp
         k2a, k2b = ksq.index_select(0, kk), ksq.index_select(0, kk + 1)
@@ -341,30 +345,29 @@ def log_edge_flux(h: torch.Tensor, p: torch.Tensor, q: torch.Tensor, *, tol: flo
         cls = kk * _P_BINS + torch.clamp(pp * (1.0 / _P_BIN), 0, _P_BINS - 1).long()   # (class, p bin)
         hard = (alpha_l < thr.index_select(0, cls)).nonzero().squeeze(-1)   # the base level does not suffice
         if hard.numel():
-            kh, ph, hh_ = kk.index_select(0, hard), pp.index_select(0, hard), hh.index_select(0, hard)
-            subst = (kh == 0) & (hh_ * hh_ + ph * ph <= sub_r2)        # near the origin: singularity subtraction
-            si = subst.nonzero().squeeze(-1)
-            if si.numel():
-                idx = hard.index_select(0, si)
-                hs, ps, bs, ell = hh_.index_select(0, si), ph.index_select(0, si), b.index_select(0, idx), half.index_select(0, idx)
-                js = torch.clamp(-torch.log(ell) * _ELL_BINS_PER_E, 0, _ELL_BINS - 1).long()
-                rem, nn = _tiered(sub_need.index_select(0, js), sub_levels,
-                                  lambda ix, n: _sub_eval(*sel((ell, ps, hs), ix), *_rule("gl", n, dtype, device)))
-                nodes += nn
-                br = torch.atan((bs - ps) * hs / (hs * hs + bs * ps)) + 0.5 * hs * ell * rem
-                val.index_copy_(0, idx, br * torch.exp(0.5 * (hs * hs + ps * ps)))
-            pl = (~subst).nonzero().squeeze(-1)
-            if pl.numel():
-                idx = hard.index_select(0, pl)
-                j = torch.clamp(torch.log(alpha_l.index_select(0, idx)) * _ALPHA_BINS_PER_E, 0, _ALPHA_BINS - 1).long()
-                need = gl_need.index_select(0, cls.index_select(0, idx) * _ALPHA_BINS + j)
-                arr = [x.index_select(0, idx) for x in (da, half, hh, pp)]
-                v, nn = _tiered(need, gl_levels[1:],
-                                lambda ix, n: _gl_eval(*sel(arr, ix), *_rule("gl", n, dtype, device)), first=False)
-                nodes += nn
-                val.index_copy_(0, idx, v)
+            j = torch.clamp(torch.log(alpha_l.index_select(0, hard)) * _ALPHA_BINS_PER_E, 0, _ALPHA_BINS - 1).long()
+            need = gl_need.index_select(0, cls.index_select(0, hard) * _ALPHA_BINS + j)
+            arr = [x.index_select(0, hard) for x in (da, half, hh, pp)]
+            v, nn = _tiered(need, gl_levels[1:],
+                            lambda ix, n: _gl_eval(*sel(arr, ix), *_rule("gl", n, dtype, device)), first=False)
+            nodes += nn
+            val.index_copy_(0, hard, v)
         owners.append(owner)
         vals.append(val)
+    # ---- subtracted first pieces [p, b], b − p = min(1/(sqrt(p² + 1) + p), top − p) (bitwise piece 1's a − p)
+    si = near.nonzero().squeeze(-1)
+    if si.numel():
+        ps, hs = p.index_select(0, si), h.index_select(0, si)
+        db = torch.minimum(1.0 / (torch.sqrt(ps * ps + 1.0) + ps), (top - p).index_select(0, si))
+        ell = 0.5 * db
+        bs = ps + db
+        js = torch.clamp(-torch.log(ell) * _ELL_BINS_PER_E, 0, _ELL_BINS - 1).long()
+        rem, nn = _tiered(sub_need.index_select(0, js), sub_levels,
+                          lambda ix, n: _sub_eval(*sel((ell, ps, hs), ix), *_rule("gl", n, dtype, device)))
+        nodes += nn
+        br = torch.atan(db * hs / (hs * hs + bs * ps)) + 0.5 * hs * ell * rem
+        owners.append(si)
+        vals.append(br * torch.exp(0.5 * (hs * hs + ps * ps)))
     # ---- Laguerre tails: from t0 (+) and, for finite edges, beyond q (−)
     li = lag.nonzero().squeeze(-1)
     if li.numel():
