@@ -471,6 +471,8 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
     live = (Phi != 0).flatten(1).any(1) & (Psi != 0).flatten(1).any(1)   # regions with a nonzero term of K
     if not bool(live.all()):
         Phi, Psi = Phi[live], Psi[live]
+    if Phi.shape[0] == 0:   # K = 0 and B = 0 exactly: no region carries a term, nothing moves
+        return w_old.clone()
     s = _jacobi_scale(d)
     lam = float(rcond)
 
