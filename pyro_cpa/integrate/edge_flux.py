@@ -50,9 +50,9 @@ Re t² >= −ℓ²β² on E_ρ; with the default first cut z = 0.5), tabulated b
 
 Counts are rounded up to a few levels (``*_levels``): a Python loop over levels, never over edges. Every
 operation is elementwise in a fixed order (sqrt, exp, expm1, log, atan, table look-ups; no pow, no reductions
-across edges except the final per-edge sum in piece order), so each value depends on its own (h, p, q) only. Truncation errors are certified by the
-bounds (Legendre) or measured (Laguerre); rounding adds ~1e-16. Audited against mpmath:
-tests/integrate/test_edge_flux.py. No gradient is needed (the mass's gradient is analytic).
+across edges except the final per-edge sum in piece order), so each value depends on its own (h, p, q) only.
+Truncation errors are certified by the bounds (Legendre) or measured (Laguerre); rounding adds ~1e-16. Audited
+against mpmath: tests/integrate/test_edge_flux.py. No gradient is needed (the mass's gradient is analytic).
 """
 from __future__ import annotations
 
@@ -349,7 +349,7 @@ def log_edge_flux(h: torch.Tensor, p: torch.Tensor, q: torch.Tensor, *, tol: flo
             need = gl_need.index_select(0, cls.index_select(0, hard) * _ALPHA_BINS + j)
             arr = [x.index_select(0, hard) for x in (da, half, hh, pp)]
             v, nn = _tiered(need, gl_levels[1:],
-                            lambda ix, n: _gl_eval(*sel(arr, ix), *_rule("gl", n, dtype, device)), first=False)
+                            lambda ix, n: _gl_eval(*sel(arr, ix), *_rule("gl", n, dtype, device)))
             nodes += nn
             val.index_copy_(0, hard, v)
         owners.append(owner)
