@@ -121,9 +121,9 @@ def _log_temper_constant(marginal, x: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _groups(weights, n: int, device):
-    """[(t, indices)] of the active data grouped by their temper t_n (one group when unweighted)."""
+    """[(t, indices)] of the active data grouped by their temper t_n ([(1, None)], all data, when unweighted)."""
     if weights is None:
-        return [(1.0, torch.arange(n, device=device))]
+        return [(1.0, None)]
     if weights.obs.shape[0] != n:
         raise PyroCPAError(f"weights are given for {weights.obs.shape[0]} data but x has {n}")
     active = weights.active.to(device)
@@ -166,14 +166,15 @@ class _S1Regions(NamedTuple):
 
     a: torch.Tensor       # (D, 1, R) slopes a_ωd
     b: torch.Tensor       # (D, 1, R) offsets b_ωd
-    aw: torch.Tensor      # (D, 1, R) a_ωd w_d
+    awv: torch.Tensor     # (D, 1, R) a_ωd w_d v_ω
     w: torch.Tensor       # (D, 1, 1) w_d = 1/σx_d²
-    lo: torch.Tensor      # (R,) interval end points (lo = +inf for an empty region)
-    hi: torch.Tensor
+    lo_s: torch.Tensor    # (R,) lo_ω/s_ω (lo = +inf for an empty region)
+    hi_s: torch.Tensor    # (R,) hi_ω/s_ω
+    neg_inv_s: torch.Tensor   # (R,) −1/s_ω
     v: torch.Tensor       # (R,) posterior variance 1/λ_ω
     s: torch.Tensor       # (R,) √v
     const: torch.Tensor   # (R,) the part of log κ without the quadratic form
-    prior_var: torch.Tensor
+    prior_prec: float     # 1/σz²
 
 
 def _s1_regions(params) -> _S1Regions:
@@ -194,37 +195,43 @@ def _s1_regions(params) -> _S1Regions:
     aw = a * w
     lam = prior_var.reciprocal() + (a * aw).sum(-1)
     v = lam.reciprocal()
+    s = v.sqrt()
     const = -0.5 * (a.shape[-1] * math.log(2 * math.pi) + obs_var.log().sum() + prior_var.log().sum() + lam.log())
     lay = (lambda t: t.T.unsqueeze(1).contiguous())   # (R, D) -> (D, 1, R)
-    return _S1Regions(lay(a), lay(b), lay(aw), w.reshape(-1, 1, 1), lo, hi, v, v.sqrt(), const, prior_var)
+    return _S1Regions(lay(a), lay(b), lay(aw * v.unsqueeze(-1)), w.reshape(-1, 1, 1), lo / s, hi / s, -s.reciprocal(),
+                      v, s, const, float(prior_var.reciprocal()))
 
 
 _S1_MEMO: list = [None, None]
 """[key, value] of the last :func:`_s1_setup`: the key holds the region tensors themselves (so that their ids
-cannot be reused while it lives), their version counters and copies of σx², σz²."""
+cannot be reused while it lives), their version counters and copies of σx, σz."""
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
 
 
 def _s1_setup(mg) -> tuple[_S1Regions, int, int]:
     """(:func:`_s1_regions`, R, F) of the marginal ``mg`` under its current parameters, without gradient.
 
     Reused while the region tensors are the same objects at the same version (the marginal memoises them per
-    partition state without gradient) and σx², σz² are bit-identical: the per-region constants are then the
+    partition state without gradient) and σx, σz are bit-identical: the per-region constants are then the
     same, so is the check that they are representable (:meth:`~pyro_cpa.distributions.CPAMarginal._params`).
     """
     from ..distributions.chunked import RegionParams
     from ..distributions.cpa_marginal import _check_representable
 
     tensors = mg._region_params()
-    obs_var, prior_var = mg._variances()
+    scales = (mg.obs_scale.detach(), mg.prior_scale.detach())
     key, value = _S1_MEMO
     if (key is not None and all(t is k for t, k in zip(tensors, key[0]))
-            and tuple(t._version for t in tensors) == key[1] and torch.equal(obs_var, key[2])
-            and torch.equal(prior_var, key[3])):
+            and tuple(t._version for t in tensors) == key[1] and all(map(_same_values, scales, key[2]))):
         return value
     A, b, H, c = tensors
+    obs_var, prior_var = mg._variances()
     _check_representable(A, b, obs_var, prior_var)
     value = (_s1_regions(RegionParams(A, b, H, c, obs_var, prior_var)), A.shape[0], H.shape[1])
-    _S1_MEMO[:] = [(tensors, tuple(t._version for t in tensors), obs_var.clone(), prior_var.clone()), value]
+    _S1_MEMO[:] = [(tensors, tuple(t._version for t in tensors), tuple(t.clone() for t in scales)), value]
     return value
 
 
@@ -235,7 +242,7 @@ def _s1_pairs(regions: _S1Regions, xc: torch.Tensor):
     for S = 1 with a fixed number of tensor operations: μ_nω = v_ω Σ_d w_d a_ωd (x_nd − b_ωd),
     log κ = const_ω − ½ [Σ_d w_d (x_nd − b_ωd − a_ωd μ_nω)² + μ_nω²/σz²] (a sum of non-negative terms, as in
     :func:`~pyro_cpa.distributions.region_gaussians.affine_gaussians`), the whitened interval
-    ((lo_ω − μ)/s_ω, (hi_ω − μ)/s_ω) and its log P, mean and variance by
+    (lo_ω/s_ω − μ/s_ω, hi_ω/s_ω − μ/s_ω) and its log P, mean and variance by
     :func:`~pyro_cpa.integrate.univariate.interval_stats` (machine precision in every regime);
     terms = log κ + log P, m = μ + s E[u], C = v Var[u]. The sums over d run over the leading dimension of
     (D, n, R) products (a reduction over a short trailing dimension is several times slower).
@@ -243,27 +250,39 @@ def _s1_pairs(regions: _S1Regions, xc: torch.Tensor):
     from ..integrate.univariate import interval_stats
 
     g = regions
-    r = xc.T.unsqueeze(-1) - g.b                             # (D, n, R)
-    mu = g.v * (r * g.aw).sum(0)
-    quad = ((r - g.a * mu).square() * g.w).sum(0) + mu.square() / g.prior_var
-    log_mass, mean_u, var_u = interval_stats((g.lo - mu) / g.s, (g.hi - mu) / g.s)
-    return g.const - 0.5 * quad + log_mass, torch.addcmul(mu, g.s, mean_u), g.v * var_u
+    r = xc.T.contiguous().unsqueeze(-1) - g.b                        # (D, n, R)
+    mu = (r * g.awv).sum(0)
+    quad = torch.addcmul((torch.addcmul(r, g.a, mu, value=-1.0).square() * g.w).sum(0), mu, mu, value=g.prior_prec)
+    log_mass, mean_u, var_u = interval_stats(torch.addcmul(g.lo_s, mu, g.neg_inv_s),
+                                             torch.addcmul(g.hi_s, mu, g.neg_inv_s))
+    return torch.add(g.const, quad, alpha=-0.5) + log_mass, torch.addcmul(mu, g.s, mean_u), g.v * var_u
 
 
 def _s1_chunk_stats(regions, xc, wc):
     """(Z (R, 2, 2), X (R, D, 2), q (R, D), log p (n,)) of fully observed S = 1 data (see :func:`e_step`);
-    ``wc`` (n,) the weights s_x,n, or None for weights 1."""
+    ``wc`` (n,) the weights s_x,n, or None for weights 1.
+
+    e0_nω = exp(t_nω − max_ω t)/Σ_ω exp(t_nω − max_ω t) with t = log κ + log P, and log p = max + log Σ (terms more
+    than 700 nats below the largest are 0: e^-700 relative, :func:`~pyro_cpa.integrate.univariate.exp_floored`).
+    With e = s_x,n e0_nω the sums Σ_n e m² + e C, Σ_n e m, Σ_n e (Z), Σ_n x_n e m, Σ_n x_n e (X) and Σ_n x_n² e (q)
+    are one product [x, x², 1]ᵀ [e m, e, e (m² + C)] of (n, 2D + 1) and (n, 3R) matrices."""
+    from ..integrate.univariate import exp_floored
+
     terms, m, C = _s1_pairs(regions, xc)
-    lp = terms.logsumexp(-1)
-    ew = (terms - lp.unsqueeze(-1)).exp()                      # e0_nω
+    top = terms.amax(-1, keepdim=True)
+    ew = exp_floored(terms - top)                              # exactly 0 below e^-700: no slow underflow path
+    total = ew.sum(-1, keepdim=True)
+    lp = (top + total.log()).squeeze(-1)                       # log-sum-exp
+    ew = ew / total                                            # e0_nω
     if wc is not None:
         ew = ew * wc.unsqueeze(-1)                             # s_x,n e0_nω
     ewm = ew * m
-    z01 = ewm.sum(0)
-    R = ew.shape[1]
-    Zc = torch.stack([torch.addcmul(ewm * m, ew, C).sum(0), z01, z01, ew.sum(0)], -1).view(R, 2, 2)
-    Xc = (xc.T @ torch.cat([ewm, ew], 1)).view(-1, 2, R).permute(2, 0, 1)
-    return Zc, Xc, ew.T @ xc.square(), lp
+    n, R = ew.shape
+    D = xc.shape[1]
+    sums = torch.cat([xc, xc.square(), xc.new_ones(n, 1)], 1).T @ torch.cat([ewm, ew, torch.addcmul(ewm * m, ew, C)], 1)
+    Zc = torch.stack([sums[-1, 2 * R:], sums[-1, :R], sums[-1, :R], sums[-1, R:2 * R]], -1).view(R, 2, 2)
+    Xc = sums[:D, :2 * R].reshape(D, 2, R).permute(2, 0, 1)
+    return Zc, Xc, sums[D:2 * D, R:2 * R].T, lp
 
 
 def _use_s1_kernel(marginal) -> bool:
@@ -273,7 +292,7 @@ def _use_s1_kernel(marginal) -> bool:
 
 def _chunk_stats(mg, xc, oc, wc, obs_var):
     """(Z, X, q, log p) of one chunk by the generic pair machinery (:meth:`CPAMarginal._pairs`, any S,
-    missing coordinates)."""
+    missing coordinates); ``wc`` the weights s_x,n (None: 1)."""
     # the statistics sum E[z̃z̃ᵀ] = C + m mᵀ: the centred covariance quadrature buys nothing here
     terms, _, mom, _, (A, b, _, _) = mg._pairs(xc, need_moments=True, centred_covariance=False)
     lp = terms.logsumexp(-1)
@@ -286,7 +305,7 @@ def _chunk_stats(mg, xc, oc, wc, obs_var):
     mt = torch.cat([m, torch.ones_like(m[..., :1])], -1)  # (n, R, S+1)
     Zn = mt.unsqueeze(-1) * mt.unsqueeze(-2)
     Zn[..., :S, :S] += C  # E[z̃ z̃ᵀ | x_n, ω]
-    ew = e0 * wc.unsqueeze(-1)  # s_x,n e0_nω
+    ew = e0 if wc is None else e0 * wc.unsqueeze(-1)  # s_x,n e0_nω
     Zc = torch.einsum("nr,nrkl->rkl", ew, Zn)
     x0 = torch.where(oc, xc, torch.zeros_like(xc))
     Xc = (x0.T @ (ew.unsqueeze(-1) * mt).reshape(n, R * K)).reshape(D, R, K).transpose(0, 1)
@@ -320,18 +339,20 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
         raise PyroCPAError("e_step: x is empty")
     chunk = int(chunk_size or marginal.chunk_size)
     patterns = [p.clone() for p in marginal.regions.patterns]
-    observed = ~torch.isnan(flat)
-    w_obs = torch.ones(N, dtype=flat.dtype, device=flat.device) if weights is None else weights.obs.to(flat)
-    w_lat = w_obs if weights is None else weights.latent.to(flat)
-    keep = observed.any(-1)  # data with no observed coordinate have L_n = 0 for every θ: left out
-    complete = bool(observed.all())
+    nan = torch.isnan(flat)
+    complete = not bool(nan.any())
+    observed = ~nan
+    w_obs = None if weights is None else weights.obs.to(flat)
     Z = X = q = None
+    parts = []          # log p of consecutive slices (unweighted, complete data)
     loglik = flat.new_zeros(N)
     num_data = 0.0
     with torch.no_grad():
-        obs_var = marginal._variances()[0]
         for t, idx in _groups(weights, N, flat.device):
-            idx = idx if complete else idx[keep[idx]]
+            if idx is None and not complete:   # data with no observed coordinate have L_n = 0 for every θ: left out
+                idx = torch.nonzero(observed.any(-1)).squeeze(-1)
+            elif idx is not None and not complete:
+                idx = idx[observed[idx].any(-1)]
             mg = tempered_marginal(marginal, t) if weights is not None else marginal
             s1 = _use_s1_kernel(mg)
             if s1:  # S = 1: every pair at once, a fixed number of tensor operations (_s1_pairs)
@@ -339,22 +360,25 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
                 rows = min(chunk, chunk_rows(R, D, F, 1, chunk))
             else:
                 rows = chunk
-            sliced = weights is None and complete  # idx = 0..N−1: slices instead of gathers
-            for start in range(0, idx.shape[0], rows):
+            sliced = idx is None  # idx = 0..N−1: slices instead of gathers
+            for start in range(0, N if sliced else idx.shape[0], rows):
                 ic = slice(start, start + rows) if sliced else idx[start:start + rows]
-                xc, oc, wc = flat[ic], observed[ic], w_obs[ic]
+                xc, oc = flat[ic], observed[ic]
+                wc = None if w_obs is None else w_obs[ic]
                 if s1 and (complete or bool(oc.all())):
-                    Zc, Xc, qc, lp = _s1_chunk_stats(regions, xc, None if weights is None else wc)
+                    Zc, Xc, qc, lp = _s1_chunk_stats(regions, xc, wc)
                 else:
-                    Zc, Xc, qc, lp = _chunk_stats(mg, xc, oc, wc, obs_var)
+                    Zc, Xc, qc, lp = _chunk_stats(mg, xc, oc, wc, marginal._variances()[0])
                 Z, X, q = (Zc, Xc, qc) if Z is None else (Z + Zc, X + Xc, q + qc)
                 if weights is not None:
-                    lp = w_lat[ic] * (lp + _log_temper_constant(marginal, xc, t))
+                    lp = weights.latent.to(flat)[ic] * (lp + _log_temper_constant(marginal, xc, t))
                 if sliced:
-                    loglik[ic] = lp
+                    parts.append(lp)
                 else:
                     loglik = loglik.index_put((ic,), lp)
-                num_data += float(xc.shape[0]) if weights is None else float(wc.sum())
+                num_data += float(xc.shape[0]) if wc is None else float(wc.sum())
+    if parts:
+        loglik = parts[0] if len(parts) == 1 else torch.cat(parts)
     if Z is None:
         raise PyroCPAError("e_step: no datum carries weight (every observation is masked, zero-scaled or entirely "
                            "missing)")

@@ -139,26 +139,38 @@ def log_ndtr_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _CF_FROM = 1.5
-"""Below this the one-sided tail functions use the direct formulas (:func:`_one_sided`); above it the Taylor
-table (up to ``_ASYMPTOTIC_FROM``) or the asymptotic series."""
+"""Anchors of the tail table (:func:`_tail_table`) at and above this come from the continued fraction, those below
+from the direct formulas λ = φ/Φ̄, r = λ − x, V = 1 − λ r (at most ~5 ulp of cancellation there)."""
 _ASYMPTOTIC_FROM = 32.0
 _TAYLOR_STEP = 1.0 / 32.0
 _TAIL_TERMS = 9
 """Terms of the tail polynomials (:func:`_tail_table`): Taylor polynomials of r(x) = λ(x) − x and V(x) about anchors
-every ``_TAYLOR_STEP`` on [``_CF_FROM``, ``_ASYMPTOTIC_FROM``] (|h| <= 1/64: truncation ~1e-18 relative), and
-the asymptotic series beyond (first omitted term < 1e-17 relative at x = 32). Measured against mpmath at 60
-digits: r and V to 6e-16 relative on (1.5, 1e8]."""
+every ``_TAYLOR_STEP`` on [0, ``_ASYMPTOTIC_FROM``] (|h| <= 1/64: truncation ~1e-18 relative), and the asymptotic
+series beyond (first omitted term < 1e-17 relative at x = 32). Measured against mpmath at 60 digits: r and V to
+6e-16 relative on (1.5, 1e8]."""
 _ANCHOR_CF_TERMS = 512
 """Continued-fraction terms for the anchors of the Taylor table (160 reach 1e-16 at x = 1.5; computed once)."""
 _MOMENT_NODES = 10
 """Gauss–Legendre nodes for the moments of narrow intervals (error < 1e-17 relative in the narrow regime)."""
 _MOMENT_NARROW = 1.0
 """Intervals with half-width·max(1, |midpoint|) <= this take the Gauss–Legendre moments (see interval_stats)."""
+_FAR_WIDTH = 40.0
+""":func:`_signed_mixture` replaces an end point b > |a| + 40 (b = +∞ included) by |a| + 40: then
+(b − a)(a + b)/2 >= 800 and e = Φ̄(b)/Φ̄(a) < e^-800 is 0 either way (``EXP_FLOOR``)."""
+EXP_FLOOR = -700.0
+"""Arguments of ``exp`` are floored here (e^-700 ≈ 1e-304): a result that underflows (subnormal or 0) sends the
+vectorised exp down a scalar path ~20× slower, so where an exact 0 matters the value is masked instead
+(:func:`exp_floored`); elsewhere the floored value differs from the exact one by less than 1e-304 absolute."""
+
+
+def exp_floored(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for x > ``EXP_FLOOR``, exactly 0 below (where exp(x) < 1e-304), without the slow underflow path."""
+    return torch.exp(x.clamp_min(EXP_FLOOR)) * (x > EXP_FLOOR)
 _TAIL_CACHE: dict = {}
 
 
 def _tail_cf(x: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(R₁(x), R₂(x))`` of the Laplace continued fraction R_k = k / (x + R_{k+1}), for x > 1.5.
+    """``(R₁(x), R₂(x))`` of the Laplace continued fraction R_k = k / (x + R_{k+1}), for x >= 1.5.
 
     R₁ = λ(x) − x and R₂ = 1/R₁ − x, where λ(x) = φ(x)/Φ̄(x) (Φ̄ = 1 − Φ) is the inverse Mills ratio.
     Evaluated bottom-up with ``terms`` terms, from the fixed point of R = k/(x + R) (the error of the start
@@ -175,29 +187,33 @@ def _tail_cf(x: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tail_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Anchors x₀ (M,) and polynomial coefficients (M + 1, 2K) of r(x) = λ(x) − x and V(x) (cached per dtype,
-    device), K = ``_TAIL_TERMS``.
+    r"""Anchors x₀ = 0, 1/32, ..., 32 (M,) and polynomial coefficients (M + 1, 2K) of r(x) = λ(x) − x and V(x)
+    (cached per dtype, device), K = ``_TAIL_TERMS``.
 
     Rows 0..M−1, Taylor about x₀: r solves the Riccati equation r′ = x r + r² − 1 (from λ′ = λ(λ − x)), and
-    the variance of N(0, 1) on [x, ∞) is V = 1 − λ r = −r′. With r(x₀ + h) = Σ_k r_k h^k: r₀ = R₁(x₀) and
-    r₁ = −V(x₀) = −R₁(R₂ − R₁) from the continued fraction (:func:`_tail_cf`, ``_ANCHOR_CF_TERMS`` terms,
-    float64), and for k >= 1
+    the variance of N(0, 1) on [x, ∞) is V = 1 − λ r = −r′. With r(x₀ + h) = Σ_k r_k h^k: r₀ = r(x₀) and
+    r₁ = −V(x₀), for x₀ >= 1.5 from the continued fraction, r₀ = R₁, r₁ = −R₁(R₂ − R₁) (:func:`_tail_cf`,
+    ``_ANCHOR_CF_TERMS`` terms, float64), below 1.5 from λ = φ/Φ̄ (Φ̄ = erfc(x/√2)/2), r₀ = λ − x₀ and
+    r₁ = λ r₀ − 1; and for k >= 1
 
         (k + 1) r_{k+1} = x₀ r_k + r_{k−1} + Σ_{j=0..k} r_j r_{k−j};     V(x₀ + h) = −Σ_k (k + 1) r_{k+1} h^k.
 
     r₀ and r₁ carry the values of r and V to full precision; the higher terms are multiplied by h^k with
-    |h| <= ``_TAYLOR_STEP``/2, so their rounding does not show. Row M, the asymptotic series in y = 1/x²
-    (x > ``_ASYMPTOTIC_FROM``): with r = Σ_k a_k x^{−(2k+1)} the Riccati equation gives a₀ = 1 and
-    a_n = −(2n − 1) a_{n−1} − Σ_{j+l=n−1} a_j a_l (1, −2, 10, −74, 706, ...), so x r = Σ_k a_k y^k and
-    x² V = Σ_k (2k + 1) a_k y^k (first omitted terms at x = 32: 5e-19 and 9e-18). Columns: K coefficients of
-    r, then K of V.
+    |h| <= ``_TAYLOR_STEP``/2, so their rounding does not show (the nearest complex singularity of r, a zero
+    of Φ̄, is > 3 away from every anchor). Row M, the asymptotic series in y = 1/x² (x > ``_ASYMPTOTIC_FROM``):
+    with r = Σ_k a_k x^{−(2k+1)} the Riccati equation gives a₀ = 1 and a_n = −(2n − 1) a_{n−1} −
+    Σ_{j+l=n−1} a_j a_l (1, −2, 10, −74, 706, ...), so x r = Σ_k a_k y^k and x² V = Σ_k (2k + 1) a_k y^k (first
+    omitted terms at x = 32: 5e-19 and 9e-18). Columns: K coefficients of r, then K of V.
     """
     key = (dtype, str(device))
     if key not in _TAIL_CACHE:
         K = _TAIL_TERMS
-        x0 = torch.arange(_CF_FROM, _ASYMPTOTIC_FROM + _TAYLOR_STEP / 2, _TAYLOR_STEP, dtype=torch.float64)
-        R1, R2 = _tail_cf(x0, _ANCHOR_CF_TERMS)
-        r = [R1, -R1 * (R2 - R1)]
+        x0 = torch.arange(0.0, _ASYMPTOTIC_FROM + _TAYLOR_STEP / 2, _TAYLOR_STEP, dtype=torch.float64)
+        R1, R2 = _tail_cf(x0.clamp(min=_CF_FROM), _ANCHOR_CF_TERMS)
+        lam = torch.exp(-0.5 * x0 * x0 - LOG_SQRT_2PI) / ndtr(-x0)      # direct, below 1.5
+        direct = x0 < _CF_FROM
+        r0 = torch.where(direct, lam - x0, R1)
+        r = [r0, torch.where(direct, lam * r0 - 1.0, -R1 * (R2 - R1))]
         for k in range(1, K):
             r.append((x0 * r[k] + r[k - 1] + sum(r[j] * r[k - j] for j in range(k + 1))) / (k + 1))
         taylor = torch.stack(r[:K] + [-(k + 1) * r[k + 1] for k in range(K)], -1)
@@ -207,115 +223,129 @@ def _tail_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
         asym = torch.tensor([float(v) for v in a] + [float((2 * k + 1) * v) for k, v in enumerate(a)],
                             dtype=torch.float64)
         coef = torch.cat([taylor, asym.unsqueeze(0)])
-        _TAIL_CACHE[key] = (x0.to(dtype=dtype, device=device), coef.to(dtype=dtype, device=device))
-    return _TAIL_CACHE[key]
+        # the layout of _tail_rv: (2K, M + 1), row 2k = the coefficient of h^k of r, row 2k + 1 that of V; the
+        # asymptotic row in σ = X/x (X = _ASYMPTOTIC_FROM, a power of 2: the rescaling is exact): x r = Σ a_k σ^2k/X^2k
+        X = torch.tensor(_ASYMPTOTIC_FROM, dtype=torch.float64)
+        pw = X ** (2 * torch.arange(K, dtype=torch.float64))
+        far_row = torch.cat([asym[:K] / (pw * X), asym[K:] / (pw * X * X)])
+        rows = torch.cat([taylor, far_row.unsqueeze(0)]).reshape(-1, 2, K).permute(2, 1, 0).reshape(2 * K, -1)
+        rows = rows.contiguous()
+        _TAIL_CACHE[key] = (x0.to(dtype=dtype, device=device), coef.to(dtype=dtype, device=device),
+                            rows.to(dtype=dtype, device=device))
+    return _TAIL_CACHE[key][:2]
 
 
-def _tail_coefficients(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The rows of :func:`_tail_table` laid out for :func:`_tail_rv`: (2K, M + 1), row 2k = the coefficient of h^k
-    of r, row 2k + 1 that of V (cached per dtype, device)."""
-    key = ("layout", dtype, str(device))
-    if key not in _TAIL_CACHE:
-        _, coef = _tail_table(dtype, device)
-        K = _TAIL_TERMS
-        _TAIL_CACHE[key] = coef.reshape(-1, 2, K).permute(2, 1, 0).reshape(2 * K, -1).contiguous()
-    return _TAIL_CACHE[key]
-
-
-def _tail_rv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, V)`` at x >= ``_CF_FROM`` (1-D) from :func:`_tail_table`: the Taylor row of the nearest anchor
-    x₀ = ``_CF_FROM`` + i·``_TAYLOR_STEP`` (exact in binary) up to ``_ASYMPTOTIC_FROM``, the asymptotic row beyond
-    (its powers of 1/x² are formed from 1/x: no overflow); both polynomials by Horner's rule on one (2, n) stack."""
-    coef = _tail_coefficients(x.dtype, x.device)
+def _tail_rv(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, V)`` at y >= 0 (1-D) from :func:`_tail_table`: the Taylor row of the nearest anchor
+    x₀ = k·``_TAYLOR_STEP`` (so y − x₀ is exact) up to ``_ASYMPTOTIC_FROM`` = X, beyond it the asymptotic row in
+    σ = X/y (r = σ P(σ²), V = σ² Q(σ²); σ = 1 on the Taylor rows, no overflow); both polynomials by Horner's rule
+    on one (2, n) stack."""
+    _tail_table(y.dtype, y.device)
+    coef = _TAIL_CACHE[(y.dtype, str(y.device))][2]
     K, M = _TAIL_TERMS, coef.shape[1] - 1
-    far = x > _ASYMPTOTIC_FROM
-    anchor = ((x - _CF_FROM) * (1.0 / _TAYLOR_STEP)).round().clamp(0, M - 1)
-    inv = x.reciprocal()
-    t = torch.where(far, inv * inv, x - (anchor * _TAYLOR_STEP + _CF_FROM))
-    c = coef.gather(1, torch.where(far, M, anchor).long().expand(2 * K, x.shape[0])).view(K, 2, -1)
+    far = y > _ASYMPTOTIC_FROM
+    k = (y * (1.0 / _TAYLOR_STEP)).round().clamp_max(M - 1)     # far: M − 1, + 1 below
+    sigma = _ASYMPTOTIC_FROM / y.clamp_min(_ASYMPTOTIC_FROM)
+    sigma2 = sigma * sigma
+    t = torch.where(far, sigma2, torch.sub(y, k, alpha=_TAYLOR_STEP))
+    c = coef.gather(1, (k + far).long().expand(2 * K, y.shape[0])).view(K, 2, -1).unbind(0)
     acc = c[K - 1]
-    for k in range(K - 2, -1, -1):
-        acc = torch.addcmul(c[k], acc, t)
-    scale = torch.where(far, inv, 1.0)
-    return acc[0] * scale, acc[1] * scale * scale
+    for j in range(K - 2, -1, -1):
+        acc = torch.addcmul(c[j], acc, t)
+    r, V = acc.unbind(0)
+    return r * sigma, V * sigma2
+
+
+def _tail_functions(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(λ, r, V, log Φ̄, log φ)`` at y >= 0 (1-D): r, V from :func:`_tail_rv`, λ = y + r and
+    log Φ̄(y) = log φ(y) − log λ (no cancellation: λ >= √(2/π))."""
+    r, V = _tail_rv(y)
+    lam = y + r
+    log_phi = torch.addcmul(y.new_full((), -LOG_SQRT_2PI), y, y, value=-0.5)
+    return lam, r, V, log_phi - torch.log(lam), log_phi
+
+
+def _reflect_negative(x, lam, r, V, log_q, log_phi):
+    """The one-sided functions at x from those at |x| (:func:`_tail_functions`): unchanged for x >= 0; for x < 0,
+    with Φ̄(|x|) = exp(log Φ̄(|x|)) <= 1/2: log Φ̄(x) = log1p(−Φ̄(|x|)) (full relative precision where
+    Φ̄(x) ≈ 1), λ = φ(x)/(1 − Φ̄(|x|)), r = λ + |x| and V = 1 − λ r (λ r <= 2/π: no cancellation). Φ̄(|x|) and
+    φ(x) are floored at e^``EXP_FLOOR`` (for |x| > 37: an absolute change below 1e-304)."""
+    neg = x < 0
+    q = torch.exp(log_q.clamp_min(EXP_FLOOR))         # < 1e-304 absolute from Φ̄(|x|) (EXP_FLOOR)
+    lam_n = torch.exp(log_phi.clamp_min(EXP_FLOOR)) / (1.0 - q)
+    r_n = lam_n - x
+    return (torch.where(neg, lam_n, lam), torch.where(neg, r_n, r),
+            torch.where(neg, torch.addcmul(torch.ones_like(x), lam_n, r_n, value=-1.0), V),
+            torch.where(neg, torch.log1p(-q), log_q))
 
 
 def _one_sided(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""``(λ, r, V, log Φ̄)`` of u ~ N(0, 1) on [x, ∞) for finite x (1-D): mean λ = φ(x)/Φ̄(x), r = λ − x,
     variance V and the log mass log Φ̄(x).
 
-    For x <= 1.5, with E = Φ̄(|x|) = erfc(|x|/√2)/2 in (0, 1/2]: Φ̄(x) = E (x >= 0) or 1 − E (x < 0),
-    log Φ̄(x) = log E or log1p(−E) (full relative precision also where Φ̄(x) ≈ 1), λ = φ(x)/Φ̄(x), r = λ − x,
-    V = 1 − λ r (at most ~5 ulp of cancellation). For x > 1.5 (where 1 − λ r ≈ 1/x² cancels) the small
-    quantities are computed directly: r and V from the Taylor table up to x = 32 and the asymptotic series
-    beyond (:func:`_tail_table`); λ = x + r and log Φ̄(x) = log φ(x) − log λ. Both branches are evaluated on
-    every entry (each on a sanitised input, so that autograd stays finite) and joined by one ``torch.where``
-    per output: a fixed number of tensor operations, no compaction. Relative accuracy ≈ 1e-15 for every
-    finite x.
+    At |x| the small quantities r and V come from the Taylor table up to 32 and the asymptotic series beyond
+    (:func:`_tail_table`; 1 − λ r ≈ 1/x² would cancel), λ = |x| + r and log Φ̄ = log φ − log λ
+    (:func:`_tail_functions`); negative x by :func:`_reflect_negative`. Relative accuracy ≈ 1e-15 for every
+    finite x; a fixed number of tensor operations, gradients finite everywhere.
     """
-    cf = x > _CF_FROM
-    xd = torch.where(cf, _CF_FROM, x)
-    E = 0.5 * torch.special.erfc(xd.abs() * _SQRT1_2)
-    neg = xd < 0
-    log_q = torch.where(neg, torch.log1p(-E), torch.log(torch.where(neg, 0.5, E)))   # E underflows for x << 0
-    lam = torch.exp(-0.5 * xd * xd) * (1.0 / math.sqrt(2.0 * math.pi)) / torch.where(neg, 1.0 - E, E)
-    r = lam - xd
-    V = 1.0 - lam * r
-    xt = torch.where(cf, x, _CF_FROM)
-    r_t, V_t = _tail_rv(xt)
-    lam_t = xt + r_t
-    log_q_t = -0.5 * xt * xt - LOG_SQRT_2PI - torch.log(lam_t)
-    return (torch.where(cf, lam_t, lam), torch.where(cf, r_t, r), torch.where(cf, V_t, V),
-            torch.where(cf, log_q_t, log_q))
+    return _reflect_negative(x, *_tail_functions(x.abs()))
 
 
 def _narrow_constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(T (2, n), W (n, 3)) of :func:`_narrow_stats` for the ``_MOMENT_NODES`` Gauss–Legendre nodes t_i and weights
-    w_i: T = [−t; −t²/2] (the exponent as a product), W = [w, w t, w t²] (the three moments as one product)."""
+    w_i: T = [−t/4; −t²/8] (the exponent as a product with [(a + b)(b − a), (b − a)²]) and W = κ [w, w t/2, w t²/4]
+    with κ = 1/(2√(2π)) (the three moments as one product; the powers of 2 are exact)."""
     key = ("narrow", dtype, str(device))
     if key not in _GL_CACHE:
-        t, w = _gl_nodes(_MOMENT_NODES, dtype, device)
-        _GL_CACHE[key] = (torch.stack([-t, -0.5 * t * t]), torch.stack([w, w * t, w * t * t], -1))
+        t, w = _gl_nodes(_MOMENT_NODES, torch.float64, torch.device("cpu"))
+        T = torch.stack([-0.25 * t, -0.125 * t * t])
+        W = torch.stack([w, 0.5 * w * t, 0.25 * w * t * t], -1) * (0.5 / math.sqrt(2.0 * math.pi))
+        _GL_CACHE[key] = (T.to(dtype=dtype, device=device), W.to(dtype=dtype, device=device))
     return _GL_CACHE[key]
 
 
-def _narrow_stats(mid: torch.Tensor, half: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    """Log mass, mean and variance (stacked, (3, n)) of N(0, 1) on [mid − half, mid + half] by Gauss–Legendre.
+def _narrow_stats(width: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Log mass, mean and variance (stacked, (3, n)) of N(0, 1) on (a, b) by Gauss–Legendre, from the width b − a
+    and a + b.
 
-    With u = mid + half·t the density is φ(mid) q(t), q(t) = exp(−mid·half·t − half² t²/2), on t ∈ [−1, 1],
-    smooth at the scale of the interval when half·max(1, |mid|) <= 1 (then |log q| <= 3/2: no overflow or
-    underflow). With nodes t_i, weights w_i and M_k = Σ w_i q(t_i) t_i^k (one (n, 10) @ (10, 3) product):
-    log P = log(width/2) + log φ(mid) + log M₀, E[t] = t̄ = M₁/M₀ and Var[u] = half² (M₂/M₀ − t̄²). The
-    subtraction loses less than one bit: over the admissible (mid·half, half²), t̄² <= 0.27 M₂/M₀ (measured on a
-    grid with 40 nodes).
-    ``width`` = 2·half is passed separately (half underflows to 0 for a width of one subnormal ulp).
+    With mid = (a + b)/2, half = (b − a)/2 and u = mid + half·t the density is φ(mid) q(t), q(t) =
+    exp(−mid·half·t − half² t²/2), on t ∈ [−1, 1], smooth at the scale of the interval when
+    half·max(1, |mid|) <= 1 (then |log q| <= 3/2: no overflow or underflow). With nodes t_i, weights w_i and
+    M_k = Σ w_i q(t_i) t_i^k (one (n, 10) @ (10, 3) product): log P = log(b − a) − log 2 + log φ(mid) + log M₀,
+    E[t] = t̄ = M₁/M₀ and Var[u] = half² (M₂/M₀ − t̄²). The subtraction loses less than one bit: over the
+    admissible (mid·half, half²), t̄² <= 0.27 M₂/M₀ (measured on a grid with 40 nodes). The log of the width is
+    taken on its own (half underflows to 0 for a width of one subnormal ulp).
     """
-    T, W = _narrow_constants(mid.dtype, mid.device)
-    mom = torch.exp(torch.stack([mid * half, half * half]).T @ T) @ W
-    m0 = mom[:, 0]
-    tbar = mom[:, 1] / m0
-    var = (mom[:, 2] / m0 - tbar * tbar) * (half * half)
-    log_mass = torch.log(width) + torch.log(m0) - 0.5 * mid * mid - (_LN2 + LOG_SQRT_2PI)
-    return torch.stack([log_mass, torch.addcmul(mid, half, tbar), var])
+    T, W = _narrow_constants(width.dtype, width.device)
+    w2 = width * width
+    m0, m1, m2 = (torch.exp(torch.stack([total * width, w2]).T @ T) @ W).unbind(1)   # κ M₀, κ M₁/2, κ M₂/4
+    tbar = m1 / m0                                                       # t̄/2
+    var = torch.addcmul(m2 / m0, tbar, tbar, value=-1.0) * w2
+    log_mass = torch.addcmul(torch.log(width) + torch.log(m0), total, total, value=-0.125)
+    return torch.stack([log_mass, torch.addcmul(0.5 * total, width, tbar), var])
 
 
 def _signed_mixture(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Log mass, mean and variance (stacked, (3, n)) of N(0, 1) on (a, b), |a| <= b <= ∞, a finite and not
-    narrow: the "[a, ∞) minus [b, ∞)" formulas of :func:`interval_stats` (one :func:`_one_sided` call for both
-    end points; b = +∞ gives e = 0 exactly, i.e. the one-sided answer)."""
+    narrow: the "[a, ∞) minus [b, ∞)" formulas of :func:`interval_stats`, with the one-sided functions of both
+    end points from one table evaluation (:func:`_tail_functions`). An end point b > |a| + ``_FAR_WIDTH``
+    (b = +∞ included) is replaced by |a| + ``_FAR_WIDTH``: e underflows to exactly 0 either way, which gives the
+    one-sided answer."""
     n = a.shape[0]
-    bounded = b < math.inf
-    b = torch.where(bounded, b, a.abs() + 1.0)        # sanitised (finite) for the entries where e = 0
-    lam, r, V, log_q = _one_sided(torch.cat([a, b]))
-    lam_a, lam_b, r_a, r_b, V_a, V_b = lam[:n], lam[n:], r[:n], r[n:], V[:n], V[n:]
+    abs_a = a.abs()
+    b = torch.minimum(b, abs_a + _FAR_WIDTH)
+    lam, r, V, log_q, log_phi = _tail_functions(torch.cat([abs_a, b]))
+    lam_a, r_a, V_a, log_q_a = _reflect_negative(a, lam[:n], r[:n], V[:n], log_q[:n], log_phi[:n])
+    lam_b, r_b, V_b = lam[n:], r[n:], V[n:]
     w = b - a
-    e = torch.where(bounded, torch.exp(-0.5 * w * (a + b)) * lam_a / lam_b, 0.0)
+    e = exp_floored((a + b) * w * -0.5) * lam_a / lam_b
     om = 1.0 - e
-    pos = a >= 0
-    mean = torch.where(pos, a + (r_a - e * (w + r_b)) / om, (lam_a - e * lam_b) / om)
-    D = torch.where(pos, w + r_b - r_a, lam_b - lam_a)
-    var = (V_a - e * V_b) / om - e * D * D / (om * om)
-    return torch.stack([log_q[:n] + torch.log1p(-e), mean, var])
+    wr = w + r_b
+    mean = torch.where(a < 0, (lam_a - e * lam_b) / om, a + (r_a - e * wr) / om)
+    D = wr - r_a                                      # = λ_b − λ_a (both signs of a: no cancellation beyond eps·|a|)
+    eD = e * D
+    var = torch.addcmul(torch.addcmul(V_a, e, V_b, value=-1.0), eD, D / om, value=-1.0) / om
+    return torch.stack([log_q_a + torch.log1p(-e), mean, var])
 
 
 def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None = None
@@ -363,22 +393,23 @@ def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tens
     flip = abs_a > abs_b
     a = torch.where(flip, -beta, alpha)
     b = torch.maximum(abs_a, abs_b)                      # = where(flip, −α, β) on the non-empty entries
-    finite = torch.minimum(abs_a, abs_b) < math.inf      # |a|: a = −∞ only for the whole line
+    finite = a > -math.inf                               # a = −∞ only for the whole line (|a| <= |b|)
     ok = nonempty & finite
-    whole = nonempty & ~finite
-    half = 0.5 * (b - a)                                 # inf / nan off the finite entries: only compared there
-    mid = 0.5 * (a + b)
-    narrow = ok & (half * mid.clamp(min=1.0) <= _MOMENT_NARROW)      # b = +inf compares False
-    # the empty and whole-line answers (the ok entries are all overwritten below; from a: autograd sees the inputs)
-    mean = torch.where(ok, a, 0.0)
-    lp = torch.where(whole, mean, -math.inf)
-    var = torch.where(whole, 1.0, mean)
-    for sel, fn, args in ((narrow, _narrow_stats, (mid, half, b - a)), (ok & ~narrow, _signed_mixture, (a, b))):
-        idx = sel.nonzero().squeeze(-1)
+    width, total = b - a, a + b                          # inf / nan off the finite entries: only compared there
+    narrow = ok & (width * total.clamp_min(2.0) <= 4.0 * _MOMENT_NARROW)   # half·max(1, mid) <= 1; b = ∞: False
+    every = torch.arange(alpha.shape[0], device=alpha.device)
+    groups = [(every.masked_select(sel), fn, args) for sel, fn, args in
+              ((narrow, _narrow_stats, (width, total)), (ok ^ narrow, _signed_mixture, (a, b)))]
+    if sum(idx.numel() for idx, _, _ in groups) == alpha.shape[0]:
+        out = alpha.new_empty((3,) + alpha.shape)        # every entry is overwritten below
+    else:  # the empty and whole-line answers; from a, so that autograd sees the inputs
+        whole = nonempty & ~finite
+        base = torch.where(ok, a, 0.0)
+        out = torch.stack([torch.where(whole, base, -math.inf), base, torch.where(whole, 1.0, base)])
+    for idx, fn, args in groups:
         if idx.numel():
-            res = fn(*(t.index_select(0, idx) for t in args))
-            for out, val in zip((lp, mean, var), res):
-                out.index_put_((idx,), val)                  # fresh tensors: in place is safe under autograd
+            out.index_copy_(1, idx, fn(*(t.index_select(0, idx) for t in args)))   # fresh tensor: in place is safe
+    lp, mean, var = out.unbind(0)
     mean = torch.where(flip, -mean, mean)
     return log_mass if given else lp.reshape(shape), mean.reshape(shape), var.reshape(shape)
 
