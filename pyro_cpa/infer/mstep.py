@@ -476,8 +476,15 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
     s = _jacobi_scale(d)
     lam = float(rcond)
 
-    def K(Y):
-        return _kron_apply(Phi, Psi, _kron_apply_t(Phi, Psi, Y))
+    R, a, D = Phi.shape
+    b, k = Psi.shape[1:]
+    Psi_cols = Psi.permute(1, 0, 2).reshape(b, R * k)          # [j, (ω,t)]
+    Psi_rows = Psi.transpose(-1, -2).reshape(R * k, b)         # [(ω,t), j]
+    PhiT = Phi.transpose(-1, -2)
+
+    def K(Y):   # Σ_ω Φ_ω (Φ_ωᵀ Y Ψ_ω) Ψ_ωᵀ: two plain products and two batched (R, ·, ·) ones
+        g = PhiT @ (Y @ Psi_cols).reshape(a, R, k).transpose(0, 1)                 # (R, D, k)
+        return (Phi @ g).transpose(0, 1).reshape(a, R * k) @ Psi_rows
 
     r = s * (B - K(w_old))
     if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(r).all())):
