@@ -29,6 +29,17 @@ with h in [1e-3, 1e3]: tests/integrate/test_bivariate_flux_audit.py.) The terms 
 cancellation amplifies the rounding error by at most ``DEFAULT_FLUX_MAX_AMP`` = 1e3 (measured: <= ~1e-12
 relative, also far out where P underflows in linear space), i.e. almost everywhere.
 
+**Fallback for small polygons** (the flux's usual refusals: small regions a few units out, whose edge terms
+cancel): with c the mean of the vertices, ρ the largest vertex distance from c, the polygon is the union of the
+triangles (c, edge i), v = u − c = s (h_i g_i + t e_i) (h_i = d_i − g_i·c, Jacobian s h_i), and
+
+    P = φ₂(c) Σ_i h_i ∫_0^1 ∫_{edge i} s exp(−c·v − |v|²/2) dt ds
+
+by an n × n Gauss–Legendre product rule (positive terms, no cancellation; the exponent varies by at most
+|c|ρ + ρ²/2). n is the fewest of ``DEFAULT_CUBATURE_NODES`` whose fitted error model meets
+``DEFAULT_CUBATURE_TOL`` = 1e-16 relative (polygons beyond n = 13 go on below); the mean and covariance of
+:func:`std_moments_2d`'s centred fallback come from the same nodes.
+
 **Fallback near the mean** (Owen's T, signed triangles from the origin; origin on the boundary, very thin
 slivers):
 
@@ -93,6 +104,10 @@ DEFAULT_FLUX_SUB_NODES = 10      # nodes of the smooth remainder of the singular
 DEFAULT_FLUX_SUB_R2 = 2.0        # the first piece is singularity-subtracted where h² + p² <= this
 DEFAULT_FLUX_MIN_H = 3.0 ** -9   # an edge this close to the origin (foot point within t < 1): Owen's-T fallback
 DEFAULT_FLUX_MAX_AMP = 1e3
+DEFAULT_CUBATURE_NODES = (4, 5, 6, 7, 9, 11, 13)   # node counts (per direction) of the small-polygon cubature
+DEFAULT_CUBATURE_TOL = 1e-16    # model error (relative) that the cubature's node count must meet (see _cubature)
+_CUBATURE_LIN_MODEL = (0.5, 0.34)    # (A, β): relative error A (β lin)^{2n}/(2n)! of the linear part (fitted, rounded up)
+_CUBATURE_QUAD_MODEL = (0.5, 0.15)   # (A, β): relative error A (β quad)^n/n! of the quadratic part (fitted, rounded up)
 _GROUP_MIN_ROWS = 512   # polygon_edges groups batches of at least this many polygons by facet count
 _CHUNK = 8192   # pairs per chunk of the flattened batch (keeps the (chunk, F, F) temporaries in cache)
 
@@ -345,6 +360,128 @@ def _mass_owens(ds, e, t_lo, t_hi, exists, whole, owens_nodes):
     theta = torch.where(one, torch.atan2(cr, dt), torch.zeros_like(cr))
     theta = torch.where(whole, torch.full_like(theta, _TWO_PI), theta)
     return theta / _TWO_PI + tri.sum(-1)
+
+
+def _cubature_spread(Gs, ds, e, t_lo, t_hi, exists):
+    r"""``(c, lin, quad, bounded)`` of each polygon (flat batch) for :func:`_cubature`: the centre c (mean of the
+    vertices V_i = d_i g_i + t_hi,i e_i), the spreads lin = |c| ρ and quad = ρ²/2 (ρ = max_i |V_i − c|) and whether
+    the polygon is bounded (every existing edge finite) and has an edge. On the polygon v = u − c has |v| <= ρ,
+    so the exponent −c·v − |v|²/2 of φ₂(u)/φ₂(c) varies by at most lin (linear part) and quad (quadratic part)."""
+    fin = exists & torch.isfinite(t_lo) & torch.isfinite(t_hi)
+    bounded = (fin | ~exists).all(-1) & exists.any(-1)
+    th = torch.where(fin, t_hi, torch.zeros_like(t_hi))
+    V = ds.unsqueeze(-1) * Gs + th.unsqueeze(-1) * e
+    wf = fin.to(ds.dtype)
+    c = (V * wf.unsqueeze(-1)).sum(-2) / wf.sum(-1).clamp(min=1.0).unsqueeze(-1)
+    dv = V - c.unsqueeze(-2)
+    rho2 = ((dv * dv).sum(-1) * wf).amax(-1)
+    return c, torch.sqrt((c * c).sum(-1) * rho2), 0.5 * rho2, bounded
+
+
+def _cubature_limits(n: int, tol: float) -> tuple[float, float]:
+    """The largest (lin, quad) spreads at which the n-node rule of :func:`_cubature` meets ``tol`` (relative error of
+    the mass) by the error model of ``_CUBATURE_LIN_MODEL`` and ``_CUBATURE_QUAD_MODEL``."""
+    (a_l, b_l), (a_q, b_q) = _CUBATURE_LIN_MODEL, _CUBATURE_QUAD_MODEL
+    lin = math.exp((math.log(tol / a_l) + math.lgamma(2 * n + 1)) / (2 * n)) / b_l
+    quad = math.exp((math.log(tol / a_q) + math.lgamma(n + 1)) / n) / b_q
+    return lin, quad
+
+
+def _cubature_tiers(lin, quad, bounded, tiers, need_moments, tol):
+    """Node count per polygon: the first of ``tiers`` whose model error at the polygon's spreads is within ``tol``
+    (0: none, the polygon is not for the cubature). The covariance costs one node (see :func:`_cubature`)."""
+    n_of = torch.zeros_like(lin, dtype=torch.long)
+    for n in reversed(tiers):
+        l_max, q_max = _cubature_limits(n - 1 if need_moments else n, tol)
+        n_of = torch.where(bounded & (lin <= l_max) & (quad <= q_max), torch.full_like(n_of, n), n_of)
+    return n_of
+
+def _cubature(Gs, ds, e, t_lo, t_hi, exists, c, num_nodes, need_moments):
+    r"""log P (and E[u | ω], Cov[u | ω] if ``need_moments``) of small bounded polygons (flat batch) by a collapsed
+    product Gauss–Legendre rule on the triangles (c, edge i).
+
+    With c inside the polygon (:func:`_cubature_spread`), h_i = d_i − g_i·c >= 0 and τ_i = e_i·c, the polygon is
+    the union of the triangles v = u − c = s (h_i g_i + t e_i), 0 <= s <= 1, t_lo,i − τ_i <= t <= t_hi,i − τ_i
+    (Jacobian s h_i), so that
+
+        P = φ₂(c) Σ_i h_i ∫∫ s exp(−s (h_i (g_i·c) + t τ_i) − s² (h_i² + t²)/2) ds dt,
+
+    by ``num_nodes`` GL nodes in s and in t; every term is positive (no cancellation) and its exponent lies
+    within [−lin − quad, lin + quad] (:func:`_cubature_spread`). The mean c + E[v] and the covariance
+    E[(v − v̄)(v − v̄)ᵀ] are taken from the same nodes (two passes, non-negative sums). Error model (the integrand
+    is entire; fitted to the measured worst relative errors of random triangles, with the constants rounded
+    up): the mass is within A_l (β_l lin)^{2n}/(2n)! + A_q (β_q quad)^n/n! (``_CUBATURE_LIN_MODEL``,
+    ``_CUBATURE_QUAD_MODEL``: the linear part of the exponent is resolved like e^{x} by GL, the quadratic part
+    e^{−s²t²/2} only per power of s²t²), the covariance within that of n − 1 nodes (its integrand has two more
+    powers of v); checked against mpmath in tests/integrate/test_bivariate_fallback.py. The rounding error is
+    that of the vertices (absolute ~eps (|d| + |t|)), as for every S = 2 formula here.
+    """
+    dtype, device = ds.dtype, ds.device
+    x, w = _gl_nodes(num_nodes, dtype, device)
+    s = 0.5 * (1.0 + x)                                               # (n,) radial nodes on [0, 1]
+    ws = (0.5 * w * s).unsqueeze(-1)                                  # GL weight · Jacobian factor s, (n, 1)
+    s_, s2 = s.unsqueeze(-1), (s * s).unsqueeze(-1)
+    cg = (Gs * c.unsqueeze(-2)).sum(-1)                               # g_i·c
+    tau = (e * c.unsqueeze(-2)).sum(-1)                               # e_i·c
+    h = torch.where(exists, (ds - cg).clamp(min=0.0), torch.zeros_like(ds))
+    a = torch.where(exists, t_lo - tau, torch.zeros_like(ds))
+    half = torch.where(exists, 0.5 * (t_hi - t_lo), torch.zeros_like(ds))
+    t = (a + half).unsqueeze(-1) + half.unsqueeze(-1) * x             # (B, F, n) edge nodes
+    lin = (h * cg).unsqueeze(-1) + t * tau.unsqueeze(-1)              # c·(h g + t e)
+    quad = 0.5 * ((h * h).unsqueeze(-1) + t * t)                      # |h g + t e|² / 2
+    expo = -(s_ * lin.unsqueeze(-2)) - s2 * quad.unsqueeze(-2)        # (B, F, n_s, n_t), within [−Δ, Δ]
+    W = torch.exp(expo) * (ws * ((h * half).unsqueeze(-1) * w).unsqueeze(-2))
+    tot = W.sum((-1, -2, -3))
+    pos = tot > 0                                     # False only for a polygon of zero area (log P = -inf)
+    logP = torch.where(pos, torch.log(torch.where(pos, tot, torch.ones_like(tot))),
+                       torch.full_like(tot, float("-inf"))) - 0.5 * (c * c).sum(-1) - _LOG_2PI
+    if not need_moments:
+        return logP, None, None
+    Wn = W / torch.where(pos, tot, torch.ones_like(tot))[:, None, None, None]
+    v = [s_ * (h.unsqueeze(-1) * Gs[..., k:k + 1] + t * e[..., k:k + 1]).unsqueeze(-2) for k in (0, 1)]
+
+    def total(y):
+        return (Wn * y).sum((-1, -2, -3))
+
+    vbar = [total(vk) for vk in v]
+    dv = [vk - vb[:, None, None, None] for vk, vb in zip(v, vbar)]
+    cxx, cxy, cyy = total(dv[0] * dv[0]), total(dv[0] * dv[1]), total(dv[1] * dv[1])
+    mean = c + torch.stack(vbar, -1)
+    cov = torch.stack([torch.stack([cxx, cxy], -1), torch.stack([cxy, cyy], -1)], -2)
+    return logP, mean, cov
+
+
+def _cubature_small(Gs, ds, e, t_lo, t_hi, exists, need_moments, tiers=DEFAULT_CUBATURE_NODES,
+                    tol=DEFAULT_CUBATURE_TOL):
+    """:func:`_cubature` on the polygons (flat batch) that are small enough for one of the node counts ``tiers``
+    (the fewest that meets ``tol`` by the error model, the mass's or the covariance's as ``need_moments``).
+
+    Returns ``(sel, logP, mean, cov)``: ``sel`` (B,) marks the polygons done; the other outputs are over
+    ``sel.nonzero()`` in order (mean, cov None without moments). A Python loop over the <= len(tiers) node
+    counts, never over polygons; each polygon's value depends on its own inputs only."""
+    c, lin, quad, bounded = _cubature_spread(Gs, ds, e, t_lo, t_hi, exists)
+    n_of = _cubature_tiers(lin, quad, bounded, tiers, need_moments, tol)
+    sel = n_of > 0
+    idx = sel.nonzero().squeeze(-1)
+    m = idx.numel()
+    logP = ds.new_zeros(m)
+    mean = ds.new_zeros(m, 2) if need_moments else None
+    cov = ds.new_zeros(m, 2, 2) if need_moments else None
+    if m == 0:
+        return sel, logP, mean, cov
+    n_sel = n_of.index_select(0, idx)
+    for n in tiers:
+        j = (n_sel == n).nonzero().squeeze(-1)
+        if j.numel() == 0:
+            continue
+        k = idx.index_select(0, j)
+        lp, mu, cv = _cubature(*(y.index_select(0, k) for y in (Gs, ds, e, t_lo, t_hi, exists)),
+                               c.index_select(0, k), n, need_moments)
+        logP = logP.index_put((j,), lp)
+        if need_moments:
+            mean = mean.index_put((j,), mu)
+            cov = cov.index_put((j,), cv)
+    return sel, logP, mean, cov
 
 
 def _decay_cuts(r: torch.Tensor, inside: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
@@ -609,8 +746,8 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
     r"""log P(u ∈ {G u <= d}) for u ~ N(0, I_2), batched (see module doc). -inf for empty polygons.
 
     The flux formula is used where it is well conditioned (almost everywhere); the other polygons use the
-    Owen's-T formula where its P >= ``switch_mass`` and the log-space slicing otherwise
-    (``switch_mass > 1`` forces the slicing quadrature everywhere).
+    small-polygon cubature where it meets its error model, then the Owen's-T formula where its P >= ``switch_mass``
+    and the log-space slicing otherwise (``switch_mass > 1`` forces the slicing quadrature everywhere).
 
     **Gradients** are analytic (divergence theorem), the same for every branch: with the edge weights
     r_i = exp(log φ(d_i) + log ΔΦ_i − log P) and edge mean points x̄_i = d_i g_i + E[t | edge] e_i,
@@ -688,19 +825,28 @@ def _log_mass_2d_impl(G: torch.Tensor, d: torch.Tensor, *, switch_mass, num_node
         rest = live.reshape(-1)
     idx = rest.nonzero().squeeze(-1)
     if idx.numel():
-        Gs_, ds_, e_, tl_, th_, ex_ = (x.index_select(0, idx) for x in flat)
-        vals = ds_.new_full(idx.shape, float("nan"))
+        sel = tuple(x.index_select(0, idx) for x in flat)
+        vals = sel[1].new_full(idx.shape, float("nan"))
         need = torch.ones(idx.shape, dtype=torch.bool, device=ds.device)
         if switch_mass <= 1.0:
-            P = _mass_owens(ds_, e_, tl_, th_, ex_, torch.zeros_like(need), owens_nodes)
-            vals = torch.log(torch.clamp(P, min=1e-300))
-            need = ~(P >= switch_mass)
-            if _accept_owens is not None:
-                need = need & ~_accept_owens(idx, vals)
+            # small bounded polygons: the cubature (relative accuracy at any P); then Owen's T where P >= switch_mass
+            cub, lp_cub, _, _ = _cubature_small(*sel, need_moments=False)
+            vals = vals.index_put((cub.nonzero().squeeze(-1),), lp_cub)
+            need = ~cub
+            oidx = need.nonzero().squeeze(-1)
+            if oidx.numel():
+                Gs_, ds_, e_, tl_, th_, ex_ = (x.index_select(0, oidx) for x in sel)
+                P = _mass_owens(ds_, e_, tl_, th_, ex_, torch.zeros(oidx.shape, dtype=torch.bool, device=ds.device),
+                                owens_nodes)
+                lv = torch.log(torch.clamp(P, min=1e-300))
+                vals = vals.index_put((oidx,), lv)
+                ok_owens = P >= switch_mass
+                if _accept_owens is not None:
+                    ok_owens = ok_owens | _accept_owens(idx.index_select(0, oidx), lv)
+                need = need.index_put((oidx,), ~ok_owens)
         sub = need.nonzero().squeeze(-1)
         if sub.numel():
-            sl = _log_mass_slices(*(x.index_select(0, sub) for x in (Gs_, ds_, e_, tl_, th_, ex_)),
-                                  num_nodes, s_cuts, levels)
+            sl = _log_mass_slices(*(x.index_select(0, sub) for x in sel), num_nodes, s_cuts, levels)
             vals = vals.index_put((sub,), sl)
         logP = logP.index_put((idx,), vals)
     logP = logP.reshape(batch)
@@ -727,12 +873,15 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
         need_moments: if False only log_mass is computed (mean, second_moment, covariance are returned as zeros).
         cov_max_amp: the covariance is E[uuᵀ] − E[u]E[u]ᵀ where this subtraction amplifies rounding by at most
             amp = (1 + |E[u]|²)/λ_min <= cov_max_amp (measured error <= ~1e-12·amp in the metric of the
-            covariance, i.e. <= 1e-8 at the default 1e4), and the centred slicing quadrature otherwise (far-out
-            or thin polygons; relative error ~eps·(1 + r²), r the distance of the polygon from the mean).
+            covariance, i.e. <= 1e-8 at the default 1e4), and a centred computation otherwise (far-out or thin
+            polygons): the small-polygon cubature where it meets its error model (``_cubature``: relative error
+            ~1e-16 plus the vertices' rounding ~eps |c|/ρ), the centred slicing quadrature elsewhere (relative error
+            ~eps·(1 + r²), r the distance of the polygon from the mean); the mean and second moment of these
+            polygons are taken from the same centred computation.
             None: never (the covariance is E[uuᵀ] − E[u]E[u]ᵀ everywhere: enough for callers that only need the
             second moment, e.g. the E-step's sums of E[zzᵀ]; the mean is still made accurate).
         mean_max_amp: where Σ_i r_i > mean_max_amp (1 + |E[u]|) (small polygons: the edge formula −Σ r_i g_i
-            cancels, error ~1e-12 Σ r_i), the mean and second moment come from the centred slicing too.
+            cancels, error ~1e-12 Σ r_i), the mean and second moment come from the centred computation too.
         edges: the polygons' :class:`PolygonEdges` (batch shape of d), if the caller has them: e.g.
             :func:`translate_edges` of one polygon's edges for many translates of it, which skips the O(F²)
             :func:`polygon_edges` per polygon. Taken as given (not checked against G, d); differentiable
@@ -787,12 +936,20 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
         F = ds.shape[-1]
         flat = (Gs.reshape(-1, F, 2), ds.reshape(-1, F), e.reshape(-1, F, 2), t_lo.reshape(-1, F),
                 t_hi.reshape(-1, F), exists.reshape(-1, F))
-        ms, cs = _moments_slices(*(x.index_select(0, idx) for x in flat), num_nodes, s_cuts, levels)
+        sel = tuple(x.index_select(0, idx) for x in flat)
+        # small bounded polygons by the cubature, the others by the centred slicing
+        cub, _, mc, cc = _cubature_small(*sel, need_moments=True)
+        ms, cs = sel[1].new_zeros(idx.shape + (2,)), sel[1].new_zeros(idx.shape + (2, 2))
+        cidx, sidx = cub.nonzero().squeeze(-1), (~cub).nonzero().squeeze(-1)
+        if cidx.numel():
+            ms, cs = ms.index_put((cidx,), mc), cs.index_put((cidx,), cc)
+        if sidx.numel():
+            m_, c_ = _moments_slices(*(x.index_select(0, sidx) for x in sel), num_nodes, s_cuts, levels)
+            ms, cs = ms.index_put((sidx,), m_), cs.index_put((sidx,), c_)
         cov = cov.reshape(-1, 2, 2).index_put((idx,), cs).reshape(cov.shape)
-        rm = redo_mean.reshape(-1).index_select(0, idx)
-        mean_new = torch.where(rm.unsqueeze(-1), ms, mean.reshape(-1, 2).index_select(0, idx))
-        mean = mean.reshape(-1, 2).index_put((idx,), mean_new).reshape(mean.shape)
-        second_new = cs + mean_new.unsqueeze(-1) * mean_new.unsqueeze(-2)
+        # the mean too from the centred computation: no cancellation (the edge formula's may)
+        mean = mean.reshape(-1, 2).index_put((idx,), ms).reshape(mean.shape)
+        second_new = cs + ms.unsqueeze(-1) * ms.unsqueeze(-2)
         second = second.reshape(-1, 2, 2).index_put((idx,), second_new).reshape(second.shape)
     cov = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, cov)
     return StandardMoments(logP, mean, second, torch.zeros_like(logP), cov)
