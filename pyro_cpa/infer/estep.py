@@ -203,35 +203,36 @@ def _s1_regions(params) -> _S1Regions:
 
 
 _S1_MEMO: list = [None, None]
-"""[key, value] of the last :func:`_s1_setup`: the key holds the region tensors themselves (so that their ids
-cannot be reused while it lives), their version counters and copies of σx, σz."""
+"""[key, value] of the last :func:`_s1_setup`: the key holds the partition object itself (so that its id cannot
+be reused while it lives), the dtype and copies of σx, σz."""
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
 
 
-def _s1_setup(mg) -> tuple[_S1Regions, int, int]:
-    """(:func:`_s1_regions`, R, F) of the marginal ``mg`` under its current parameters, without gradient.
+def _s1_setup(mg, regions) -> tuple[_S1Regions, int, int]:
+    """(:func:`_s1_regions`, R, F) of the marginal ``mg`` under its current parameters, without gradient;
+    ``regions`` = ``mg.regions`` (current: its staleness was just checked).
 
-    Reused while the region tensors are the same objects at the same version (the marginal memoises them per
-    partition state without gradient) and σx, σz are bit-identical: the per-region constants are then the
-    same, so is the check that they are representable (:meth:`~pyro_cpa.distributions.CPAMarginal._params`).
+    Reused while the partition is the same object (a partition is replaced as soon as the decoder's parameters
+    change, :attr:`~pyro_cpa.distributions.CPAMarginal.regions`, so its maps A, b, H, c are those it was built
+    with, as in the marginal's own memo) and the dtype, σx and σz are bit-identical: the per-region constants
+    are then the same, so is the check that they are representable
+    (:meth:`~pyro_cpa.distributions.CPAMarginal._params`).
     """
     from ..distributions.chunked import RegionParams
     from ..distributions.cpa_marginal import _check_representable
 
-    tensors = mg._region_params()
     scales = (mg.obs_scale.detach(), mg.prior_scale.detach())
     key, value = _S1_MEMO
-    if (key is not None and all(t is k for t, k in zip(tensors, key[0]))
-            and tuple(t._version for t in tensors) == key[1] and all(map(_same_values, scales, key[2]))):
+    if key is not None and key[0] is regions and key[1] == mg.dtype and all(map(_same_values, scales, key[2])):
         return value
-    A, b, H, c = tensors
+    A, b, H, c = mg._region_params()
     obs_var, prior_var = mg._variances()
     _check_representable(A, b, obs_var, prior_var)
     value = (_s1_regions(RegionParams(A, b, H, c, obs_var, prior_var)), A.shape[0], H.shape[1])
-    _S1_MEMO[:] = [(tensors, tuple(t._version for t in tensors), tuple(t.clone() for t in scales)), value]
+    _S1_MEMO[:] = [(regions, mg.dtype, tuple(t.clone() for t in scales)), value]
     return value
 
 
@@ -280,7 +281,8 @@ def _s1_chunk_stats(regions, xc, wc):
     n, R = ew.shape
     D = xc.shape[1]
     sums = torch.cat([xc, xc.square(), xc.new_ones(n, 1)], 1).T @ torch.cat([ewm, ew, torch.addcmul(ewm * m, ew, C)], 1)
-    Zc = torch.stack([sums[-1, 2 * R:], sums[-1, :R], sums[-1, :R], sums[-1, R:2 * R]], -1).view(R, 2, 2)
+    z01, z11, z00 = sums[-1].view(3, R).unbind(0)
+    Zc = torch.stack([z00, z01, z01, z11], -1).view(R, 2, 2)
     Xc = sums[:D, :2 * R].reshape(D, 2, R).permute(2, 0, 1)
     return Zc, Xc, sums[D:2 * D, R:2 * R].T, lp
 
@@ -338,14 +340,15 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
     if N == 0:
         raise PyroCPAError("e_step: x is empty")
     chunk = int(chunk_size or marginal.chunk_size)
-    patterns = [p.clone() for p in marginal.regions.patterns]
+    regions = marginal.regions
+    patterns = [p.clone() for p in regions.patterns]
     nan = torch.isnan(flat)
     complete = not bool(nan.any())
     observed = ~nan
     w_obs = None if weights is None else weights.obs.to(flat)
     Z = X = q = None
     parts = []          # log p of consecutive slices (unweighted, complete data)
-    loglik = flat.new_zeros(N)
+    loglik = None
     num_data = 0.0
     with torch.no_grad():
         for t, idx in _groups(weights, N, flat.device):
@@ -356,7 +359,7 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
             mg = tempered_marginal(marginal, t) if weights is not None else marginal
             s1 = _use_s1_kernel(mg)
             if s1:  # S = 1: every pair at once, a fixed number of tensor operations (_s1_pairs)
-                regions, R, F = _s1_setup(mg)
+                s1_regions, R, F = _s1_setup(mg, regions)
                 rows = min(chunk, chunk_rows(R, D, F, 1, chunk))
             else:
                 rows = chunk
@@ -366,7 +369,7 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
                 xc, oc = flat[ic], observed[ic]
                 wc = None if w_obs is None else w_obs[ic]
                 if s1 and (complete or bool(oc.all())):
-                    Zc, Xc, qc, lp = _s1_chunk_stats(regions, xc, wc)
+                    Zc, Xc, qc, lp = _s1_chunk_stats(s1_regions, xc, wc)
                 else:
                     Zc, Xc, qc, lp = _chunk_stats(mg, xc, oc, wc, marginal._variances()[0])
                 Z, X, q = (Zc, Xc, qc) if Z is None else (Z + Zc, X + Xc, q + qc)
@@ -375,7 +378,7 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
                 if sliced:
                     parts.append(lp)
                 else:
-                    loglik = loglik.index_put((ic,), lp)
+                    loglik = (flat.new_zeros(N) if loglik is None else loglik).index_put((ic,), lp)
                 num_data += float(xc.shape[0]) if wc is None else float(wc.sum())
     if parts:
         loglik = parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -192,6 +192,46 @@ def test_interval_stats_cost_does_not_depend_on_the_regime():
     assert max(counts) <= MAX_OPS, counts
 
 
-MAX_OPS = 300
-"""Tensor operations of one interval_stats call, whatever the regime (measured: 116 to 221; the former continued
-fraction alone took 480 for 1.5 < x <= 3)."""
+MAX_OPS = 160
+"""Tensor operations of one interval_stats call, whatever the regime (measured: 37 to 121 since issue 12, 116 to 221
+before; the former continued fraction alone took 480 for 1.5 < x <= 3)."""
+
+
+ONE_SIDED_RTOL = 4e-15
+"""Accuracy of the one-sided functions below the continued-fraction anchors (x <= 1.5, table anchors marched down
+from 1.5) and for x < 0 (by reflection). λ and log Φ̄ at x < 0 are exp(log φ(x) − ...) of an argument whose
+rounding is eps·x²/2 absolute, so their tolerance is scaled by max(1, x²/2)."""
+
+
+def test_one_sided_below_the_continued_fraction_and_negative_vs_mpmath():
+    """r, V, λ and log Φ̄ on [−37, 1.6]: the table anchors below 1.5 come from the series of the anchor above
+    (marched down to 0), negative x from |x| by Φ̄(x) = 1 − Φ̄(|x|)."""
+    from pyro_cpa.integrate.univariate import _one_sided
+
+    g = torch.Generator().manual_seed(3)
+    xs = [0.0, 1e-300, 1e-12, 1 / 64, 1 / 32 + 1e-9, 0.5, 1.0, 1.4999, 1.5 - 1 / 64, -1e-12, -0.3, -1.0, -1.5, -3.0,
+          -8.0, -20.0, -37.0] + (torch.rand(40, generator=g, dtype=torch.float64) * 1.6).tolist() \
+        + (-torch.rand(30, generator=g, dtype=torch.float64) * 30).tolist()
+    lam, r, V, log_q = _one_sided(torch.tensor(xs))
+    with mp.workdps(80):
+        for i, x in enumerate(xs):
+            xm = mp.mpf(x)
+            lam_ref = mp.npdf(xm) / mp.ncdf(-xm)
+            scale = max(1.0, x * x / 2) if x < 0 else 1.0
+            for got, want, tol in ((r[i], lam_ref - xm, ONE_SIDED_RTOL), (V[i], 1 - lam_ref * (lam_ref - xm), ONE_SIDED_RTOL),
+                                   (lam[i], lam_ref, ONE_SIDED_RTOL * scale),
+                                   (log_q[i], mp.log1p(-mp.ncdf(xm)), ONE_SIDED_RTOL * scale)):
+                assert abs(got.item() - float(want)) <= tol * abs(float(want)), (x, got.item(), float(want))
+
+
+def test_far_one_sided_tail_is_the_one_sided_answer_exactly():
+    """(a, ∞) and (a, b) with b − a > 40 take e = Φ̄(b)/Φ̄(a) = 0 exactly (the exp below e^-700 is masked, not
+    floored): at a = 1e150 a floored e ≈ 1e-304 would move the variance 1/a² ≈ 1e-300 by ~16 %."""
+    from pyro_cpa.integrate.univariate import _one_sided
+
+    a = torch.tensor([1e150, 1e150, 50.0, 3.0])
+    b = torch.tensor([INF, 1e150 * (1 + 1e-10), INF, 60.0])
+    lp, m, v = interval_stats(a, b)
+    lam, r, V, log_q = _one_sided(a)
+    assert torch.equal(v, V) and torch.equal(lp, log_q) and torch.equal(m, a + r)
+    assert v[0].item() == pytest.approx(1e-300, rel=1e-14)
