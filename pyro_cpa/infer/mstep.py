@@ -465,13 +465,16 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
     directions (the top of K̃'s spectrum) first: the iteration cap acts as the damping (CG as a regularising
     iteration), and for well-conditioned A (e_max/λ small) the early stop makes it the exact damped solve
     (A⁻¹ r̃, Tikhonov, not the filter f of :func:`_damped_prox_solve`). Products with K̃ go through the factors,
-    K vec Y = Σ_ω Φ_ω (Φ_ωᵀ Y Ψ_ω) Ψ_ωᵀ (:func:`_kron_apply`, :func:`_kron_apply_t`): O(R·a·b·k) per iteration,
-    K̃ is never formed. The iteration count depends only on those products' results, so equal statistics give
+    K vec Y = Σ_ω Φ_ω (Φ_ωᵀ Y Ψ_ω) Ψ_ωᵀ (two plain and two batched matrix products): O(R·a·b·k) per iteration,
+    K̃ is never formed. λ must be positive: pᵀAp >= λ‖p‖² then keeps every CG step finite (the rounding of pᵀK̃p,
+    ~ε‖K̃‖‖p‖² with ‖K̃‖ <= a·b in the scaled units, is far below it for λ >= ``DEFAULT_RCOND``-sized dampings). The iteration count depends only on those products' results, so equal statistics give
     equal steps. Dead coordinates (zero rows of K and B) have r̃ = 0 and a zero row of K̃ exactly and keep their
     old values bit-for-bit.
     """
     if iters < 1:
         raise PyroCPAError(f"cg_iters must be >= 1, got {iters}")
+    if not float(rcond) > 0.0:
+        raise PyroCPAError(f"the CG layer solve needs a positive damping rcond, got {rcond}")
     live = (Phi != 0).flatten(1).any(1) & (Psi != 0).flatten(1).any(1)   # regions with a nonzero term of K
     if not bool(live.all()):
         Phi, Psi = Phi[live], Psi[live]

@@ -159,5 +159,7 @@ def test_bad_solver_options_raise():
     net, st, maps, obs_var = _setup((1, 4, 3, 2), N=30)
     with pytest.raises(PyroCPAError, match="cg_iters"):
         update_layer(maps, 0, net, st, obs_var, solver="cg", cg_iters=0)
+    with pytest.raises(PyroCPAError, match="positive damping"):
+        update_layer(maps, 0, net, st, obs_var, solver="cg", rcond=0.0)
     with pytest.raises(PyroCPAError, match="layer_solver"):
         em_step(make_decoder(0), 0.5, 1.0, noisy_circle(10, seed=0), layer_solver="lu")
