@@ -73,6 +73,7 @@ An empty polygon returns log_mass = -inf, mean = 0, second_moment = 0 (NaN-free)
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -374,10 +375,11 @@ def _cubature_spread(Gs, ds, e, t_lo, t_hi, exists):
     wf = fin.to(ds.dtype)
     c = (V * wf.unsqueeze(-1)).sum(-2) / wf.sum(-1).clamp(min=1.0).unsqueeze(-1)
     dv = V - c.unsqueeze(-2)
-    rho2 = ((dv * dv).sum(-1) * wf).amax(-1)
-    return c, torch.sqrt((c * c).sum(-1) * rho2), 0.5 * rho2, bounded
+    rho2 = ((dv * dv).sum(-1) * wf).amax(-1).detach()               # the spreads only decide: no gradient
+    return c, torch.sqrt((c.detach() ** 2).sum(-1) * rho2), 0.5 * rho2, bounded
 
 
+@functools.lru_cache(maxsize=None)
 def _cubature_limits(n: int, tol: float) -> tuple[float, float]:
     """The largest (lin, quad) spreads at which the n-node rule of :func:`_cubature` meets ``tol`` (relative error of
     the mass) by the error model of ``_CUBATURE_LIN_MODEL`` and ``_CUBATURE_QUAD_MODEL``."""
@@ -388,13 +390,14 @@ def _cubature_limits(n: int, tol: float) -> tuple[float, float]:
 
 
 def _cubature_tiers(lin, quad, bounded, tiers, need_moments, tol):
-    """Node count per polygon: the first of ``tiers`` whose model error at the polygon's spreads is within ``tol``
-    (0: none, the polygon is not for the cubature). The covariance costs one node (see :func:`_cubature`)."""
-    n_of = torch.zeros_like(lin, dtype=torch.long)
-    for n in reversed(tiers):
-        l_max, q_max = _cubature_limits(n - 1 if need_moments else n, tol)
-        n_of = torch.where(bounded & (lin <= l_max) & (quad <= q_max), torch.full_like(n_of, n), n_of)
-    return n_of
+    """Node count per polygon: the first of ``tiers`` (increasing) whose model error at the polygon's spreads is
+    within ``tol`` (0: none, the polygon is not for the cubature). The covariance costs one node (see
+    :func:`_cubature`)."""
+    lim = torch.tensor([_cubature_limits(n - 1 if need_moments else n, tol) for n in tiers], dtype=lin.dtype,
+                       device=lin.device)                       # (tiers, 2), increasing in n
+    k = torch.maximum(torch.searchsorted(lim[:, 0].contiguous(), lin), torch.searchsorted(lim[:, 1].contiguous(), quad))
+    n_tab = torch.tensor(tuple(tiers) + (0,), dtype=torch.long, device=lin.device)
+    return torch.where(bounded, n_tab.index_select(0, k.reshape(-1)).reshape(k.shape), torch.zeros_like(k))
 
 def _cubature(Gs, ds, e, t_lo, t_hi, exists, c, num_nodes, need_moments):
     r"""log P (and E[u | ω], Cov[u | ω] if ``need_moments``) of small bounded polygons (flat batch) by a collapsed
@@ -470,10 +473,8 @@ def _cubature_small(Gs, ds, e, t_lo, t_hi, exists, need_moments, tiers=DEFAULT_C
     if m == 0:
         return sel, logP, mean, cov
     n_sel = n_of.index_select(0, idx)
-    for n in tiers:
+    for n in torch.unique(n_sel).tolist():
         j = (n_sel == n).nonzero().squeeze(-1)
-        if j.numel() == 0:
-            continue
         k = idx.index_select(0, j)
         lp, mu, cv = _cubature(*(y.index_select(0, k) for y in (Gs, ds, e, t_lo, t_hi, exists)),
                                c.index_select(0, k), n, need_moments)
