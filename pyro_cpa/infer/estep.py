@@ -344,7 +344,7 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
     patterns = [p.clone() for p in regions.patterns]
     nan = torch.isnan(flat)
     complete = not bool(nan.any())
-    observed = ~nan
+    observed = None if complete else ~nan
     w_obs = None if weights is None else weights.obs.to(flat)
     Z = X = q = None
     parts = []          # log p of consecutive slices (unweighted, complete data)
@@ -366,11 +366,13 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
             sliced = idx is None  # idx = 0..N−1: slices instead of gathers
             for start in range(0, N if sliced else idx.shape[0], rows):
                 ic = slice(start, start + rows) if sliced else idx[start:start + rows]
-                xc, oc = flat[ic], observed[ic]
+                xc = flat[ic]
+                oc = None if complete else observed[ic]
                 wc = None if w_obs is None else w_obs[ic]
-                if s1 and (complete or bool(oc.all())):
+                if s1 and (oc is None or bool(oc.all())):
                     Zc, Xc, qc, lp = _s1_chunk_stats(s1_regions, xc, wc)
                 else:
+                    oc = torch.ones_like(xc, dtype=torch.bool) if oc is None else oc
                     Zc, Xc, qc, lp = _chunk_stats(mg, xc, oc, wc, marginal._variances()[0])
                 Z, X, q = (Zc, Xc, qc) if Z is None else (Z + Zc, X + Xc, q + qc)
                 if weights is not None:
