@@ -465,15 +465,18 @@ def _cubature_small(Gs, ds, e, t_lo, t_hi, exists, need_moments, tiers=DEFAULT_C
     c, lin, quad, bounded = _cubature_spread(Gs, ds, e, t_lo, t_hi, exists)
     n_of = _cubature_tiers(lin, quad, bounded, tiers, need_moments, tol)
     sel = n_of > 0
+    present = torch.unique(n_of).tolist()
+    if present == [0]:
+        return sel, ds.new_zeros(0), *((ds.new_zeros(0, 2), ds.new_zeros(0, 2, 2)) if need_moments else (None, None))
+    if len(present) == 1:              # one node count for all (the common case): no gather/scatter
+        return (sel, *_cubature(Gs, ds, e, t_lo, t_hi, exists, c, present[0], need_moments))
     idx = sel.nonzero().squeeze(-1)
     m = idx.numel()
     logP = ds.new_zeros(m)
     mean = ds.new_zeros(m, 2) if need_moments else None
     cov = ds.new_zeros(m, 2, 2) if need_moments else None
-    if m == 0:
-        return sel, logP, mean, cov
     n_sel = n_of.index_select(0, idx)
-    for n in torch.unique(n_sel).tolist():
+    for n in present[1:] if present[0] == 0 else present:
         j = (n_sel == n).nonzero().squeeze(-1)
         k = idx.index_select(0, j)
         lp, mu, cv = _cubature(*(y.index_select(0, k) for y in (Gs, ds, e, t_lo, t_hi, exists)),
