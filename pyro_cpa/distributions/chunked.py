@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from .._threads import with_library_threads
 from ..integrate import PolytopeMoments, integrate_whitened, std_moments, whiten
-from ..integrate.bivariate import PolygonEdges, polygon_edges, translate_edges
+from ..integrate.bivariate import DEFAULT_PARALLEL_TOL, PolygonEdges, polygon_edges, translate_edges
 from .region_gaussians import RegionGaussians, affine_gaussians, region_gaussians
 
 DENSE_ELEMENTS = 2 ** 21
@@ -53,6 +53,12 @@ PAIR_ELEMENTS = 2 ** 18
 """Budget of one batch of kept pairs: :func:`pair_batch` pairs, so that pairs · F² · S <= this. The
 integrators' temporaries grow as F² (S = 2: (pairs, F, F)); under autograd the backward pass holds the graph
 of one batch at a time (measured ~1 KB per pair for S = 1, F = 2 and ~15 KB for S = 2, F = 9)."""
+
+PAIR_ELEMENTS_NO_GRAD = 2 ** 20
+"""The same budget for S = 2 batches without an autograd graph (log p and E-steps under ``no_grad``): the S = 2
+kernel's per-call cost is dominated by ~200 small tensor operations per edge-flux call at the default budget
+(measured: exact log p of benchmarks/run.py's [2, 16, 16, 2], N = 1000, 1.38 s at 2¹⁸ vs 1.04 s at 2²⁰ on one
+thread; values identical to the last bit, since every pair's result depends on that pair alone)."""
 
 
 class RegionParams(NamedTuple):
@@ -81,9 +87,11 @@ class _Batch(NamedTuple):
     rng: tuple | None
 
 
-def pair_batch(F: int, S: int) -> int:
-    """Kept pairs integrated per batch (see :data:`PAIR_ELEMENTS`; at least 1)."""
-    return max(1, PAIR_ELEMENTS // max(1, F * F * S))
+def pair_batch(F: int, S: int, graph: bool = True) -> int:
+    """Kept pairs integrated per batch (see :data:`PAIR_ELEMENTS`, and :data:`PAIR_ELEMENTS_NO_GRAD` for S = 2
+    batches that hold no autograd graph; at least 1)."""
+    budget = PAIR_ELEMENTS_NO_GRAD if S == 2 and not graph else PAIR_ELEMENTS
+    return max(1, budget // max(1, F * F * S))
 
 
 def chunk_rows(R: int, D: int, F: int, S: int, chunk_size: int) -> int:
@@ -172,10 +180,14 @@ class RegionPolygons(NamedTuple):
     Attributes:
         edges: :class:`~pyro_cpa.integrate.bivariate.PolygonEdges` (R, F) of {v : g_jᵀv <= ĉ_j}.
         e_hat: (R, F, 2) ê_j = L_ω⁻ᵀe_j (e_j = (−g_j2, g_j1) the tangent of line j; 0 on padding rows).
+        per_pair: (R,) regions with two parallel lines (|g_i × g_k| <= ``DEFAULT_PARALLEL_TOL``): their pairs
+            take :func:`~pyro_cpa.integrate.bivariate.polygon_edges` of their own (G, d) (see
+            :func:`region_polygons`).
     """
 
     edges: PolygonEdges
     e_hat: torch.Tensor
+    per_pair: torch.Tensor
 
 
 def region_polygons(wh: Whitened, scale_tril: torch.Tensor) -> RegionPolygons:
@@ -184,13 +196,24 @@ def region_polygons(wh: Whitened, scale_tril: torch.Tensor) -> RegionPolygons:
     the tangents mapped back, ê_j = L⁻ᵀe_j: with δ = L⁻¹μ, e_j·δ = ê_jᵀμ, the shift of line j's edge parameter
     for the pair (see :func:`pair_edges`). ê solves Lᵀê = e elementwise (L lower-triangular 2 × 2:
     ê_1 = e_1/L_11, ê_0 = (e_0 − L_10 ê_1)/L_00), so each value depends on its own region only.
+
+    Regions with two parallel lines (strips, duplicated facets) are flagged ``per_pair``: polygon_edges decides
+    their ties and empty strips with a tolerance relative to the offsets, and the region's offsets ĉ in v can be
+    far larger than the pair's d (a cell of width 1e-12 at z = −0.7 under a slope-1e12 piece: |ĉ| ~ 7e13, d ~ 50,
+    strip width 100 in whitened units, which ĉ's scale would call empty); the pair's own d keeps the decision at
+    the scale where the pair's mass is. Without parallel lines no decision depends on the offsets' scale.
     """
     edges = polygon_edges(wh.G, wh.c_hat)
     e = edges.e
     L00, L10, L11 = (scale_tril[:, i, j].unsqueeze(-1) for i, j in ((0, 0), (1, 0), (1, 1)))
     e1 = e[..., 1] / L11
     e0 = (e[..., 0] - L10 * e1) / L00
-    return RegionPolygons(edges, torch.stack([e0, e1], -1))
+    g0, g1 = wh.G[..., 0], wh.G[..., 1]
+    cross = g0.unsqueeze(-1) * g1.unsqueeze(-2) - g1.unsqueeze(-1) * g0.unsqueeze(-2)   # (R, F, F) g_i × g_k
+    real = (wh.G != 0).any(-1)
+    off_diag = ~torch.eye(real.shape[-1], dtype=torch.bool, device=real.device)     # i != k by construction
+    par = (cross.abs() <= DEFAULT_PARALLEL_TOL) & real.unsqueeze(-1) & real.unsqueeze(-2) & off_diag
+    return RegionPolygons(edges, torch.stack([e0, e1], -1), par.flatten(-2).any(-1))
 
 
 def pair_edges(poly: RegionPolygons, rows: torch.Tensor, loc: torch.Tensor, d: torch.Tensor) -> PolygonEdges:
@@ -204,7 +227,13 @@ def pair_edges(poly: RegionPolygons, rows: torch.Tensor, loc: torch.Tensor, d: t
     e_hat = poly.e_hat[:, :f].index_select(0, rows)
     shift = e_hat[..., 0] * loc[:, 0].unsqueeze(-1)
     shift = shift + e_hat[..., 1] * loc[:, 1].unsqueeze(-1)
-    return translate_edges(edges, d, shift)
+    out = translate_edges(edges, d, shift)
+    own = poly.per_pair.index_select(0, rows).nonzero().squeeze(-1)   # regions with parallel lines
+    if own.numel():
+        G = poly.edges.Gs[:, :f].index_select(0, rows.index_select(0, own))
+        mine = polygon_edges(G, d.index_select(0, own))
+        out = PolygonEdges(*(x.index_put((own,), y) for x, y in zip(out, mine)))
+    return out
 
 
 def mass_upper_bound(rg: RegionGaussians, d: torch.Tensor) -> torch.Tensor:
@@ -293,7 +322,7 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
         else:
             groups = [(F, flat)]
         for f, members in groups:
-            step = pair_batch(F if graph else f, S)
+            step = pair_batch(F if graph else f, S, graph)
             for first in range(0, members.numel(), step):
                 idx = members[first:first + step]
                 rng = _rng_state(mc_kwargs, xc.device) if S >= 4 else None

@@ -100,8 +100,8 @@ class EM:
         local_tol: the local partition's certified log-fraction (default 40: at most e^−40 of each datum's mass
             is left out).
         **em_kwargs: further options of :func:`~pyro_cpa.infer.em_engine.em_step`
-            (``max_backtracks``, ``schedule``, ``rcond``, ``max_regions``, ``layer_solver="cg"`` for wide hidden
-            layers, ...).
+            (``max_backtracks``, ``schedule``, ``rcond``, ``max_regions``, ``layer_solver`` ("auto" takes a truncated CG
+            solve for wide hidden layers), ...).
     """
 
     def __init__(self, model, guide=None, *, obs_noise: str = "isotropic", m_step: str = "closed_form",

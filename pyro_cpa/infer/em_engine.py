@@ -480,7 +480,7 @@ def em_step(decoder, obs_scale, prior_scale, x: torch.Tensor, *, obs_noise: str 
             before it is evaluated, so the kept σx is the one the next call receives and the cache can be used.
         layer_solver: closed form only: the hidden layers' solve (``solver`` of
             :func:`~pyro_cpa.infer.mstep.update_layer`): ``"auto"`` (default; the exact damped maximiser, Cholesky of
-            an n × n or m × m system), ``"dense"``, ``"factored"``, or ``"cg"``: at most ``mstep.CG_ITERS``
+            an n × n or m × m system, or ``"cg"`` for layers with min(n, m) >= ``mstep.CG_AUTO_MIN_UNKNOWNS``), ``"dense"``, ``"factored"``, or ``"cg"``: at most ``mstep.CG_ITERS``
             conjugate-gradient iterations through the Kronecker factors, an inexact block maximiser that never lowers
             Q (the step stays verified and monotone) and costs O(CG_ITERS · n·R·(S+1)) instead of O(n³) — for wide
             hidden layers, where the exact solve costs many E-steps.

@@ -14,18 +14,11 @@ out of the origin) the divergence theorem gives, for any polygon whose boundary 
 
 (h_i = |d_i|; no recession-cone term: the flux through the arc at infinity vanishes). Each D_i is
 computed with full relative precision in log space: the edge is split at t = 0 into half intervals
-0 <= p < t < q, and I = ∫_p^q e^{−(t² − p²)/2} h/(h² + t²) dt (D = e^{−(h² + p²)/2} I / 2π) is integrated by
-Gauss–Legendre (12 nodes per piece) on pieces where the Gaussian factor falls by a bounded amount
-(t = sqrt(p² + 2z), z in ``DEFAULT_FLUX_Z_CUTS``, truncated at z = 45). Near the origin (h² + p² <=
-``DEFAULT_FLUX_SUB_R2`` = 2) the Lorentzian's poles ±ih would spoil the first piece [p, b], b = sqrt(p² + 1);
-there the pole is integrated in closed form (singularity subtraction, with w = (t² + h²)/2 and
-E(w) = (1 − e^{−w})/w, an entire function):
-
-    e^{−(h² + p²)/2} ∫_p^b e^{−(t² − p²)/2} h/(h² + t²) dt = atan((b − p) h/(h² + bp)) − (h/2) ∫_p^b E(w) dt,
-
-whose smooth remainder takes ``DEFAULT_FLUX_SUB_NODES`` = 10 nodes; the subtraction cancels by at most
-e^{(h² + b²)/2} <= e^{1.5}. (Audited against mpmath, max relative error of log I ~3e-16 over random edges
-with h in [1e-3, 1e3]: tests/integrate/test_bivariate_flux_audit.py.) The terms are summed relative to the largest; the result is used where this
+0 <= p < t < q, and I = ∫_p^q e^{−(t² − p²)/2} h/(h² + t²) dt (D = e^{−(h² + p²)/2} I / 2π) comes from
+:func:`~pyro_cpa.integrate.edge_flux.log_edge_flux` (Gauss–Legendre pieces with node counts certified per
+piece by a Bernstein-ellipse bound, Gauss–Laguerre tails far out, singularity subtraction of the Lorentzian's
+poles near the origin; ~16 nodes per half-edge on the benchmark's edges, max relative error of I ~2e-15 vs
+mpmath: tests/integrate/test_edge_flux.py). The terms are summed relative to the largest; the result is used where this
 cancellation amplifies the rounding error by at most ``DEFAULT_FLUX_MAX_AMP`` = 1e3 (measured: <= ~1e-12
 relative, also far out where P underflows in linear space), i.e. almost everywhere.
 
@@ -79,6 +72,7 @@ from typing import NamedTuple
 
 import torch
 
+from .edge_flux import log_edge_flux
 from .owens_t import DEFAULT_OWENS_T_NODES, owens_t
 from .types import StandardMoments
 from .univariate import LOG_SQRT_2PI, _gl_nodes, interval_stats, log_ndtr_diff
@@ -99,10 +93,6 @@ _TWO_PI = 2.0 * math.pi
 _LOG_2PI = math.log(_TWO_PI)
 DEFAULT_PARALLEL_TOL = 1e-14   # |g_i × g_k| <= this: lines i, k are parallel (see polygon_edges)
 DEFAULT_TIE_TOL = 1e-12        # parallel lines closer than this (relative to 1 + |d|) coincide
-DEFAULT_FLUX_NODES = 12
-DEFAULT_FLUX_Z_CUTS = (0.5, 2.0, 5.0, 10.0, 18.0, 30.0, 45.0)
-DEFAULT_FLUX_SUB_NODES = 10      # nodes of the smooth remainder of the singularity-subtracted first piece
-DEFAULT_FLUX_SUB_R2 = 2.0        # the first piece is singularity-subtracted where h² + p² <= this
 DEFAULT_FLUX_MIN_H = 3.0 ** -9   # an edge this close to the origin (foot point within t < 1): Owen's-T fallback
 DEFAULT_FLUX_MAX_AMP = 1e3
 DEFAULT_CUBATURE_NODES = (4, 5, 6, 7, 9, 11, 13)   # node counts (per direction) of the small-polygon cubature
@@ -648,60 +638,7 @@ def _moments_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     return mean, cov
 
 
-def _log_edge_flux(h, p, q, num_nodes=DEFAULT_FLUX_NODES, z_cuts=DEFAULT_FLUX_Z_CUTS,
-                   sub_nodes=DEFAULT_FLUX_SUB_NODES, sub_r2=DEFAULT_FLUX_SUB_R2):
-    r"""log I, I = ∫_p^q e^{−(t² − p²)/2} h/(h² + t²) dt, for flat (n,) h > 0, 0 <= p < q <= inf (module doc).
-
-    Full relative precision (~3e-16, audited against mpmath); the Gaussian tail beyond z = z_cuts[-1] (a
-    relative e^{-45}) is dropped. Each value depends on its own (h, p, q) only.
-    """
-    dtype, device = h.dtype, h.device
-    Z = torch.tensor(z_cuts, dtype=dtype, device=device)
-    p2 = p * p
-    cz = torch.sqrt(p2.unsqueeze(-1) + 2.0 * Z)
-    top = torch.where(q <= cz[:, -1], q, cz[:, -1]).unsqueeze(-1)
-    cuts = torch.cat([p.unsqueeze(-1), cz], -1)
-    cuts = torch.where(cuts >= top, top, cuts)                 # ties resolve to the bound (zero-length pieces)
-    a0 = cuts[:, :-1]
-    half = 0.5 * (cuts[:, 1:] - a0)
-    sub = (h * h + p2) <= sub_r2                                  # first piece by singularity subtraction
-    plain = half > 0
-    plain[:, 0] &= ~sub
-    K = half.shape[1]
-    nz = plain.reshape(-1).nonzero().squeeze(-1)
-    a0f = a0.reshape(-1).index_select(0, nz)
-    hf = half.reshape(-1).index_select(0, nz)
-    owner = torch.div(nz, K, rounding_mode="floor")
-    x, w = _gl_nodes(num_nodes, dtype, device)
-    hh = h.index_select(0, owner).unsqueeze(-1)
-    pp = p.index_select(0, owner).unsqueeze(-1)
-    # f = exp(−(t − p)(t + p)/2) h / (h² + t²) at the nodes t = a0 + u, u = half (1 + x), in place (no gradient
-    # flows here: log_mass_2d's gradient is analytic): the node arrays are the largest of the S = 2 kernel.
-    # t − p = (a0 − p) + u keeps full relative precision on short pieces far out (no rounding of t at the scale p)
-    u = hf.unsqueeze(-1) * (1.0 + x)
-    f = u + (a0f.unsqueeze(-1) - pp)
-    f.mul_(-0.5).mul_(u + (a0f.unsqueeze(-1) + pp)).exp_().mul_(hh)
-    t = u.add_(a0f.unsqueeze(-1))
-    f.div_(t.mul_(t).add_(hh * hh)).mul_(w)
-    val = f.sum(-1) * hf                            # elementwise: no shape-dependent BLAS path
-    integral = torch.zeros_like(p).index_add(0, owner, val)
-    sidx = sub.nonzero().squeeze(-1)
-    if sidx.numel():
-        hs, ps, bs = h.index_select(0, sidx), p.index_select(0, sidx), cuts[:, 1].index_select(0, sidx)
-        hs2 = 0.5 * (bs - ps)
-        xs, ws = _gl_nodes(sub_nodes, dtype, device)
-        ts = hs2.unsqueeze(-1) * xs
-        ts += (ps + hs2).unsqueeze(-1)
-        wv = ts.mul_(ts).add_((hs * hs).unsqueeze(-1)).mul_(0.5).clamp_(min=_DIV_TINY)   # w = (t² + h²)/2 > 0
-        E = torch.expm1(-wv).div_(wv).mul_(ws)                                           # −E(w) · weight
-        br = torch.atan((bs - ps) * hs / (hs * hs + bs * ps)) + 0.5 * hs * hs2 * E.sum(-1)
-        integral = integral.index_add(0, sidx, br * torch.exp(0.5 * (hs * hs + ps * ps)))
-    # (an integral that underflows to 0 only occurs for h <~ 1e-300, where the result is not trusted anyway)
-    return torch.log(torch.clamp(integral, min=_DIV_TINY))
-
-
-def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z_cuts=DEFAULT_FLUX_Z_CUTS,
-                   min_h=DEFAULT_FLUX_MIN_H, max_amp=DEFAULT_FLUX_MAX_AMP):
+def _log_mass_flux(ds, t_lo, t_hi, exists, real, min_h=DEFAULT_FLUX_MIN_H, max_amp=DEFAULT_FLUX_MAX_AMP):
     r"""log P by the flux (divergence) formula with relative-accurate edge integrals (flat batch (B, F)).
 
     Returns ``(log_mass, ok)``; ``ok`` is False where the result is not trusted (origin on the boundary,
@@ -727,7 +664,7 @@ def _log_mass_flux(ds, t_lo, t_hi, exists, real, num_nodes=DEFAULT_FLUX_NODES, z
     hi = h.reshape(-1).index_select(0, fi)
     si = -torch.sign(ds.reshape(-1).index_select(0, fi))
     unres = (hi < min_h) & (pi < 1.0)
-    lD = -0.5 * (hi * hi + pi * pi) + _log_edge_flux(hi, pi, qi, num_nodes, z_cuts) - _LOG_2PI
+    lD = -0.5 * (hi * hi + pi * pi) + log_edge_flux(hi, pi, qi) - _LOG_2PI
     # P = 1[0 in ω] + Σ -sign(d_i) D_i, combined relative to the largest term
     ninf = torch.full((B,), float("-inf"), dtype=dtype, device=device)
     m = ninf.scatter_reduce(0, bi, lD.detach(), "amax")

@@ -10,6 +10,7 @@ describe, i.e. including the rounding of ĉ and δ themselves.
 from __future__ import annotations
 
 import math
+import zlib
 
 import mpmath as mp
 import pytest
@@ -20,6 +21,7 @@ from pyro_cpa.integrate.bivariate import log_mass_2d, polygon_edges, std_moments
 
 EPS = torch.finfo(torch.float64).eps
 ROUNDING_ULPS = 16.0
+MIN_LOG_MASS = -1e6   # cells compared (see test_translated_edges_agree_with_per_polygon_edges)
 """Both paths integrate the polygon up to a perturbation of its offsets by ~eps·scale (scale = 1 + max|ĉ| + |δ|:
 d = ĉ − Gδ carries that rounding, and so do the translated vertices), and ∂log P/∂d_i = r_i (the edge weights),
 so |Δ log P| <= ROUNDING_ULPS · eps · scale · (1 + Σ_i r_i) and |Δ E[u]| likewise times (1 + |E[u]|) (measured:
@@ -79,15 +81,19 @@ def _tolerance(G, d, c_hat, delta):
 def test_translated_edges_agree_with_per_polygon_edges(kind, scale):
     """Cells moved by δ (|δ| ~ scale): ĉ = d0 + Gδ is large and cancels in d = ĉ − Gδ ~ d0; the translated and
     the recomputed edges give the same mass and moments within the rounding of d itself."""
-    g = torch.Generator().manual_seed(hash((kind, scale)) % 2 ** 31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{kind}/{scale}".encode()))   # not hash(): salted per process
     G, d0 = _cells(5, g, kind)
     delta = torch.randn(G.shape[0], 2, generator=g, dtype=torch.float64) * scale
     c_hat = d0 + _dot(G, delta)
     d, edges = _translated(G, c_hat, delta)
     ref = std_moments_2d(G, d)
     got = std_moments_2d(G, d, edges=edges)
-    fin = torch.isfinite(ref.log_mass)
-    assert torch.equal(fin, torch.isfinite(got.log_mass)) and fin.sum() >= 8   # same empty cells, enough live
+    # cells with log P below MIN_LOG_MASS (near-parallel lines ~1e8 out: log P ~ −1e16) are outside the
+    # tolerance model: their vertex is ill-conditioned (1/|g_i × g_k| ~ 1e8) and either path may call a strip of
+    # width below the rounding of its offsets empty; such terms weigh e^{−1e6} in any sum
+    fin = torch.isfinite(ref.log_mass) & (ref.log_mass > MIN_LOG_MASS)
+    fin_got = torch.isfinite(got.log_mass) & (got.log_mass > MIN_LOG_MASS)
+    assert torch.equal(fin, fin_got) and fin.sum() >= 8   # same live cells, enough of them
     tol = _tolerance(G, d, c_hat, delta)[fin]
     assert ((got.log_mass - ref.log_mass)[fin].abs() <= tol).all()
     m_tol = tol * (1.0 + ref.mean[fin].norm(dim=-1))

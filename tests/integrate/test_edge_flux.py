@@ -2,7 +2,7 @@
 
 I(h, p, q) = ∫_p^q exp(−(t² − p²)/2) h/(h² + t²) dt by Legendre pieces with certified node counts, a singularity-
 subtracted first piece near the origin and Gauss–Laguerre tails (module doc). The reference is mpmath's
-tanh-sinh quadrature (tests/integrate/test_bivariate_flux_audit.py::_ref_log_I, 25 digits). Edges: the random
+tanh-sinh quadrature (:func:`_ref_log_I`, 25 digits). Edges: the random
 audit set (h log-uniform in [1e-3, 1e3], p = 0 or log-uniform in [1e-4, 1e2], lengths log-uniform in [1e-6, 1e2]
 or infinite) plus one edge per branch of the algorithm and its boundaries. Measured on 3,000 random edges and
 2,000 half-edges of the S = 2 log p benchmark: max |Δ log I| 2.0e-15 (median 2.0e-16; the fixed 12-node rule it
@@ -17,7 +17,6 @@ import torch
 
 from pyro_cpa.integrate.edge_flux import (LAG_LOG_TOL, LAG_NODES, LAG_T2_GRID, DEFAULT_LAG_T2,
                                           log_edge_flux)
-from test_bivariate_flux_audit import _edges, _ref_log_I
 
 REL_TOL = 1e-15        # |Δ log I| (relative error of I) beyond one spacing of log I; measured max 5.8e-16
 LOG_ULPS = 1.0         # the returned log I is a float64: allow this many ulps of |log I| on top
@@ -39,6 +38,30 @@ BRANCHES = [
     (0.5, 4.0, math.sqrt(16.0 + 2 * 45.0)), (0.5, 4.0, math.sqrt(16.0 + 2 * 45.1)),    # q at z = 45 (dropped tail)
     (1e-3, 1e-4, 1e-4 + 1e-6), (1e3, 1e-4, 1e2), (2e-3, 98.8, 98.8 + 1e-6),
 ]
+
+
+def _edges(n, seed):
+    rng = np.random.default_rng(seed)
+    h = 10 ** rng.uniform(-3, 3, n)
+    p = np.where(rng.uniform(size=n) < 0.3, 0.0, 10 ** rng.uniform(-4, 2, n))
+    q = np.where(rng.uniform(size=n) < 0.3, np.inf, p + 10 ** rng.uniform(-6, 2, n))
+    fixed = [(1e-3, 0.0, np.inf), (1e3, 0.0, np.inf), (1e-3, 0.5, 2.0), (1.4, 0.0, np.inf), (0.9, 1.05, 3.0),
+             (0.3, 98.8, 98.8 + 1e-6), (5e-3, 50.0, np.inf)]
+    fh, fp, fq = (np.array(v) for v in zip(*fixed))
+    return np.concatenate([h, fh]), np.concatenate([p, fp]), np.concatenate([q, fq])
+
+
+def _ref_log_I(h, p, q):
+    """mpmath tanh-sinh quadrature, split at h·3^k (the poles ±ih) and at Gaussian-decay points."""
+    mp.mp.dps = 25
+    h, p = mp.mpf(h), mp.mpf(p)
+    top = mp.sqrt(p * p + 2 * 60)                              # tail beyond: relative e^-60
+    qq = top if math.isinf(q) else min(mp.mpf(q), top)
+    pts = {p, qq}
+    pts.update(c for c in (h * mp.mpf(3) ** k for k in range(-1, 14)) if p < c < qq)
+    pts.update(c for c in (mp.sqrt(p * p + 2 * z) for z in (0.25, 1, 3, 7, 14, 25, 40)) if p < c < qq)
+    val = mp.quad(lambda t: mp.exp(-(t - p) * (t + p) / 2) * h / (h * h + t * t), sorted(pts))
+    return mp.log(val)
 
 
 def _err(got: torch.Tensor, ref) -> np.ndarray:
