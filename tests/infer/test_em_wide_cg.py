@@ -163,3 +163,21 @@ def test_bad_solver_options_raise():
         update_layer(maps, 0, net, st, obs_var, solver="cg", rcond=0.0)
     with pytest.raises(PyroCPAError, match="layer_solver"):
         em_step(make_decoder(0), 0.5, 1.0, noisy_circle(10, seed=0), layer_solver="lu")
+
+
+def test_auto_takes_cg_exactly_for_layers_at_or_above_the_threshold(monkeypatch):
+    """``solver="auto"`` is the exact solve below ``CG_AUTO_MIN_UNKNOWNS`` (min(n, m)) and the truncated CG at or
+    above it — bitwise the same as asking for either explicitly."""
+    import pyro_cpa.infer.mstep as mstep
+
+    net, st, maps, obs_var = _setup([2, 6, 5, 3])
+    l = 0
+    n = maps[l][0].shape[0] * (maps[l][0].shape[1] + 1)
+    m = st.Z.shape[0] * 3 * (st.Z.shape[-1])            # R·D·(S+1)
+    exact = update_layer(maps, l, net, st, obs_var, solver="auto")
+    cg = update_layer(maps, l, net, st, obs_var, solver="cg")
+    assert not torch.equal(exact[0], cg[0])             # the two solves differ here, so the choice is visible
+    for threshold, want in ((min(n, m) + 1, exact), (min(n, m), cg)):
+        monkeypatch.setattr(mstep, "CG_AUTO_MIN_UNKNOWNS", threshold)
+        got = update_layer(maps, l, net, st, obs_var, solver="auto")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
