@@ -430,7 +430,7 @@ def bench_em_cost(rows, quick):
 
     Decoders: pyro_cpa.nn.mlp, LeakyReLU(0.1). Data: N draws of the seed-0 decoder with σx = 0.3; the model starts
     from the seed-1 decoder (S=2: 119 regions, the issue's case) and σx = 0.5. S=2 [2,8,8,3]: one warm-up step,
-    then the median of timed steps, with the E-step and log p evaluations per step. Wide S=1 decoders: both
+    then the median of timed steps, with the E-step and log p evaluations per step. Every decoder: both
     closed-form schedules from the same start (an E-step at the initial parameters first, which also enumerates
     the partition), the median seconds of the first ``steps`` steps and the NLL per datum after them: ``layerwise``
     (one verified E-step per hidden layer, plus its backtracks) makes more progress per step, ``joint`` (one E-step,
@@ -442,9 +442,10 @@ def bench_em_cost(rows, quick):
     from pyro_cpa.infer.estep import e_step
     from pyro_cpa.nn import mlp
 
-    cases = ([([2, 8, 8, 3], 100, 1, 2, ("layerwise",)), ([1, 64, 64, 64, 10], 200, 0, 2, ("layerwise", "joint")),
-              ([1, 128, 128, 2], 200, 0, 2, ("layerwise", "joint"))] if quick
-             else [([2, 8, 8, 3], 300, 1, 3, ("layerwise",)), ([1, 64, 64, 64, 10], 1000, 0, 5, ("layerwise", "joint")),
+    both = ("layerwise", "joint")
+    cases = ([([2, 8, 8, 3], 100, 1, 2, both), ([1, 64, 64, 64, 10], 200, 0, 2, both),
+              ([1, 128, 128, 2], 200, 0, 2, both)] if quick
+             else [([2, 8, 8, 3], 300, 1, 3, both), ([1, 64, 64, 64, 10], 1000, 0, 5, both),
                    ([1, 128, 128, 2], 1000, 0, 5, ("layerwise", "joint"))])
     for widths, N, warm, steps, schedules in cases:
         torch.manual_seed(0)
