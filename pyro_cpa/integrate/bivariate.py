@@ -389,6 +389,7 @@ def _cubature_tiers(lin, quad, bounded, tiers, need_moments, tol):
     n_tab = torch.tensor(tuple(tiers) + (0,), dtype=torch.long, device=lin.device)
     return torch.where(bounded, n_tab.index_select(0, k.reshape(-1)).reshape(k.shape), torch.zeros_like(k))
 
+
 def _cubature(Gs, ds, e, t_lo, t_hi, exists, c, num_nodes, need_moments):
     r"""log P (and E[u | ω], Cov[u | ω] if ``need_moments``) of small bounded polygons (flat batch) by a collapsed
     product Gauss–Legendre rule on the triangles (c, edge i).
