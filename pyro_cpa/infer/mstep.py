@@ -400,21 +400,30 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
 
 
-def _update_output_layer(maps: list, net, stats: EStepStats, rcond: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`update_layer` of the last layer (F = I, c = 0: W̃ ΣM = ΣR, Λ cancels; all rows at once)."""
-    l = len(maps) - 1
+def _layer_inputs(maps: list, l: int, net, stats: EStepStats):
+    """Layer l's augmented inputs per region, P̃_ω = [[P_ω, p_ω], [0, 1]] (R, n_in+1, S+1) (the layer's input is
+    P_ω z + p_ω on region ω, the other layers frozen), W̃_old = [W_l, v_l] (n_out, n_in+1), and the frozen maps."""
     rm = frozen_region_maps(maps, net.activations, stats.patterns)
     W, v = maps[l]
-    n_out, n_in = W.shape
+    n_in = W.shape[1]
     R = stats.Z.shape[0]
     S = stats.Z.shape[-1] - 1
     P, p = rm.layer_inputs[l]
-    P = P.expand(R, n_in, S)
     Pt = W.new_zeros(R, n_in + 1, S + 1)
-    Pt[:, :n_in, :S] = P
+    Pt[:, :n_in, :S] = P.expand(R, n_in, S)
     Pt[:, :n_in, S] = p.expand(R, n_in)
     Pt[:, n_in, S] = 1.0
-    Wt_old = torch.cat([W, v.unsqueeze(-1)], dim=-1)  # (n_out, n_in+1)
+    return Pt, torch.cat([W, v.unsqueeze(-1)], dim=-1), rm
+
+
+def _update_output_layer(maps: list, net, stats: EStepStats, rcond: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`update_layer` of the last layer (F = I, c = 0: W̃ ΣM = ΣR, Λ cancels; all rows at once)."""
+    l = len(maps) - 1
+    W = maps[l][0]
+    n_out, n_in = W.shape
+    R = stats.Z.shape[0]
+    S = stats.Z.shape[-1] - 1
+    Pt, Wt_old, _ = _layer_inputs(maps, l, net, stats)  # (R, n_in+1, S+1), (n_out, n_in+1)
     # ΣM = Σ_ω P̃_ω Z_ω P̃_ωᵀ as one product.
     PZ = (Pt @ stats.Z).transpose(0, 1).reshape(n_in + 1, R * (S + 1))
     Msum = PZ @ Pt.transpose(0, 1).reshape(n_in + 1, R * (S + 1)).T
@@ -426,18 +435,11 @@ def _update_output_layer(maps: list, net, stats: EStepStats, rcond: float) -> tu
 def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor):
     """Hidden layer l's normal equations K vec W̃ = vec B (module docstring) by their pieces:
     (P̃ (R, n_in+1, S+1), F (R, D, n_out), ΛF, B (n_out, n_in+1), W̃_old, Λ's diagonal (D,))."""
-    rm = frozen_region_maps(maps, net.activations, stats.patterns)
-    W, v = maps[l]
+    W = maps[l][0]
     n_out, n_in = W.shape
     R = stats.Z.shape[0]
     S = stats.Z.shape[-1] - 1
-    P, p = rm.layer_inputs[l]
-    P = P.expand(R, n_in, S)
-    Pt = W.new_zeros(R, n_in + 1, S + 1)
-    Pt[:, :n_in, :S] = P
-    Pt[:, :n_in, S] = p.expand(R, n_in)
-    Pt[:, n_in, S] = 1.0
-    Wt_old = torch.cat([W, v.unsqueeze(-1)], dim=-1)  # (n_out, n_in+1)
+    Pt, Wt_old, rm = _layer_inputs(maps, l, net, stats)  # (R, n_in+1, S+1), (n_out, n_in+1)
     s = stats.Z[:, :, S]  # (R, S+1)
     lam_x = obs_var.reciprocal()  # (D,)
     F = _output_jacobians(maps, rm.slopes, l, R)  # (R, D, n_out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mstep_reference import layer_neg_q
+from mstep_reference import layer_gradient_hessian
 from pyro_cpa.datasets import noisy_circle
 from pyro_cpa.demo.circle import make_decoder
 from pyro_cpa.distributions import CPAMarginal
@@ -48,16 +48,10 @@ def _setup(widths, N=120, seed=0, sx=0.3):
 def _hessian_system(maps, l, net, st, obs_var):
     """Jacobi-scaled Hessian Hs of −Q, scaled ascent direction b = s·(−∇(−Q)), scale s and start x0, all in the
     solver's row order [W_i, v_i] (autograd: independent of the M-step's assembly)."""
-    n_out, n_in = maps[l][0].shape
-    negQ, w0 = layer_neg_q(maps, l, net, st, obs_var)
-    perm = torch.cat([torch.cat([torch.arange(i * n_in, (i + 1) * n_in), torch.tensor([n_out * n_in + i])])
-                      for i in range(n_out)])
-    g = torch.autograd.functional.jacobian(negQ, w0)[perm]
-    H = torch.autograd.functional.hessian(negQ, w0)[perm][:, perm]
-    H = 0.5 * (H + H.T)
+    g, H, w0, _ = layer_gradient_hessian(maps, l, net, st, obs_var)
     d = torch.diagonal(H)
     s = (d + EPS * d.mean()).rsqrt()
-    return s[:, None] * H * s[None, :], s * -g, s, w0[perm]
+    return s[:, None] * H * s[None, :], s * -g, s, w0
 
 
 def _flat(Wv):

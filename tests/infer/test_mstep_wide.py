@@ -10,7 +10,7 @@ from torch import nn
 from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.infer import mstep
 from pyro_cpa.infer.estep import e_step
-from mstep_reference import layer_neg_q
+from mstep_reference import layer_gradient_hessian
 from pyro_cpa.infer.mstep import DEFAULT_RCOND, expected_complete_loglik, update_layer
 from pyro_cpa.nn import as_cpa_network, mlp
 
@@ -83,19 +83,11 @@ def test_factored_solve_matches_a_dense_direct_solve(widths):
     net, st, maps, obs_var = _setup(widths)
     lam = DEFAULT_RCOND
     for l in range(len(maps) - 1):
-        n_out, n_in = maps[l][0].shape
-        negQ, w0 = layer_neg_q(maps, l, net, st, obs_var)
-        # the solver's unknowns are rows [W_i, v_i]; the Hessian's are [vec W, v]: reorder
-        perm = torch.cat([torch.cat([torch.arange(i * n_in, (i + 1) * n_in), torch.tensor([n_out * n_in + i])])
-                          for i in range(n_out)])
-        g = torch.autograd.functional.jacobian(negQ, w0)[perm]
-        H = torch.autograd.functional.hessian(negQ, w0)[perm][:, perm]
-        H = 0.5 * (H + H.T)
+        g, H, x0, neg_q = layer_gradient_hessian(maps, l, net, st, obs_var)   # solver's row order [W_i, v_i]
         Wf, vf = update_layer(maps, l, net, st, obs_var, solver="factored")
         wf = torch.cat([Wf, vf.unsqueeze(-1)], -1).reshape(-1)
         Wd, vd = update_layer(maps, l, net, st, obs_var, solver="dense")
         wd = torch.cat([Wd, vd.unsqueeze(-1)], -1).reshape(-1)
-        x0 = w0[perm]
         sc = (torch.diagonal(H) + EPS * torch.diagonal(H).mean()).rsqrt()
         Hs = sc[:, None] * H * sc[None, :]
         e, V = torch.linalg.eigh(Hs)
@@ -112,8 +104,7 @@ def test_factored_solve_matches_a_dense_direct_solve(widths):
         strong = V[:, e >= STRONG * lam]
         pd = strong.T @ (yf - y_direct)
         assert float(pd.abs().max()) <= STRONG_RTOL * float((strong.T @ y_direct).abs().max()) + 1e-10
-        q0, qf, qd, qdir = (float(negQ(w.index_select(0, torch.argsort(perm))))
-                            for w in (x0, wf, wd, x0 + sc * y_direct))
+        q0, qf, qd, qdir = (float(neg_q(w)) for w in (x0, wf, wd, x0 + sc * y_direct))
         assert qf < q0 and qf >= qdir - 1e-11 * abs(q0) and qf - qdir < 1e-6 * abs(q0)
         assert abs(qf - qd) < Q_RTOL * abs(q0)  # the dense path's maximum
 
