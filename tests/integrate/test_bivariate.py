@@ -5,6 +5,7 @@ import math
 import mpmath as mp
 import pytest
 import torch
+from polygon_reference import triangle
 from scipy import integrate
 
 from pyro_cpa.integrate.bivariate import log_mass_2d, std_moments_2d
@@ -53,37 +54,13 @@ def test_rotated_boxes_near_and_far(box):
 
 def test_far_triangle_log_mass_about_minus_458():
     # triangle (30,1), (31,3), (32,-1), rotated: mpmath (40 digits, x-slices) gives -458.07842127602751959544
-    c, s = math.cos(0.7), math.sin(0.7)
-    V = [(c * x - s * y, s * x + c * y) for x, y in [(30, 1), (31, 3), (32, -1)]]
-    ang, dd = [], []
-    for i in range(3):
-        p, q, o = V[i], V[(i + 1) % 3], V[(i + 2) % 3]
-        n = (q[1] - p[1], -(q[0] - p[0]))
-        nn = math.hypot(*n)
-        n = (n[0] / nn, n[1] / nn)
-        if n[0] * (o[0] - p[0]) + n[1] * (o[1] - p[1]) > 0:
-            n = (-n[0], -n[1])
-        ang.append(math.atan2(n[1], n[0]))
-        dd.append(n[0] * p[0] + n[1] * p[1])
-    G, d = poly(ang, dd)
+    G, d = triangle([(30, 1), (31, 3), (32, -1)], 0.7)
     assert log_mass_2d(G, d).item() == pytest.approx(-458.07842127602751959544, rel=1e-13)
 
 
 def test_triangle_moments_vs_dblquad():
     # triangle with vertices (-1,-1), (2,-0.5), (0,1.5)
-    G, d = poly([-math.pi / 2 + math.atan2(0.5, 3), math.atan2(1, 1), math.pi + math.atan2(-2.5, 1) + math.pi], [0, 0, 0])
-    V = [(-1.0, -1.0), (2.0, -0.5), (0.0, 1.5)]
-    ang, dd = [], []
-    for i in range(3):
-        p, q, o = V[i], V[(i + 1) % 3], V[(i + 2) % 3]
-        n = (q[1] - p[1], -(q[0] - p[0]))
-        nn = math.hypot(*n)
-        n = (n[0] / nn, n[1] / nn)
-        if n[0] * (o[0] - p[0]) + n[1] * (o[1] - p[1]) > 0:
-            n = (-n[0], -n[1])
-        ang.append(math.atan2(n[1], n[0]))
-        dd.append(n[0] * p[0] + n[1] * p[1])
-    G, d = poly(ang, dd)
+    G, d = triangle([(-1.0, -1.0), (2.0, -0.5), (0.0, 1.5)])
     r = std_moments_2d(G, d)
 
     def lohi(x):

@@ -15,6 +15,7 @@ import zlib
 import mpmath as mp
 import pytest
 import torch
+from polygon_reference import triangle
 
 from pyro_cpa.integrate import std_moments
 from pyro_cpa.integrate.bivariate import log_mass_2d, polygon_edges, std_moments_2d, translate_edges
@@ -176,28 +177,12 @@ def _mp_polygon_log_mass(G: torch.Tensor, c_hat: torch.Tensor, delta: torch.Tens
         return float(mp.log(mp.quad(lambda x: f(x) / scale, fine)) + mp.log(scale))
 
 
-def test_mpmath_polygon_reference_on_the_far_triangle():
+def test_mpmath_polygon_reference_on_the_fartriangle():
     """The slicing reference above on the triangle (30,1), (31,3), (32,−1) rotated by 0.7 (its log P, from an
     independent 40-digit mpmath x-slicing, is in tests/integrate/test_bivariate.py)."""
-    G, c = _triangle([(30, 1), (31, 3), (32, -1)], 0.7)
+    G, c = triangle([(30, 1), (31, 3), (32, -1)], 0.7)
     assert _mp_polygon_log_mass(G, c, torch.zeros(2, dtype=torch.float64)) == pytest.approx(-458.07842127602751959544,
                                                                                             rel=1e-15)
-
-
-def _triangle(V, rot):
-    c, s = math.cos(rot), math.sin(rot)
-    V = [(c * x - s * y, s * x + c * y) for x, y in V]
-    G, d = [], []
-    for i in range(3):
-        p, q, o = V[i], V[(i + 1) % 3], V[(i + 2) % 3]
-        n = (q[1] - p[1], -(q[0] - p[0]))
-        nn = math.hypot(*n)
-        n = (n[0] / nn, n[1] / nn)
-        if n[0] * (o[0] - p[0]) + n[1] * (o[1] - p[1]) > 0:
-            n = (-n[0], -n[1])
-        G.append(n)
-        d.append(n[0] * p[0] + n[1] * p[1])
-    return torch.tensor(G, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("rot,lo,hi,far", [
@@ -230,7 +215,7 @@ def test_translated_boxes_against_mpmath(rot, lo, hi, far):
 def test_translated_triangles_against_mpmath(V, rot, far):
     """Triangles given in u, whose region lies |δ| = far from the origin (ĉ = fl(d + Gδ)): the translated edges'
     log P against mpmath slicing of the exact polygon {G (u + δ) <= ĉ} of the float inputs."""
-    G, d_exact = _triangle(V, rot)
+    G, d_exact = triangle(V, rot)
     delta = far * torch.tensor([-0.28, 0.96], dtype=torch.float64)
     c_hat = d_exact + _dot(G, delta)
     d, edges = _translated(G, c_hat, delta)
