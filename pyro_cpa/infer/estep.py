@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -160,120 +159,20 @@ def weighted_log_prob(marginal, x: torch.Tensor, weights=None, return_stderr: bo
     return (out, err) if return_stderr else out
 
 
-class _S1Regions(NamedTuple):
-    """Per-region S = 1 quantities of :func:`_s1_pairs` (see :func:`_s1_regions`); the (D, 1, R) fields are laid
-    out so that the sums over the D coordinates run over the leading dimension of (D, n, R) products."""
-
-    a: torch.Tensor       # (D, 1, R) slopes a_ωd
-    b: torch.Tensor       # (D, 1, R) offsets b_ωd
-    awv: torch.Tensor     # (D, 1, R) a_ωd w_d v_ω
-    w: torch.Tensor       # (D, 1, 1) w_d = 1/σx_d²
-    lo_s: torch.Tensor    # (R,) lo_ω/s_ω (lo = +inf for an empty region)
-    hi_s: torch.Tensor    # (R,) hi_ω/s_ω
-    neg_inv_s: torch.Tensor   # (R,) −1/s_ω
-    v: torch.Tensor       # (R,) posterior variance 1/λ_ω
-    s: torch.Tensor       # (R,) √v
-    const: torch.Tensor   # (R,) the part of log κ without the quadratic form
-    prior_prec: float     # 1/σz²
-
-
-def _s1_regions(params) -> _S1Regions:
-    """Per-region S = 1 quantities of :func:`_s1_pairs` from ``params`` (A, b, H, c, σx², σz²).
-
-    The region ω = {z : h_j z <= c_j} is the interval (lo_ω, hi_ω) (:func:`interval_from_constraints`; an
-    empty region gets lo = +inf). λ_ω = 1/σz² + Σ_d a_ωd² w_d is the posterior precision (w = 1/σx²),
-    v = 1/λ, s = √v, and const = −½ (D log 2π + Σ log σx² + log σz² + log λ) the part of log κ without
-    the quadratic form.
-    """
-    from ..integrate.univariate import interval_from_constraints
-
-    A, b, H, c, obs_var, prior_var = params
-    a = A[..., 0]
-    lo, hi, infeasible = interval_from_constraints(H[..., 0], c)
-    lo = torch.where(infeasible, torch.full_like(lo, math.inf), lo)
-    w = obs_var.reciprocal()
-    aw = a * w
-    lam = prior_var.reciprocal() + (a * aw).sum(-1)
-    v = lam.reciprocal()
-    s = v.sqrt()
-    const = -0.5 * (a.shape[-1] * math.log(2 * math.pi) + obs_var.log().sum() + prior_var.log().sum() + lam.log())
-    lay = (lambda t: t.T.unsqueeze(1).contiguous())   # (R, D) -> (D, 1, R)
-    return _S1Regions(lay(a), lay(b), lay(aw * v.unsqueeze(-1)), w.reshape(-1, 1, 1), lo / s, hi / s, -s.reciprocal(),
-                      v, s, const, float(prior_var.reciprocal()))
-
-
-_S1_MEMO: list = [None, None]
-"""[key, value] of the last :func:`_s1_setup`: the key holds the partition object itself (so that its id cannot
-be reused while it lives), the dtype and copies of σx, σz."""
-
-
-def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
-
-
-def _s1_setup(mg, regions) -> tuple[_S1Regions, int, int]:
-    """(:func:`_s1_regions`, R, F) of the marginal ``mg`` under its current parameters, without gradient;
-    ``regions`` = ``mg.regions`` (current: its staleness was just checked).
-
-    Reused while the partition is the same object (a partition is replaced as soon as the decoder's parameters
-    change, :attr:`~pyro_cpa.distributions.CPAMarginal.regions`, so its maps A, b, H, c are those it was built
-    with, as in the marginal's own memo) and the dtype, σx and σz are bit-identical: the per-region constants
-    are then the same, so is the check that they are representable
-    (:meth:`~pyro_cpa.distributions.CPAMarginal._params`).
-    """
-    from ..distributions.chunked import RegionParams
-    from ..distributions.cpa_marginal import _check_representable
-
-    scales = (mg.obs_scale.detach(), mg.prior_scale.detach())
-    key, value = _S1_MEMO
-    if key is not None and key[0] is regions and key[1] == mg.dtype and all(map(_same_values, scales, key[2])):
-        return value
-    A, b, H, c = mg._region_params()
-    obs_var, prior_var = mg._variances()
-    _check_representable(A, b, obs_var, prior_var)
-    value = (_s1_regions(RegionParams(A, b, H, c, obs_var, prior_var)), A.shape[0], H.shape[1])
-    _S1_MEMO[:] = [(regions, mg.dtype, tuple(t.clone() for t in scales)), value]
-    return value
-
-
-def _s1_pairs(regions: _S1Regions, xc: torch.Tensor):
-    r"""Exact S = 1 pair quantities for fully observed data xc (n, D): (terms (n, R), m (n, R), C (n, R)).
-
-    The same maths as :meth:`~pyro_cpa.distributions.CPAMarginal._pairs` (every pair, no pruning), written
-    for S = 1 with a fixed number of tensor operations: μ_nω = v_ω Σ_d w_d a_ωd (x_nd − b_ωd),
-    log κ = const_ω − ½ [Σ_d w_d (x_nd − b_ωd − a_ωd μ_nω)² + μ_nω²/σz²] (a sum of non-negative terms, as in
-    :func:`~pyro_cpa.distributions.region_gaussians.affine_gaussians`), the whitened interval
-    (lo_ω/s_ω − μ/s_ω, hi_ω/s_ω − μ/s_ω) and its log P, mean and variance by
-    :func:`~pyro_cpa.integrate.univariate.interval_stats` (machine precision in every regime);
-    terms = log κ + log P, m = μ + s E[u], C = v Var[u]. The sums over d run over the leading dimension of
-    (D, n, R) products (a reduction over a short trailing dimension is several times slower).
-    """
-    from ..integrate.univariate import interval_stats
-
-    g = regions
-    r = xc.T.contiguous().unsqueeze(-1) - g.b                        # (D, n, R)
-    mu = (r * g.awv).sum(0)
-    quad = torch.addcmul((torch.addcmul(r, g.a, mu, value=-1.0).square() * g.w).sum(0), mu, mu, value=g.prior_prec)
-    log_mass, mean_u, var_u = interval_stats(torch.addcmul(g.lo_s, mu, g.neg_inv_s),
-                                             torch.addcmul(g.hi_s, mu, g.neg_inv_s))
-    return torch.add(g.const, quad, alpha=-0.5) + log_mass, torch.addcmul(mu, g.s, mean_u), g.v * var_u
-
-
 def _s1_chunk_stats(regions, xc, wc):
     """(Z (R, 2, 2), X (R, D, 2), q (R, D), log p (n,)) of fully observed S = 1 data (see :func:`e_step`);
-    ``wc`` (n,) the weights s_x,n, or None for weights 1.
+    ``wc`` (n,) the weights s_x,n, or None for weights 1. The pairs by the fused kernel
+    (:func:`~pyro_cpa.distributions.s1_kernel.s1_pairs`: every pair, no pruning).
 
     e0_nω = exp(t_nω − max_ω t)/Σ_ω exp(t_nω − max_ω t) with t = log κ + log P, and log p = max + log Σ (terms more
-    than 700 nats below the largest are 0: e^-700 relative, :func:`~pyro_cpa.integrate.univariate.exp_floored`).
+    than 700 nats below the largest are 0: e^-700 relative, :func:`~pyro_cpa.distributions.s1_kernel.s1_logsumexp`,
+    the reduction of ``CPAMarginal.log_prob`` for S = 1 too).
     With e = s_x,n e0_nω the sums Σ_n e m² + e C, Σ_n e m, Σ_n e (Z), Σ_n x_n e m, Σ_n x_n e (X) and Σ_n x_n² e (q)
     are one product [x, x², 1]ᵀ [e m, e, e (m² + C)] of (n, 2D + 1) and (n, 3R) matrices."""
-    from ..integrate.univariate import exp_floored
+    from ..distributions.s1_kernel import s1_logsumexp, s1_pairs
 
-    terms, m, C = _s1_pairs(regions, xc)
-    top = terms.amax(-1, keepdim=True)
-    ew = exp_floored(terms - top)                              # exactly 0 below e^-700: no slow underflow path
-    total = ew.sum(-1, keepdim=True)
-    lp = (top + total.log()).squeeze(-1)                       # log-sum-exp
+    terms, m, C = s1_pairs(regions, xc)
+    lp, ew, total = s1_logsumexp(terms)
     ew = ew / total                                            # e0_nω
     if wc is not None:
         ew = ew * wc.unsqueeze(-1)                             # s_x,n e0_nω
@@ -332,7 +231,7 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
         chunk_size: data per batch (memory ∝ chunk_size · R · S²); the marginal's ``chunk_size`` by default.
         weights: optional :class:`~pyro_cpa.infer.structure.DataWeights` (module docstring).
     """
-    from ..distributions.chunked import chunk_rows
+    from ..distributions.s1_kernel import s1_rows, s1_setup
 
     x = marginal._check_x(x)
     flat = x.reshape(-1, x.shape[-1])
@@ -358,9 +257,9 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
                 idx = idx[observed[idx].any(-1)]
             mg = tempered_marginal(marginal, t) if weights is not None else marginal
             s1 = _use_s1_kernel(mg)
-            if s1:  # S = 1: every pair at once, a fixed number of tensor operations (_s1_pairs)
-                s1_regions, R, F = _s1_setup(mg, regions)
-                rows = min(chunk, chunk_rows(R, D, F, 1, chunk))
+            if s1:  # S = 1: every pair at once, a fixed number of tensor operations (s1_kernel.s1_pairs)
+                s1_regions, R = s1_setup(mg, regions)
+                rows = s1_rows(R, D, chunk)
             else:
                 rows = chunk
             sliced = idx is None  # idx = 0..N−1: slices instead of gathers
