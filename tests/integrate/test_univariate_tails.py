@@ -15,7 +15,7 @@ from torch import nn
 from pyro_cpa import Abs
 from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.integrate import gaussian_polytope_moments
-from pyro_cpa.integrate.univariate import interval_moments, interval_stats, std_moments_1d
+from pyro_cpa.integrate.univariate import interval_log_mass, interval_moments, interval_stats, std_moments_1d
 
 INF = float("inf")
 VAR_RTOL = 1e-13
@@ -83,6 +83,16 @@ def test_interval_stats_random_vs_mpmath():
     lp, m, v = interval_stats(a, a + w)
     for i in range(150):
         _check(a[i].item(), (a + w)[i].item(), lp[i].item(), m[i].item(), v[i].item())
+
+
+def test_interval_log_mass_grid_vs_mpmath():
+    """The mass-only variant (the fused S = 1 log p) on the same grid, the empty intervals and the whole line."""
+    A, B = _grid()
+    A, B = A + [1.0, 2.0, INF], B + [1.0, 1.0, INF]
+    lp = interval_log_mass(torch.tensor(A), torch.tensor(B))
+    assert torch.isneginf(lp[-3:]).all() and lp[-4] == 0.0
+    for i, (a, b) in enumerate(zip(A[:-3], B[:-3])):
+        assert lp[i].item() == pytest.approx(_ref(a, b)[0], rel=LOGP_RTOL, abs=1e-16), (a, b)
 
 
 def test_interval_moments_second_moment_is_consistent():
