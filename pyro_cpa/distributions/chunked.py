@@ -42,7 +42,8 @@ from torch.autograd.function import once_differentiable
 
 from .._threads import with_library_threads
 from ..integrate import PolytopeMoments, integrate_whitened, std_moments, whiten
-from ..integrate.bivariate import DEFAULT_PARALLEL_TOL, PolygonEdges, polygon_edges, translate_edges
+from ..integrate.bivariate import (DEFAULT_COV_MAX_AMP, DEFAULT_PARALLEL_TOL, FlatEdges, PolygonEdges, centred_moments,
+                                   edge_moments, flux_log_mass, log_mass_fallback, polygon_edges, translate_edges)
 from .region_gaussians import RegionGaussians, affine_gaussians, region_gaussians
 
 DENSE_ELEMENTS = 2 ** 21
@@ -59,6 +60,11 @@ PAIR_ELEMENTS_NO_GRAD = 2 ** 20
 kernel's per-call cost is dominated by ~200 small tensor operations per edge-flux call at the default budget
 (measured: exact log p of benchmarks/run.py's [2, 16, 16, 2], N = 1000, 1.38 s at 2¹⁸ vs 1.04 s at 2²⁰ on one
 thread; values identical to the last bit, since every pair's result depends on that pair alone)."""
+
+FLAT_PAIRS = 2 ** 13
+"""S = 2 pairs per batch of the flat-edge path (:func:`flat_batch_moments`, no autograd): ~4.6 half-edges per pair on
+benchmarks/run.py's [2, 16, 16, 2], i.e. ~4·10⁴ edge integrals per call of the edge quadrature, where it is fastest
+per edge (larger calls leave the cache: measured 1.0 s for all 2.3·10⁶ at once vs 0.63 s in calls of ~2.5·10⁴)."""
 
 
 class RegionParams(NamedTuple):
@@ -236,6 +242,98 @@ def pair_edges(poly: RegionPolygons, rows: torch.Tensor, loc: torch.Tensor, d: t
     return out
 
 
+class EdgeTemplate(NamedTuple):
+    """The existing edges of every region polygon (:class:`RegionPolygons`), flat in (region, row) order, for
+    :func:`flat_pair_edges`; regions flagged ``per_pair`` have none here (their pairs take :func:`pair_edges`).
+
+    Attributes: ``count`` (R,) edges per region, ``start`` (R,) the first edge's index; per edge (Et,) ``row`` (the
+    constraint row), ``t_lo``, ``t_hi``, and (Et, 2) ``Gs``, ``e``, ``e_hat``.
+    """
+
+    count: torch.Tensor
+    start: torch.Tensor
+    row: torch.Tensor
+    t_lo: torch.Tensor
+    t_hi: torch.Tensor
+    Gs: torch.Tensor
+    e: torch.Tensor
+    e_hat: torch.Tensor
+
+
+def edge_template(poly: RegionPolygons) -> EdgeTemplate:
+    """:class:`EdgeTemplate` of the region polygons (O(R·F), once per chunk)."""
+    ed = poly.edges
+    R, F = ed.exists.shape
+    ex = ed.exists & ~poly.per_pair.unsqueeze(-1)
+    count = ex.sum(-1)
+    tidx = ex.reshape(-1).nonzero().squeeze(-1)
+    take = lambda x: x.reshape((R * F,) + x.shape[2:]).index_select(0, tidx)   # noqa: E731
+    return EdgeTemplate(count, torch.cumsum(count, 0) - count, tidx % F, take(ed.t_lo), take(ed.t_hi), take(ed.Gs),
+                        take(ed.e), take(poly.e_hat))
+
+
+def flat_pair_edges(tmpl: EdgeTemplate, pairs: torch.Tensor, rows: torch.Tensor, loc: torch.Tensor,
+                    d: torch.Tensor) -> FlatEdges:
+    r"""The existing edges of the whitened polygons of the pairs ``pairs`` (P,) (flat indices into ``loc`` (·, 2),
+    ``d`` (·, F) of :func:`whiten_chunk`) of regions ``rows`` (P,), as :class:`~pyro_cpa.integrate.bivariate.FlatEdges`:
+    region ω's edges gathered from ``tmpl`` and translated by shift_j = ê_jᵀμ (the same elementwise operations as
+    :func:`pair_edges`, hence the same values), d_j gathered from the pair's row j. O(edges) work and memory, no
+    (P, F) padding."""
+    P, F = pairs.shape[0], d.shape[-1]
+    cnt = tmpl.count.index_select(0, rows)
+    E = int(cnt.sum())
+    pe = torch.repeat_interleave(torch.arange(P, device=pairs.device), cnt, output_size=E)
+    first = torch.cumsum(cnt, 0) - cnt
+    t = (tmpl.start.index_select(0, rows) - first).index_select(0, pe) + torch.arange(E, device=pairs.device)
+    pi = pairs.index_select(0, pe)
+    ds = d.reshape(-1).index_select(0, pi * F + tmpl.row.index_select(0, t))
+    loc_e = loc.index_select(0, pi)
+    e_hat = tmpl.e_hat.index_select(0, t)
+    shift = e_hat[:, 0] * loc_e[:, 0]
+    shift = shift + e_hat[:, 1] * loc_e[:, 1]
+    return FlatEdges(pe, ds, tmpl.Gs.index_select(0, t), tmpl.e.index_select(0, t), tmpl.t_lo.index_select(0, t) - shift,
+                     tmpl.t_hi.index_select(0, t) - shift, P)
+
+
+def flat_batch_moments(poly: RegionPolygons, tmpl: EdgeTemplate, pairs: torch.Tensor, R: int, loc: torch.Tensor,
+                       scale_tril: torch.Tensor, d: torch.Tensor, d_min: torch.Tensor, need_moments: bool,
+                       centred_covariance: bool) -> PolytopeMoments:
+    """:func:`~pyro_cpa.integrate.integrate_whitened` of the S = 2 pairs ``pairs`` (flat n·R + ω indices into
+    ``loc`` (n·R, 2), ``d`` (n·R, F), ``d_min`` (n·R,) = min_j d_j; ``scale_tril`` (R, 2, 2)) of regions without
+    parallel lines, without autograd, on their existing edges alone (:func:`flat_pair_edges`): the flux mass
+    (:func:`~pyro_cpa.integrate.bivariate.flux_log_mass`) and the edge moments
+    (:func:`~pyro_cpa.integrate.bivariate.edge_moments`) share the edges; the few pairs that need a fallback (the
+    mass's or the centred moments') get their padded edges (:func:`pair_edges`) and the functions
+    :func:`~pyro_cpa.integrate.bivariate.std_moments_2d` calls. The same formulas and decisions as
+    ``integrate_whitened(..., edges=pair_edges(...))``: masses equal to the last bit, moments to rounding (their
+    edge sums are taken per pair in edge order)."""
+    rows = pairs % R
+    fe = flat_pair_edges(tmpl, pairs, rows, loc, d)
+    empty, whole = poly.edges.empty.index_select(0, rows), poly.edges.whole.index_select(0, rows)
+    logP, ok = flux_log_mass(fe, d_min.index_select(0, pairs) > 0)
+
+    def padded(sub):
+        pr = pairs.index_select(0, sub)
+        return pair_edges(poly, rows.index_select(0, sub), loc.index_select(0, pr), d.index_select(0, pr))[:6]
+
+    rest = (~empty & ~whole & ~ok).nonzero().squeeze(-1)
+    if rest.numel():
+        logP = logP.index_put((rest,), log_mass_fallback(padded(rest), rest))
+    logP = torch.where(whole, torch.zeros_like(logP), logP)
+    logP = torch.where(empty, torch.full_like(logP, -math.inf), logP)
+    if not need_moments:
+        return PolytopeMoments(logP, None, None, torch.zeros_like(logP))
+    m_u, _, cov_u, redo = edge_moments(fe, logP, empty | torch.isneginf(logP), whole,
+                                       cov_max_amp=DEFAULT_COV_MAX_AMP if centred_covariance else None)
+    redo = redo.nonzero().squeeze(-1)
+    if redo.numel():
+        ms, cs = centred_moments(padded(redo))
+        m_u, cov_u = m_u.index_put((redo,), ms), cov_u.index_put((redo,), cs)
+    L = scale_tril.index_select(0, rows)
+    mean = loc.index_select(0, pairs) + (L @ m_u.unsqueeze(-1)).squeeze(-1)
+    return PolytopeMoments(logP, mean, L @ cov_u @ L.transpose(-1, -2), torch.zeros_like(logP))
+
+
 def mass_upper_bound(rg: RegionGaussians, d: torch.Tensor) -> torch.Tensor:
     """u = log κ + min_j log Φ(d_j) = log κ + log Φ(min_j d_j) >= log κ + log P (Φ is increasing, so the
     minimum is taken before the one log Φ per pair). ``d`` (n, R, F) from :func:`whiten_chunk`; shape (n, R)."""
@@ -312,9 +410,22 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
     graph = replay or torch.is_grad_enabled()
     # S = 2, Σ_ω per region: each region's polygon edges once, translated per pair (region_polygons, pair_edges)
     poly = region_polygons(wh, rg.scale_tril) if S == 2 and not per_datum_G else None
+    # without autograd, the pairs of regions without parallel lines take the flat-edge path (flat_batch_moments)
+    tmpl = edge_template(poly) if poly is not None and not graph else None
+    d_min = d_flat.detach().amin(-1) if tmpl is not None and F else None
 
     def integrate(mask: torch.Tensor) -> torch.Tensor:
         flat = mask.reshape(-1).nonzero().squeeze(-1)
+        if d_min is not None:
+            own = poly.per_pair.index_select(0, flat % R)
+            plain, flat = flat[~own], flat[own]
+            for first in range(0, plain.numel(), FLAT_PAIRS):
+                idx = plain[first:first + FLAT_PAIRS]
+                mom = flat_batch_moments(poly, tmpl, idx, R, loc_flat, L_flat, d_flat, d_min, need_moments,
+                                         centred_covariance)
+                for k in out:
+                    out[k].index_put_((idx,), getattr(mom, k))
+                batches.append(_Batch(idx + start * R, F, None))
         if group:  # pairs by their region's real facet count f (in index order), integrated on the first f rows
             key = facets.index_select(0, flat % R)
             groups = [(f, flat[key == f]) for f, size in enumerate(torch.bincount(key, minlength=F + 1).tolist())

@@ -390,6 +390,13 @@ def _cubature_tiers(lin, quad, bounded, tiers, need_moments, tol):
     return torch.where(bounded, n_tab.index_select(0, k.reshape(-1)).reshape(k.shape), torch.zeros_like(k))
 
 
+def _edge_total(W: torch.Tensor) -> torch.Tensor:
+    """Σ over the last three dimensions (edge, node, node) of W (B, F, n, n): per edge over its nodes, then over the
+    edges in row order (a cumulative sum is sequential), so that padding rows (zeros, appended) leave the value
+    unchanged to the last bit: a polygon's cubature does not depend on how many rows its batch is padded to."""
+    return W.sum((-1, -2)).cumsum(-1)[..., -1]
+
+
 def _cubature(Gs, ds, e, t_lo, t_hi, exists, c, num_nodes, need_moments):
     r"""log P (and E[u | ω], Cov[u | ω] if ``need_moments``) of small bounded polygons (flat batch) by a collapsed
     product Gauss–Legendre rule on the triangles (c, edge i).
@@ -425,7 +432,7 @@ def _cubature(Gs, ds, e, t_lo, t_hi, exists, c, num_nodes, need_moments):
     quad = 0.5 * ((h * h).unsqueeze(-1) + t * t)                      # |h g + t e|² / 2
     expo = -(s_ * lin.unsqueeze(-2)) - s2 * quad.unsqueeze(-2)        # (B, F, n_s, n_t), within [−Δ, Δ]
     W = torch.exp(expo) * (ws * ((h * half).unsqueeze(-1) * w).unsqueeze(-2))
-    tot = W.sum((-1, -2, -3))
+    tot = _edge_total(W)
     pos = tot > 0                                     # False only for a polygon of zero area (log P = -inf)
     logP = torch.where(pos, torch.log(torch.where(pos, tot, torch.ones_like(tot))),
                        torch.full_like(tot, float("-inf"))) - 0.5 * (c * c).sum(-1) - _LOG_2PI
@@ -435,7 +442,7 @@ def _cubature(Gs, ds, e, t_lo, t_hi, exists, c, num_nodes, need_moments):
     v = [s_ * (h.unsqueeze(-1) * Gs[..., k:k + 1] + t * e[..., k:k + 1]).unsqueeze(-2) for k in (0, 1)]
 
     def total(y):
-        return (Wn * y).sum((-1, -2, -3))
+        return _edge_total(Wn * y)
 
     vbar = [total(vk) for vk in v]
     dv = [vk - vb[:, None, None, None] for vk, vb in zip(v, vbar)]
@@ -639,31 +646,71 @@ def _moments_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     return mean, cov
 
 
-def _log_mass_flux(ds, t_lo, t_hi, exists, real, min_h=DEFAULT_FLUX_MIN_H, max_amp=DEFAULT_FLUX_MAX_AMP):
-    r"""log P by the flux (divergence) formula with relative-accurate edge integrals (flat batch (B, F)).
+class FlatEdges(NamedTuple):
+    """The existing edges of a batch of ``B`` polygons, flat: one entry per edge, in (polygon, row) order.
 
-    Returns ``(log_mass, ok)``; ``ok`` is False where the result is not trusted (origin on the boundary,
-    an edge closer than ``min_h`` to the origin with its foot point within t < 1, or cancellation amplifying
-    the rounding error by more than ``max_amp``).
+    Attributes: ``pair`` (E,) the polygon of each edge; ``ds``, ``t_lo``, ``t_hi`` (E,) and ``Gs``, ``e`` (E, 2) as in
+    :class:`PolygonEdges`; ``B`` the number of polygons. The S = 2 mass and moments are sums over these edges
+    (:func:`flux_log_mass`, :func:`edge_moments`), so that a batch costs O(edges), not O(polygons × padded rows),
+    and a caller that has the edges without padding (:func:`pyro_cpa.distributions.chunked.flat_pair_edges`)
+    need not build the padded (B, F) arrays at all.
     """
-    B, F = ds.shape
+
+    pair: torch.Tensor
+    ds: torch.Tensor
+    Gs: torch.Tensor
+    e: torch.Tensor
+    t_lo: torch.Tensor
+    t_hi: torch.Tensor
+    B: int
+
+
+def flat_edges(edges: PolygonEdges) -> FlatEdges:
+    """The existing edges of a flat batch of :class:`PolygonEdges` (B, F) as :class:`FlatEdges`."""
+    B, F = edges.exists.shape
+    eidx = edges.exists.reshape(-1).nonzero().squeeze(-1)
+    pair = torch.div(eidx, F, rounding_mode="floor")
+    return FlatEdges(pair, *(x.reshape((B * F,) + x.shape[2:]).index_select(0, eidx)
+                             for x in (edges.ds, edges.Gs, edges.e, edges.t_lo, edges.t_hi)), B)
+
+
+def _log_mass_flux(ds, t_lo, t_hi, exists, real, min_h=DEFAULT_FLUX_MIN_H, max_amp=DEFAULT_FLUX_MAX_AMP):
+    r"""log P by the flux (divergence) formula (flat batch (B, F)): :func:`flux_log_mass` of the existing edges,
+    the origin inside where every real row has d_i > 0."""
+    inside = ((ds > 0) | ~real).all(-1)
+    fe = flat_edges(PolygonEdges(ds.new_zeros(ds.shape + (2,)), ds, ds.new_zeros(ds.shape + (2,)), t_lo, t_hi,
+                                 exists, inside, inside))
+    return flux_log_mass(fe, inside, min_h=min_h, max_amp=max_amp)
+
+
+def flux_log_mass(fe: FlatEdges, inside: torch.Tensor, *, min_h: float = DEFAULT_FLUX_MIN_H,
+                  max_amp: float = DEFAULT_FLUX_MAX_AMP):
+    r"""log P by the flux (divergence) formula with relative-accurate edge integrals, from the existing edges
+    (:class:`FlatEdges`) and ``inside`` (B,) (the origin in the open polygon: d_i > 0 on every real row).
+
+    Returns ``(log_mass, ok)`` (B,); ``ok`` is False where the result is not trusted (origin on the boundary,
+    an edge closer than ``min_h`` to the origin with its foot point within t < 1, or cancellation amplifying
+    the rounding error by more than ``max_amp``). The half-edges are taken in (polygon, edge, half) order and
+    summed per polygon in that order (``index_add``), so each value depends on its own polygon only.
+    """
+    B = fe.B
+    ds, t_lo, t_hi = fe.ds, fe.t_lo, fe.t_hi
     dtype, device = ds.dtype, ds.device
     h = ds.abs()
-    edge = exists & (h > 0)
     # origin on the (closed) boundary: an existing edge through it
-    on_bnd = (exists & (h == 0) & (t_lo <= 0) & (t_hi >= 0)).any(-1)
-    inside = ((ds > 0) | ~real).all(-1)
+    through = (h == 0) & (t_lo <= 0) & (t_hi >= 0)
+    on_bnd = ds.new_zeros(B).index_add(0, fe.pair, through.to(dtype)) > 0
     # half intervals 0 <= p < q <= inf of each edge (t >= 0 and the mirror of t <= 0)
-    p = torch.stack([t_lo.clamp(min=0), (-t_hi).clamp(min=0)], -1)       # (B, F, 2)
+    p = torch.stack([t_lo.clamp(min=0), (-t_hi).clamp(min=0)], -1)       # (E, 2)
     q = torch.stack([t_hi.clamp(min=0), (-t_lo).clamp(min=0)], -1)
-    valid = edge.unsqueeze(-1) & (q > p)
+    valid = (h > 0).unsqueeze(-1) & (q > p)
     idx = valid.reshape(-1).nonzero().squeeze(-1)
     pi = p.reshape(-1).index_select(0, idx)
     qi = q.reshape(-1).index_select(0, idx)
-    bi = torch.div(idx, 2 * F, rounding_mode="floor")
     fi = torch.div(idx, 2, rounding_mode="floor")
-    hi = h.reshape(-1).index_select(0, fi)
-    si = -torch.sign(ds.reshape(-1).index_select(0, fi))
+    bi = fe.pair.index_select(0, fi)
+    hi = h.index_select(0, fi)
+    si = -torch.sign(ds.index_select(0, fi))
     unres = (hi < min_h) & (pi < 1.0)
     lD = -0.5 * (hi * hi + pi * pi) + log_edge_flux(hi, pi, qi) - _LOG_2PI
     # P = 1[0 in ω] + Σ -sign(d_i) D_i, combined relative to the largest term
@@ -768,32 +815,98 @@ def _log_mass_2d_impl(G: torch.Tensor, d: torch.Tensor, *, switch_mass, num_node
     idx = rest.nonzero().squeeze(-1)
     if idx.numel():
         sel = tuple(x.index_select(0, idx) for x in flat)
-        vals = sel[1].new_full(idx.shape, float("nan"))
-        need = torch.ones(idx.shape, dtype=torch.bool, device=ds.device)
-        if switch_mass <= 1.0:
-            # small bounded polygons: the cubature (relative accuracy at any P); then Owen's T where P >= switch_mass
-            cub, lp_cub, _, _ = _cubature_small(*sel, need_moments=False)
-            vals = vals.index_put((cub.nonzero().squeeze(-1),), lp_cub)
-            need = ~cub
-            oidx = need.nonzero().squeeze(-1)
-            if oidx.numel():
-                Gs_, ds_, e_, tl_, th_, ex_ = (x.index_select(0, oidx) for x in sel)
-                P = _mass_owens(ds_, e_, tl_, th_, ex_, torch.zeros(oidx.shape, dtype=torch.bool, device=ds.device),
-                                owens_nodes)
-                lv = torch.log(torch.clamp(P, min=1e-300))
-                vals = vals.index_put((oidx,), lv)
-                ok_owens = P >= switch_mass
-                if _accept_owens is not None:
-                    ok_owens = ok_owens | _accept_owens(idx.index_select(0, oidx), lv)
-                need = need.index_put((oidx,), ~ok_owens)
-        sub = need.nonzero().squeeze(-1)
-        if sub.numel():
-            sl = _log_mass_slices(*(x.index_select(0, sub) for x in sel), num_nodes, s_cuts, levels)
-            vals = vals.index_put((sub,), sl)
+        vals = log_mass_fallback(sel, idx, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
+                                 owens_nodes=owens_nodes, levels=levels, _accept_owens=_accept_owens)
         logP = logP.index_put((idx,), vals)
     logP = logP.reshape(batch)
     logP = torch.where(whole, torch.zeros_like(logP), logP)
     return torch.where(empty, torch.full_like(logP, float("-inf")), logP)
+
+
+def log_mass_fallback(sel, idx, *, switch_mass=DEFAULT_SWITCH_MASS, num_nodes=DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
+                      owens_nodes=DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS, _accept_owens=None) -> torch.Tensor:
+    """log P of the polygons ``sel`` = (Gs, ds, e, t_lo, t_hi, exists) (flat batch, padded rows) where the flux
+    formula is not trusted (or ``switch_mass > 1``): the small-polygon cubature where it meets its error model,
+    then Owen's T where P >= ``switch_mass``, the log-space slicing otherwise (module doc). ``idx``: the polygons'
+    flat indices in the caller's batch, for ``_accept_owens`` (see :func:`log_mass_2d`)."""
+    vals = sel[1].new_full(idx.shape, float("nan"))
+    need = torch.ones(idx.shape, dtype=torch.bool, device=sel[1].device)
+    if switch_mass <= 1.0:
+        # small bounded polygons: the cubature (relative accuracy at any P); then Owen's T where P >= switch_mass
+        cub, lp_cub, _, _ = _cubature_small(*sel, need_moments=False)
+        vals = vals.index_put((cub.nonzero().squeeze(-1),), lp_cub)
+        need = ~cub
+        oidx = need.nonzero().squeeze(-1)
+        if oidx.numel():
+            Gs_, ds_, e_, tl_, th_, ex_ = (x.index_select(0, oidx) for x in sel)
+            P = _mass_owens(ds_, e_, tl_, th_, ex_, torch.zeros(oidx.shape, dtype=torch.bool, device=sel[1].device),
+                            owens_nodes)
+            lv = torch.log(torch.clamp(P, min=1e-300))
+            vals = vals.index_put((oidx,), lv)
+            ok_owens = P >= switch_mass
+            if _accept_owens is not None:
+                ok_owens = ok_owens | _accept_owens(idx.index_select(0, oidx), lv)
+            need = need.index_put((oidx,), ~ok_owens)
+    sub = need.nonzero().squeeze(-1)
+    if sub.numel():
+        sl = _log_mass_slices(*(x.index_select(0, sub) for x in sel), num_nodes, s_cuts, levels)
+        vals = vals.index_put((sub,), sl)
+    return vals
+
+
+def edge_moments(fe: FlatEdges, logP: torch.Tensor, empty: torch.Tensor, whole: torch.Tensor, *,
+                 cov_max_amp: float | None = DEFAULT_COV_MAX_AMP, mean_max_amp: float = DEFAULT_MEAN_MAX_AMP):
+    r"""The divergence-theorem moments (module doc) of B polygons from their existing edges (:class:`FlatEdges`)
+    and their log P (B,): with r_i = exp(log φ(d_i) + log ΔΦ_i − log P) and μ_i the edges' conditional means
+    (:func:`interval_stats` of (t_lo, t_hi), once per edge),
+
+        E[u] = −Σ_i r_i g_i,   E[uuᵀ] = I − sym Σ_i r_i (d_i g_i + μ_i e_i) g_iᵀ,   Cov = E[uuᵀ] − E[u]E[u]ᵀ,
+
+    each sum per polygon in edge order (``index_add``). Returns ``(mean, second, cov, redo)``: (B, 2), (B, 2, 2),
+    (B, 2, 2), 0 on ``empty`` polygons, and ``redo`` (B,) the polygons whose covariance (``cov_max_amp``) or
+    mean (``mean_max_amp``) must come from :func:`centred_moments` instead (see :func:`std_moments_2d`)."""
+    B, pair = fe.B, fe.pair
+    ds = fe.ds
+    lm, mu, _ = interval_stats(fe.t_lo, fe.t_hi)
+    lp = torch.where(empty, torch.zeros_like(logP), logP)
+    r = torch.exp(-0.5 * ds * ds - LOG_SQRT_2PI + lm - lp.index_select(0, pair))
+    mean = -ds.new_zeros(B, 2).index_add(0, pair, r.unsqueeze(-1) * fe.Gs)
+    m = ds.unsqueeze(-1) * fe.Gs + mu.unsqueeze(-1) * fe.e                  # (E, 2) edge mean points
+    M = ds.new_zeros(B, 2, 2).index_add(0, pair, r[:, None, None] * m.unsqueeze(-1) * fe.Gs.unsqueeze(-2))
+    eye = torch.eye(2, dtype=ds.dtype, device=ds.device)
+    second = eye - 0.5 * (M + M.transpose(-1, -2))
+    zero = torch.zeros((), dtype=ds.dtype, device=ds.device)
+    mean = torch.where(empty.unsqueeze(-1), zero, mean)
+    second = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, second)
+    cov = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    # covariance: E[uuᵀ] − E[u]E[u]ᵀ where that subtraction is well conditioned, the centred computation otherwise
+    cd_ = cov.detach()                                   # decisions only: no gradient through them
+    a, b, c = cd_[..., 0, 0], cd_[..., 0, 1], cd_[..., 1, 1]
+    lam_min = 0.5 * (a + c) - torch.sqrt(0.25 * (a - c) ** 2 + b * b)
+    mnorm = mean.detach().norm(dim=-1)
+    if cov_max_amp is None:
+        redo_cov = torch.zeros_like(empty)
+    else:
+        redo_cov = ~(lam_min * cov_max_amp > 1.0 + mnorm * mnorm)
+    rsum = ds.new_zeros(B).index_add(0, pair, r.detach())
+    redo_mean = rsum > mean_max_amp * (1.0 + mnorm)      # −Σ r_i g_i cancels (small polygons)
+    return mean, second, cov, ~empty & ~whole & (redo_cov | redo_mean)
+
+
+def centred_moments(sel, *, num_nodes=DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS):
+    """(E[u | ω], Cov[u | ω]) without cancellation of the polygons ``sel`` = (Gs, ds, e, t_lo, t_hi, exists) (flat
+    batch, padded rows): the small-polygon cubature where it meets its error model, the centred slicing
+    quadrature otherwise (see :func:`std_moments_2d`'s ``cov_max_amp``)."""
+    cub, _, mc, cc = _cubature_small(*sel, need_moments=True)
+    n = cub.shape[0]
+    ms, cs = sel[1].new_zeros(n, 2), sel[1].new_zeros(n, 2, 2)
+    cidx, sidx = cub.nonzero().squeeze(-1), (~cub).nonzero().squeeze(-1)
+    if cidx.numel():
+        ms, cs = ms.index_put((cidx,), mc), cs.index_put((cidx,), cc)
+    if sidx.numel():
+        m_, c_ = _moments_slices(*(x.index_select(0, sidx) for x in sel), num_nodes, s_cuts, levels)
+        ms, cs = ms.index_put((sidx,), m_), cs.index_put((sidx,), c_)
+    return ms, cs
 
 
 def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAULT_SWITCH_MASS,
@@ -841,57 +954,21 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
         return out
     if edges is None:
         edges = polygon_edges(G, d)
-    Gs, ds, e, t_lo, t_hi, exists, empty, whole = edges
+    empty, whole = edges.empty, edges.whole
     logP = log_mass_2d(G, d, switch_mass=switch_mass, num_nodes=num_nodes, s_cuts=s_cuts,
                        owens_nodes=owens_nodes, levels=levels, edges=edges)
     if not need_moments:
         z2 = logP.new_zeros(logP.shape + (2, 2))
         return StandardMoments(logP, logP.new_zeros(logP.shape + (2,)), z2, torch.zeros_like(logP), z2)
-    empty = empty | torch.isneginf(logP)
-    # edge masses and conditional edge means
-    ldphi, mu = _edge_stats(t_lo, t_hi, exists)
-    lp = torch.where(empty, torch.zeros_like(logP), logP).unsqueeze(-1)
-    lr = -0.5 * ds * ds - LOG_SQRT_2PI + ldphi - lp
-    r = torch.where(exists, torch.exp(torch.where(exists, lr, torch.zeros_like(lr))), torch.zeros_like(lr))
-    mean = -(r.unsqueeze(-1) * Gs).sum(-2)
-    m = ds.unsqueeze(-1) * Gs + mu.unsqueeze(-1) * e                  # (..., F, 2)
-    M = (r.unsqueeze(-1).unsqueeze(-1) * m.unsqueeze(-1) * Gs.unsqueeze(-2)).sum(-3)
-    eye = torch.eye(2, dtype=ds.dtype, device=ds.device)
-    second = eye - 0.5 * (M + M.transpose(-1, -2))
-    # covariance: E[uuᵀ] − E[u]E[u]ᵀ where that subtraction is well conditioned, the centred slicing otherwise
-    zero = torch.zeros((), dtype=ds.dtype, device=ds.device)
-    mean = torch.where(empty.unsqueeze(-1), zero, mean)
-    second = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, second)
-    cov = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-    cd_ = cov.detach()                                   # decisions only: no gradient through them
-    a, b, c = cd_[..., 0, 0], cd_[..., 0, 1], cd_[..., 1, 1]
-    lam_min = 0.5 * (a + c) - torch.sqrt(0.25 * (a - c) ** 2 + b * b)
-    mnorm = mean.detach().norm(dim=-1)
-    if cov_max_amp is None:
-        redo_cov = torch.zeros_like(empty)
-    else:
-        redo_cov = ~(lam_min * cov_max_amp > 1.0 + mnorm * mnorm)
-    redo_mean = r.detach().sum(-1) > mean_max_amp * (1.0 + mnorm)      # −Σ r_i g_i cancels (small polygons)
-    redo = ~empty & ~whole & (redo_cov | redo_mean)
-    idx = redo.reshape(-1).nonzero().squeeze(-1)
+    batch, n = logP.shape, logP.numel()
+    empty = (empty | torch.isneginf(logP)).reshape(n)
+    padded = edges.flat()
+    mean, second, cov, redo = edge_moments(flat_edges(padded), logP.reshape(n), empty, whole.reshape(n),
+                                           cov_max_amp=cov_max_amp, mean_max_amp=mean_max_amp)
+    idx = redo.nonzero().squeeze(-1)
     if idx.numel():
-        F = ds.shape[-1]
-        flat = (Gs.reshape(-1, F, 2), ds.reshape(-1, F), e.reshape(-1, F, 2), t_lo.reshape(-1, F),
-                t_hi.reshape(-1, F), exists.reshape(-1, F))
-        sel = tuple(x.index_select(0, idx) for x in flat)
-        # small bounded polygons by the cubature, the others by the centred slicing
-        cub, _, mc, cc = _cubature_small(*sel, need_moments=True)
-        ms, cs = sel[1].new_zeros(idx.shape + (2,)), sel[1].new_zeros(idx.shape + (2, 2))
-        cidx, sidx = cub.nonzero().squeeze(-1), (~cub).nonzero().squeeze(-1)
-        if cidx.numel():
-            ms, cs = ms.index_put((cidx,), mc), cs.index_put((cidx,), cc)
-        if sidx.numel():
-            m_, c_ = _moments_slices(*(x.index_select(0, sidx) for x in sel), num_nodes, s_cuts, levels)
-            ms, cs = ms.index_put((sidx,), m_), cs.index_put((sidx,), c_)
-        cov = cov.reshape(-1, 2, 2).index_put((idx,), cs).reshape(cov.shape)
-        # the mean too from the centred computation: no cancellation (the edge formula's may)
-        mean = mean.reshape(-1, 2).index_put((idx,), ms).reshape(mean.shape)
-        second_new = cs + ms.unsqueeze(-1) * ms.unsqueeze(-2)
-        second = second.reshape(-1, 2, 2).index_put((idx,), second_new).reshape(second.shape)
-    cov = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, cov)
+        ms, cs = centred_moments(padded.select(idx)[:6], num_nodes=num_nodes, s_cuts=s_cuts, levels=levels)
+        mean, second, cov = (x.index_put((idx,), y) for x, y in
+                             ((mean, ms), (second, cs + ms.unsqueeze(-1) * ms.unsqueeze(-2)), (cov, cs)))
+    mean, second, cov = mean.reshape(batch + (2,)), second.reshape(batch + (2, 2)), cov.reshape(batch + (2, 2))
     return StandardMoments(logP, mean, second, torch.zeros_like(logP), cov)
