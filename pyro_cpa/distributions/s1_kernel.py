@@ -100,7 +100,7 @@ def s1_setup(mg, regions) -> tuple[S1Regions, int]:
     """
     from .cpa_marginal import _check_representable
 
-    scales = (mg.obs_scale.detach(), mg.prior_scale.detach())
+    scales = (mg.obs_scale, mg.prior_scale)
     key, value = _MEMO
     if key is not None and key[0] is regions and key[1] == mg.dtype and all(map(_same_values, scales, key[2])):
         return value
@@ -109,7 +109,7 @@ def s1_setup(mg, regions) -> tuple[S1Regions, int]:
         obs_var, prior_var = mg._variances()
         _check_representable(A, b, obs_var, prior_var)
         value = (s1_regions(RegionParams(A, b, H, c, obs_var, prior_var)), A.shape[0])
-    _MEMO[:] = [(regions, mg.dtype, tuple(t.clone() for t in scales)), value]
+    _MEMO[:] = [(regions, mg.dtype, tuple(t.detach().clone() for t in scales)), value]
     return value
 
 

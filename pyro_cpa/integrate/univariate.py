@@ -254,7 +254,8 @@ def _tail_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
         rows = rows.contiguous()
         rows = rows.to(dtype=dtype, device=device)
         _TAIL_CACHE[key] = (x0.to(dtype=dtype, device=device), coef.to(dtype=dtype, device=device), rows,
-                            rows.view(K, 2, -1)[:, 0].contiguous())    # the rows of r alone (need_v=False)
+                            rows.view(K, 2, -1)[:, 0].contiguous(),    # the rows of r alone (need_v=False)
+                            torch.tensor(-LOG_SQRT_2PI, dtype=dtype, device=device))   # log φ(0)
     return _TAIL_CACHE[key][:2]
 
 
@@ -288,7 +289,7 @@ def _tail_functions(y: torch.Tensor, need_v: bool = True) -> tuple:
     log Φ̄(y) = log φ(y) − log λ (no cancellation: λ >= √(2/π)); V is None when not ``need_v``."""
     r, V = _tail_rv(y, need_v)
     lam = y + r
-    log_phi = torch.addcmul(y.new_full((), -LOG_SQRT_2PI), y, y, value=-0.5)
+    log_phi = torch.addcmul(_TAIL_CACHE[(y.dtype, str(y.device))][4], y, y, value=-0.5)
     return lam, r, V, log_phi - torch.log(lam), log_phi
 
 
@@ -370,8 +371,11 @@ def _signed_mixture(a: torch.Tensor, b: torch.Tensor, moments: bool = True) -> t
     b = torch.minimum(b, 2.0 * abs_a + _FAR_WIDTH)
     lam, r, V, log_q, log_phi = _tail_functions(torch.cat([abs_a, b]), moments)
     neg = a < 0
-    lam_a, r_a, V_a, log_q_a = _reflect_negative(a, lam[:n], r[:n] if moments else None, V[:n] if moments else None,
-                                                 log_q[:n], log_phi[:n], neg)
+    straddle = bool(neg.any())   # a < 0 < b somewhere; else the reflection's branch is never selected: skipped
+    r_a, V_a = (r[:n], V[:n]) if moments else (None, None)
+    lam_a, log_q_a = lam[:n], log_q[:n]
+    if straddle:
+        lam_a, r_a, V_a, log_q_a = _reflect_negative(a, lam_a, r_a, V_a, log_q_a, log_phi[:n], neg)
     lam_b = lam[n:]
     w = b - a
     e = exp_floored((a + b) * w * -0.5) * lam_a / lam_b
@@ -380,25 +384,13 @@ def _signed_mixture(a: torch.Tensor, b: torch.Tensor, moments: bool = True) -> t
     r_b, V_b = r[n:], V[n:]
     om = 1.0 - e
     wr = w + r_b
-    mean = torch.where(neg, (lam_a - e * lam_b) / om, a + (r_a - e * wr) / om)
+    mean = a + (r_a - e * wr) / om
+    if straddle:
+        mean = torch.where(neg, (lam_a - e * lam_b) / om, mean)
     D = wr - r_a                                      # = λ_b − λ_a (both signs of a: no cancellation beyond eps·|a|)
     eD = e * D
     var = torch.addcmul(torch.addcmul(V_a, e, V_b, value=-1.0), eD, D / om, value=-1.0) / om
     return torch.stack([log_q_a + torch.log1p(-e), mean, var])
-
-
-_ARANGE_CACHE: dict = {}
-
-
-def _arange(n: int, device: torch.device) -> torch.Tensor:
-    """torch.arange(n) on ``device`` (the last few sizes cached: read-only use)."""
-    key = (n, str(device))
-    out = _ARANGE_CACHE.get(key)
-    if out is None:
-        if len(_ARANGE_CACHE) >= 8:
-            _ARANGE_CACHE.clear()
-        out = _ARANGE_CACHE[key] = torch.arange(n, device=device)
-    return out
 
 
 def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None = None
@@ -466,8 +458,7 @@ def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | 
     ok = nonempty & finite
     width, total = b - a, a + b                          # inf / nan off the finite entries: only compared there
     narrow = ok & (width * total.clamp_min(2.0) <= 4.0 * _MOMENT_NARROW)   # half·max(1, mid) <= 1; b = ∞: False
-    every = _arange(alpha.shape[0], alpha.device)
-    groups = [(every.masked_select(sel), fn, args) for sel, fn, args in
+    groups = [(sel.nonzero().view(-1), fn, args) for sel, fn, args in
               ((narrow, _narrow_stats, (width, total)), (ok ^ narrow, _signed_mixture, (a, b)))]
     if sum(idx.numel() for idx, _, _ in groups) == alpha.shape[0]:
         out = alpha.new_empty((3 if moments else 1,) + alpha.shape)        # every entry is overwritten below
