@@ -306,7 +306,8 @@ def flat_batch_moments(poly: RegionPolygons, tmpl: EdgeTemplate, pairs: torch.Te
     mass's or the centred moments') get their padded edges (:func:`pair_edges`) and the functions
     :func:`~pyro_cpa.integrate.bivariate.std_moments_2d` calls. The same formulas and decisions as
     ``integrate_whitened(..., edges=pair_edges(...))``: masses equal to the last bit, moments to rounding (their
-    edge sums are taken per pair in edge order)."""
+    edge sums are taken per pair in edge order). Returns the moments and the pairs (flat indices) whose moments
+    must be replaced by :func:`centred_pair_moments` (for a whole chunk at once)."""
     rows = pairs % R
     fe = flat_pair_edges(tmpl, pairs, rows, loc, d)
     empty, whole = poly.edges.empty.index_select(0, rows), poly.edges.whole.index_select(0, rows)
@@ -322,16 +323,28 @@ def flat_batch_moments(poly: RegionPolygons, tmpl: EdgeTemplate, pairs: torch.Te
     logP = torch.where(whole, torch.zeros_like(logP), logP)
     logP = torch.where(empty, torch.full_like(logP, -math.inf), logP)
     if not need_moments:
-        return PolytopeMoments(logP, None, None, torch.zeros_like(logP))
+        return PolytopeMoments(logP, None, None, torch.zeros_like(logP)), pairs[:0]
     m_u, _, cov_u, redo = edge_moments(fe, logP, empty | torch.isneginf(logP), whole,
                                        cov_max_amp=DEFAULT_COV_MAX_AMP if centred_covariance else None)
-    redo = redo.nonzero().squeeze(-1)
-    if redo.numel():
-        ms, cs = centred_moments(padded(redo))
-        m_u, cov_u = m_u.index_put((redo,), ms), cov_u.index_put((redo,), cs)
-    L = scale_tril.index_select(0, rows)
-    mean = loc.index_select(0, pairs) + (L @ m_u.unsqueeze(-1)).squeeze(-1)
-    return PolytopeMoments(logP, mean, L @ cov_u @ L.transpose(-1, -2), torch.zeros_like(logP))
+    return _to_z(PolytopeMoments(logP, m_u, cov_u, torch.zeros_like(logP)), loc.index_select(0, pairs),
+                 scale_tril.index_select(0, rows)), pairs.index_select(0, redo.nonzero().squeeze(-1))
+
+
+def _to_z(std: PolytopeMoments, loc: torch.Tensor, L: torch.Tensor) -> PolytopeMoments:
+    """The moments of z = μ + L u from those of u (as :func:`~pyro_cpa.integrate.integrate_whitened`)."""
+    mean = loc + (L @ std.mean.unsqueeze(-1)).squeeze(-1)
+    return std._replace(mean=mean, covariance=L @ std.covariance @ L.transpose(-1, -2))
+
+
+def centred_pair_moments(poly: RegionPolygons, pairs: torch.Tensor, R: int, loc: torch.Tensor,
+                         scale_tril: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[z], Cov[z]) of the pairs ``pairs`` that :func:`flat_batch_moments` marked for the centred computation
+    (:func:`~pyro_cpa.integrate.bivariate.centred_moments` on their padded edges), all of a chunk's at once: one
+    call instead of one per batch (each pair's value depends on that pair alone)."""
+    rows, lp = pairs % R, loc.index_select(0, pairs)
+    ms, cs = centred_moments(pair_edges(poly, rows, lp, d.index_select(0, pairs))[:6])
+    std = _to_z(PolytopeMoments(None, ms, cs, None), lp, scale_tril.index_select(0, rows))
+    return std.mean, std.covariance
 
 
 def mass_upper_bound(rg: RegionGaussians, d: torch.Tensor) -> torch.Tensor:
@@ -419,13 +432,20 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
         if d_min is not None:
             own = poly.per_pair.index_select(0, flat % R)
             plain, flat = flat[~own], flat[own]
+            redo = []
             for first in range(0, plain.numel(), FLAT_PAIRS):
                 idx = plain[first:first + FLAT_PAIRS]
-                mom = flat_batch_moments(poly, tmpl, idx, R, loc_flat, L_flat, d_flat, d_min, need_moments,
-                                         centred_covariance)
+                mom, rd = flat_batch_moments(poly, tmpl, idx, R, loc_flat, L_flat, d_flat, d_min, need_moments,
+                                             centred_covariance)
                 for k in out:
                     out[k].index_put_((idx,), getattr(mom, k))
+                redo.append(rd)
                 batches.append(_Batch(idx + start * R, F, None))
+            redo = torch.cat(redo) if redo else plain
+            if redo.numel():
+                mean, cov = centred_pair_moments(poly, redo, R, loc_flat, L_flat, d_flat)
+                out["mean"].index_put_((redo,), mean)
+                out["covariance"].index_put_((redo,), cov)
         if group:  # pairs by their region's real facet count f (in index order), integrated on the first f rows
             key = facets.index_select(0, flat % R)
             groups = [(f, flat[key == f]) for f, size in enumerate(torch.bincount(key, minlength=F + 1).tolist())

@@ -870,11 +870,16 @@ def edge_moments(fe: FlatEdges, logP: torch.Tensor, empty: torch.Tensor, whole: 
     lm, mu, _ = interval_stats(fe.t_lo, fe.t_hi)
     lp = torch.where(empty, torch.zeros_like(logP), logP)
     r = torch.exp(-0.5 * ds * ds - LOG_SQRT_2PI + lm - lp.index_select(0, pair))
-    mean = -ds.new_zeros(B, 2).index_add(0, pair, r.unsqueeze(-1) * fe.Gs)
-    m = ds.unsqueeze(-1) * fe.Gs + mu.unsqueeze(-1) * fe.e                  # (E, 2) edge mean points
-    M = ds.new_zeros(B, 2, 2).index_add(0, pair, r[:, None, None] * m.unsqueeze(-1) * fe.Gs.unsqueeze(-2))
-    eye = torch.eye(2, dtype=ds.dtype, device=ds.device)
-    second = eye - 0.5 * (M + M.transpose(-1, -2))
+    g0, g1 = fe.Gs[:, 0], fe.Gs[:, 1]
+    rm0 = r * (ds * g0 + mu * fe.e[:, 0])                                # r_i times the edge mean point
+    rm1 = r * (ds * g1 + mu * fe.e[:, 1])
+    # the per-polygon sums in one pass (rows: r g, r m_k g_l, r), each in edge order
+    sums = ds.new_zeros(7, B).index_add(1, pair, torch.stack([r * g0, r * g1, rm0 * g0, rm0 * g1, rm1 * g0, rm1 * g1,
+                                                               r.detach()]))
+    mean = -sums[:2].T
+    off = 0.5 * (sums[3] + sums[4])
+    second = torch.stack([1.0 - 0.5 * (sums[2] + sums[2]), -off, -off, 1.0 - 0.5 * (sums[5] + sums[5])],
+                         -1).reshape(B, 2, 2)
     zero = torch.zeros((), dtype=ds.dtype, device=ds.device)
     mean = torch.where(empty.unsqueeze(-1), zero, mean)
     second = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, second)
@@ -888,8 +893,7 @@ def edge_moments(fe: FlatEdges, logP: torch.Tensor, empty: torch.Tensor, whole: 
         redo_cov = torch.zeros_like(empty)
     else:
         redo_cov = ~(lam_min * cov_max_amp > 1.0 + mnorm * mnorm)
-    rsum = ds.new_zeros(B).index_add(0, pair, r.detach())
-    redo_mean = rsum > mean_max_amp * (1.0 + mnorm)      # −Σ r_i g_i cancels (small polygons)
+    redo_mean = sums[6] > mean_max_amp * (1.0 + mnorm)      # −Σ r_i g_i cancels (small polygons)
     return mean, second, cov, ~empty & ~whole & (redo_cov | redo_mean)
 
 
