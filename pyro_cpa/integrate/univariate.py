@@ -174,6 +174,17 @@ def exp_floored(x: torch.Tensor) -> torch.Tensor:
 
 
 _TAIL_CACHE: dict = {}
+_CONST_CACHE: dict = {}
+
+
+def _const(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor ``value`` in ``like``'s dtype and device (cached: one tensor operation fewer per use, where a
+    constant is the first argument of addcmul, add or div)."""
+    key = (value, like.dtype, str(like.device))
+    out = _CONST_CACHE.get(key)
+    if out is None:
+        out = _CONST_CACHE[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return out
 
 
 def _tail_cf(x: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,8 +265,7 @@ def _tail_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
         rows = rows.contiguous()
         rows = rows.to(dtype=dtype, device=device)
         _TAIL_CACHE[key] = (x0.to(dtype=dtype, device=device), coef.to(dtype=dtype, device=device), rows,
-                            rows.view(K, 2, -1)[:, 0].contiguous(),    # the rows of r alone (need_v=False)
-                            torch.tensor(-LOG_SQRT_2PI, dtype=dtype, device=device))   # log φ(0)
+                            rows.view(K, 2, -1)[:, 0].contiguous())    # the rows of r alone (need_v=False)
     return _TAIL_CACHE[key][:2]
 
 
@@ -267,10 +277,11 @@ def _tail_rv(y: torch.Tensor, need_v: bool = True) -> tuple[torch.Tensor, torch.
     polynomials by Horner's rule on one (2, n) stack. ``need_v=False``: r alone (V None), by the same
     elementwise operations on the rows of r, so r is the same value either way."""
     _tail_table(y.dtype, y.device)
-    coef = _TAIL_CACHE[(y.dtype, str(y.device))][2 if need_v else 3]
+    cache = _TAIL_CACHE[(y.dtype, str(y.device))]
+    coef = cache[2 if need_v else 3]
     K, M = _TAIL_TERMS, coef.shape[1] - 1
     k = (y * (1.0 / _TAYLOR_STEP)).round().clamp_max(M)        # M: the asymptotic row (y > X)
-    sigma = _FAR_FROM / y.clamp_min(_FAR_FROM)
+    sigma = torch.div(_const(_FAR_FROM, y), y.clamp_min(_FAR_FROM))
     sigma2 = sigma * sigma
     t = torch.where(y > _FAR_FROM, sigma2, torch.sub(y, k, alpha=_TAYLOR_STEP))
     stack = 2 if need_v else 1
@@ -289,7 +300,7 @@ def _tail_functions(y: torch.Tensor, need_v: bool = True) -> tuple:
     log Φ̄(y) = log φ(y) − log λ (no cancellation: λ >= √(2/π)); V is None when not ``need_v``."""
     r, V = _tail_rv(y, need_v)
     lam = y + r
-    log_phi = torch.addcmul(_TAIL_CACHE[(y.dtype, str(y.device))][4], y, y, value=-0.5)
+    log_phi = torch.addcmul(_const(-LOG_SQRT_2PI, y), y, y, value=-0.5)
     return lam, r, V, log_phi - torch.log(lam), log_phi
 
 
@@ -368,7 +379,7 @@ def _signed_mixture(a: torch.Tensor, b: torch.Tensor, moments: bool = True) -> t
     variance work)."""
     n = a.shape[0]
     abs_a = a.abs()
-    b = torch.minimum(b, 2.0 * abs_a + _FAR_WIDTH)
+    b = torch.minimum(b, torch.add(_const(_FAR_WIDTH, a), abs_a, alpha=2.0))
     lam, r, V, log_q, log_phi = _tail_functions(torch.cat([abs_a, b]), moments)
     neg = a < 0
     straddle = bool(neg.any())   # a < 0 < b somewhere; else the reflection's branch is never selected: skipped
@@ -378,15 +389,15 @@ def _signed_mixture(a: torch.Tensor, b: torch.Tensor, moments: bool = True) -> t
         lam_a, r_a, V_a, log_q_a = _reflect_negative(a, lam_a, r_a, V_a, log_q_a, log_phi[:n], neg)
     lam_b = lam[n:]
     w = b - a
-    e = exp_floored((a + b) * w * -0.5) * lam_a / lam_b
+    e = exp_floored(torch.addcmul(_const(0.0, a), a + b, w, value=-0.5)) * lam_a / lam_b   # −(a + b)(b − a)/2
     if not moments:
         return (log_q_a + torch.log1p(-e)).unsqueeze(0)
     r_b, V_b = r[n:], V[n:]
     om = 1.0 - e
     wr = w + r_b
-    mean = a + (r_a - e * wr) / om
+    mean = torch.addcdiv(a, torch.addcmul(r_a, e, wr, value=-1.0), om)           # a + (r_a − e wr)/(1 − e)
     if straddle:
-        mean = torch.where(neg, (lam_a - e * lam_b) / om, mean)
+        mean = torch.where(neg, torch.addcmul(lam_a, e, lam_b, value=-1.0) / om, mean)
     D = wr - r_a                                      # = λ_b − λ_a (both signs of a: no cancellation beyond eps·|a|)
     eD = e * D
     var = torch.addcmul(torch.addcmul(V_a, e, V_b, value=-1.0), eD, D / om, value=-1.0) / om
