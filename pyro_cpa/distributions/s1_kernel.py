@@ -119,24 +119,26 @@ def s1_rows(R: int, D: int, chunk_size: int) -> int:
     return max(1, min(int(chunk_size), DENSE_ELEMENTS // max(1, R * (D + 3))))
 
 
-def _s1_mu_quad(g: S1Regions, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ (n, R), the quadratic form (n, R)) of the module docstring; the sums over d run over the leading
-    dimension of (D, n, R) products (a reduction over a short trailing dimension is several times slower)."""
-    r = xc.T.contiguous().unsqueeze(-1) - g.b                        # (D, n, R)
+def _s1_mu_quad(g: S1Regions, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ (n, R), the quadratic form (n, R)) of the module docstring for the data xt (D, n) (transposed,
+    contiguous); the sums over d run over the leading dimension of (D, n, R) products (a reduction over a short
+    trailing dimension is several times slower)."""
+    r = xt.unsqueeze(-1) - g.b                                       # (D, n, R)
     mu = (r * g.awv).sum(0)
     quad = torch.addcmul((torch.addcmul(r, g.a, mu, value=-1.0).square() * g.w).sum(0), mu, mu, value=g.prior_prec)
     return mu, quad
 
 
-def s1_pairs(regions: S1Regions, xc: torch.Tensor):
-    r"""Exact S = 1 pair quantities for fully observed data xc (n, D): (terms (n, R), m (n, R), C (n, R)).
+def s1_pairs(regions: S1Regions, xt: torch.Tensor):
+    r"""Exact S = 1 pair quantities for fully observed data given transposed, xt (D, n) contiguous:
+    (terms (n, R), m (n, R), C (n, R)).
 
     terms = log κ + log P, m = E[z | z ∈ ω, x] = μ + s E[u], C = Var[z | z ∈ ω, x] = v Var[u], with log P,
     E[u], Var[u] of the whitened interval by :func:`~pyro_cpa.integrate.univariate.interval_stats` (module
     docstring; every pair, no pruning).
     """
     g = regions
-    mu, quad = _s1_mu_quad(g, xc)
+    mu, quad = _s1_mu_quad(g, xt)
     log_mass, mean_u, var_u = interval_stats(torch.addcmul(g.lo_s, mu, g.neg_inv_s),
                                              torch.addcmul(g.hi_s, mu, g.neg_inv_s))
     return torch.add(g.const, quad, alpha=-0.5) + log_mass, torch.addcmul(mu, g.s, mean_u), g.v * var_u
@@ -146,7 +148,7 @@ def s1_terms(regions: S1Regions, xc: torch.Tensor) -> torch.Tensor:
     """The terms log κ + log P (n, R) of :func:`s1_pairs` alone (the mass: no mean or variance work), the same
     values (:func:`~pyro_cpa.integrate.univariate.interval_log_mass`)."""
     g = regions
-    mu, quad = _s1_mu_quad(g, xc)
+    mu, quad = _s1_mu_quad(g, xc.T.contiguous())
     log_mass = interval_log_mass(torch.addcmul(g.lo_s, mu, g.neg_inv_s), torch.addcmul(g.hi_s, mu, g.neg_inv_s))
     return torch.add(g.const, quad, alpha=-0.5) + log_mass
 

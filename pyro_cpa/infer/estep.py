@@ -167,23 +167,24 @@ def _s1_chunk_stats(regions, xc, wc):
     e0_nω = exp(t_nω − max_ω t)/Σ_ω exp(t_nω − max_ω t) with t = log κ + log P, and log p = max + log Σ (terms more
     than 700 nats below the largest are 0: e^-700 relative, :func:`~pyro_cpa.distributions.s1_kernel.s1_logsumexp`,
     the reduction of ``CPAMarginal.log_prob`` for S = 1 too).
-    With e = s_x,n e0_nω the sums Σ_n e m² + e C, Σ_n e m, Σ_n e (Z), Σ_n x_n e m, Σ_n x_n e (X) and Σ_n x_n² e (q)
-    are one product [x, x², 1]ᵀ [e m, e, e (m² + C)] of (n, 2D + 1) and (n, 3R) matrices."""
+    With e = s_x,n e0_nω the sums Σ_n e (m² + C), Σ_n e m, Σ_n e (Z), Σ_n x_n e m, Σ_n x_n e (X) and Σ_n x_n² e (q)
+    are one product [x, x², 1]ᵀ [e (m² + C), e m, e m, e]_ω of (2D + 1, n) and (n, 4R) matrices, whose last row is
+    Z_ω = [[Σ e (m² + C), Σ e m], [Σ e m, Σ e]] as it lies in memory."""
     from ..distributions.s1_kernel import s1_logsumexp, s1_pairs
 
-    terms, m, C = s1_pairs(regions, xc)
+    xt = xc.T.contiguous()                                     # (D, n)
+    terms, m, C = s1_pairs(regions, xt)
     lp, ew, total = s1_logsumexp(terms)
     ew = ew / total                                            # e0_nω
     if wc is not None:
         ew = ew * wc.unsqueeze(-1)                             # s_x,n e0_nω
     ewm = ew * m
     n, R = ew.shape
-    D = xc.shape[1]
-    sums = torch.cat([xc, xc.square(), xc.new_ones(n, 1)], 1).T @ torch.cat([ewm, ew, torch.addcmul(ewm * m, ew, C)], 1)
-    z01, z11, z00 = sums[-1].view(3, R).unbind(0)
-    Zc = torch.stack([z00, z01, z01, z11], -1).view(R, 2, 2)
-    Xc = sums[:D, :2 * R].reshape(D, 2, R).permute(2, 0, 1)
-    return Zc, Xc, sums[D:2 * D, R:2 * R].T, lp
+    D = xt.shape[0]
+    rhs = torch.stack([torch.addcmul(ewm * m, ew, C), ewm, ewm, ew], -1).view(n, 4 * R)
+    sums = torch.cat([xt, xt.square(), xt.new_ones(1, n)]) @ rhs                         # (2D + 1, 4R)
+    Xc = sums[:D].view(D, R, 4)[..., 2:].transpose(0, 1)      # (R, D, 2): Σ x e [m, 1]
+    return sums[-1].view(R, 2, 2), Xc, sums[D:2 * D].view(D, R, 4)[..., 3].T, lp
 
 
 def _use_s1_kernel(marginal) -> bool:
