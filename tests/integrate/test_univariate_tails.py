@@ -163,12 +163,14 @@ TAIL_RTOL = 2e-15
 
 def test_one_sided_tail_table_vs_mpmath():
     """r = λ − x, V and log Φ̄ above 1.5: anchors, half-way between anchors, the switch to the asymptotic series
-    at 32, far out; every value to 2e-15 relative (the continued fraction it replaces: 160 terms)."""
+    at 64 (anchors every 1/64, the last one's rounding interval ends at 64 + 1/128), far out; every value to 2e-15
+    relative (the continued fraction it replaces: 160 terms)."""
     from pyro_cpa.integrate.univariate import _one_sided
 
     g = torch.Generator().manual_seed(2)
-    xs = [1.5 + 1e-12, 1.5 + 1 / 64, 1.5 + 1 / 32, 2.0, 3.0 - 1 / 64, 3.0001, 6.0001, 31.99, 32.0, 32.0 + 1e-9, 37.0,
-          100.0, 1e3, 1e6] + (1.5 + torch.rand(40, generator=g, dtype=torch.float64) * 40).tolist()
+    xs = [1.5 + 1e-12, 1.5 + 1 / 128, 1.5 + 1 / 64, 2.0, 3.0 - 1 / 128, 3.0001, 6.0001, 31.99, 32.0, 32.0 + 1e-9, 37.0,
+          63.99, 64.0, 64.0 + 1 / 128, 64.0 + 1 / 128 + 1e-12, 64.01, 70.0, 100.0, 1e3, 1e6] \
+        + (1.5 + torch.rand(60, generator=g, dtype=torch.float64) * 70).tolist()
     lam, r, V, log_q = _one_sided(torch.tensor(xs))
     with mp.workdps(80):
         for i, x in enumerate(xs):
