@@ -383,8 +383,9 @@ def _signed_mixture(a: torch.Tensor, b: torch.Tensor, moments: bool = True) -> t
     abs_a = a.abs()
     b = torch.minimum(b, torch.add(_const(_FAR_WIDTH, a), abs_a, alpha=2.0))
     lam, r, V, log_q, log_phi = _tail_functions(torch.cat([abs_a, b]), moments)
-    neg = a < 0
-    straddle = bool(neg.any())   # a < 0 < b somewhere; else the reflection's branch is never selected: skipped
+    # a < 0 < b somewhere? Else the reflection's branch is never selected and is skipped (the same values)
+    straddle = float((a.detach() if a.requires_grad else a).amin()) < 0
+    neg = a < 0 if straddle else None
     r_a, V_a = (r[:n], V[:n]) if moments else (None, None)
     lam_a, log_q_a = lam[:n], log_q[:n]
     if straddle:
