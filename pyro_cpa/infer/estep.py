@@ -168,8 +168,7 @@ def _s1_chunk_stats(regions, xc, wc):
     than 700 nats below the largest are 0: e^-700 relative, :func:`~pyro_cpa.distributions.s1_kernel.s1_logsumexp`,
     the reduction of ``CPAMarginal.log_prob`` for S = 1 too).
     With e = s_x,n e0_nω the sums Σ_n e (m² + C), Σ_n e m, Σ_n e (Z), Σ_n x_n e m, Σ_n x_n e (X) and Σ_n x_n² e (q)
-    are one product [x, x², 1]ᵀ [e (m² + C), e m, e m, e]_ω of (2D + 1, n) and (n, 4R) matrices, whose last row is
-    Z_ω = [[Σ e (m² + C), Σ e m], [Σ e m, Σ e]] as it lies in memory."""
+    are one product [x, x², 1]ᵀ [e (m² + C), e m, e] of (2D + 1, n) and (n, 3R) matrices."""
     from ..distributions.s1_kernel import s1_logsumexp, s1_pairs
 
     xt = xc.T.contiguous()                                     # (D, n)
@@ -181,10 +180,26 @@ def _s1_chunk_stats(regions, xc, wc):
     ewm = ew * m
     n, R = ew.shape
     D = xt.shape[0]
-    rhs = torch.stack([torch.addcmul(ewm * m, ew, C), ewm, ewm, ew], -1).view(n, 4 * R)
-    sums = torch.cat([xt, xt.square(), xt.new_ones(1, n)]) @ rhs                         # (2D + 1, 4R)
-    Xc = sums[:D].view(D, R, 4)[..., 2:].transpose(0, 1)      # (R, D, 2): Σ x e [m, 1]
-    return sums[-1].view(R, 2, 2), Xc, sums[D:2 * D].view(D, R, 4)[..., 3].T, lp
+    sums = torch.cat([xt, xt.square(), xt.new_ones(1, n)]) @ torch.cat([torch.addcmul(ewm * m, ew, C), ewm, ew], 1)
+    Zc = sums[-1].index_select(0, _z_layout(R, sums.device)).view(R, 2, 2)
+    Xc = sums[:D, R:].view(D, 2, R).permute(2, 0, 1)          # (R, D, 2): Σ x e [m, 1]
+    return Zc, Xc, sums[D:2 * D, 2 * R:].T, lp
+
+
+_Z_LAYOUT: dict = {}
+
+
+def _z_layout(R: int, device) -> torch.Tensor:
+    """Indices (4R,) that take [Σ e (m² + C), Σ e m, Σ e] (3R,) to Z (R, 2, 2) = [[Σ e (m² + C), Σ e m],
+    [Σ e m, Σ e]] per region (the last few R cached)."""
+    key = (R, str(device))
+    out = _Z_LAYOUT.get(key)
+    if out is None:
+        if len(_Z_LAYOUT) >= 8:
+            _Z_LAYOUT.clear()
+        r = torch.arange(R, device=device)
+        out = _Z_LAYOUT[key] = torch.stack([r, R + r, R + r, 2 * R + r], -1).reshape(-1)
+    return out
 
 
 def _use_s1_kernel(marginal) -> bool:
