@@ -245,7 +245,9 @@ class EStepCache:
     * the same marginal options and process group, S <= 3 (the S >= 4 Monte-Carlo E-step draws random
       numbers: it is always recomputed) — and, distributed, every rank must hit (agreed by one collective).
 
-    ``hits`` and ``misses`` count the lookups.
+    ``hits`` and ``misses`` count the lookups. ``full_step_accepted`` records whether the last ``"joint"`` step
+    accepted its full step (t = 1, no backtrack): the next joint step then evaluates its full step by an E-step
+    (which the step after it reuses) rather than by the likelihood alone.
     """
 
     def __init__(self):
@@ -253,6 +255,7 @@ class EStepCache:
         self._stats: EStepStats | None = None
         self.hits = 0
         self.misses = 0
+        self.full_step_accepted = True
 
     @staticmethod
     def _make_key(decoder, x, sx, sz, weights, mkw, comm) -> tuple:
@@ -382,20 +385,23 @@ class _Verifier:
         self.e_steps = 0
         self.log_prob_evals = 0
 
-    def evaluate(self, sx, sz):
+    def evaluate(self, sx, sz, want_stats: bool | None = None):
+        """(NLL, E-step statistics or None) at the decoder's current parameters and (σx, σz); ``want_stats``
+        (default: the verifier's) asks for the E-step, else the likelihood alone is evaluated."""
         from ..distributions import CPAMarginal
 
+        want_stats = self.want_stats if want_stats is None else want_stats
         if not (bool((sx > 0).all()) and bool((sz > 0).all())):
             return math.inf, None
         from .distributed import SoftFailure
 
-        if self.want_stats:
+        if want_stats:
             self.e_steps += 1
         else:
             self.log_prob_evals += 1
         try:
             mg = CPAMarginal(self.decoder, sx, sz, **self.mkw)
-            if self.want_stats:
+            if want_stats:
                 stats = _block_e_step(mg, self.x, self.weights, self.comm)
                 nll = -stats.total_loglik
             else:
@@ -405,17 +411,19 @@ class _Verifier:
             return math.inf, None
         return (nll, stats) if math.isfinite(nll) else (math.inf, None)
 
-    def line_search(self, nll_ref, abs_ref, old, new, sx_old, sx_new, sz_old, sz_new):
+    def line_search(self, nll_ref, abs_ref, old, new, sx_old, sx_new, sz_old, sz_new, first_with_stats=False):
         """First t = 1, 1/2, … with NLL(θ_old + t(θ_new − θ_old)) <= nll_ref + tol; restores θ_old if none.
 
-        tol = monotone_tol · max(1, abs_ref), abs_ref = Σ_n |ℓ_n| at θ_old (module docstring)."""
+        tol = monotone_tol · max(1, abs_ref), abs_ref = Σ_n |ℓ_n| at θ_old (module docstring).
+        ``first_with_stats``: the full step t = 1 is evaluated by an E-step (its statistics are returned when it
+        is accepted) even if the verifier evaluates likelihoods only."""
         tol = self.monotone_tol * max(1.0, abs_ref)
         for k in range(self.max_backtracks + 1):
             t = 0.5 ** k
             _load(self.decoder, new if k == 0 else [a + t * (b - a) for a, b in zip(old, new)])
             sx = sx_new if k == 0 else _represent(sx_old + t * (sx_new - sx_old), self.roundtrip)
             sz = sz_new if k == 0 else sz_old + t * (sz_new - sz_old)
-            nll, stats = self.evaluate(sx, sz)
+            nll, stats = self.evaluate(sx, sz, True if (k == 0 and first_with_stats) else None)
             self.trials.append(nll)
             if nll <= nll_ref + tol:
                 return True, k, nll, stats, sx, sz
@@ -715,14 +723,18 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
     new_params = _snapshot(decoder)
     ver = _Verifier(decoder, x, mkw, max_backtracks, monotone_tol, want_stats=False, weights=weights, comm=comm,
                     obs_scale_roundtrip=obs_scale_roundtrip)
-    ok, k, nll, _, sx, sz = ver.line_search(nll_before, stats.total_abs_loglik, old_params, new_params,
-                                            sx_old, sx_new, sz_old, sz_new)
-    # the line search checks likelihoods only: an accepted step leaves no E-step; a rejected one restored θ_old,
-    # whose E-step this step started from
-    remember(None if ok else stats, sx, sz)
+    ok, k, nll, stats_new, sx, sz = ver.line_search(nll_before, stats.total_abs_loglik, old_params, new_params,
+                                                    sx_old, sx_new, sz_old, sz_new,
+                                                    first_with_stats=cache is not None and cache.full_step_accepted)
+    # With a cache, and when the last joint step took its full step, the full step is evaluated by an E-step, which
+    # the next step starts from when it is accepted; shorter trials check likelihoods only, so a step accepted after
+    # a backtrack leaves no E-step; a rejected one restored θ_old, whose E-step this step started from.
+    remember(stats_new if ok else stats, sx, sz)
+    if cache is not None:
+        cache.full_step_accepted = ok and k == 0
     return finish(EMStepResult(nll_before, nll, k, ok, 0.5 ** k if ok else 0.0, sx.clone(), sz.clone(), num_regions,
-                               q_new - q_old, ver.trials, e_steps=initial_e_steps, log_prob_evals=ver.log_prob_evals,
-                               e_step_reused=reused))
+                               q_new - q_old, ver.trials, e_steps=initial_e_steps + ver.e_steps,
+                               log_prob_evals=ver.log_prob_evals, e_step_reused=reused))
 
 
 def run_em(decoder, obs_scale, prior_scale, x: torch.Tensor, num_steps: int, *, callback=None,

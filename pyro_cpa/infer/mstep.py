@@ -37,12 +37,14 @@ relative 3(λ/e)², directions the data do not determine keep their old values, 
 is amplified by more than 1/(2λ). Cholesky of K̃ + λI assembled once, scaled and shifted, from the Kronecker
 factors (:func:`_damped_prox_solve_dense_kron`), or, when K̃'s low-rank factor has fewer columns, Cholesky of the
 m × m Gram matrix of that factor (m = R·D·(S+1) columns, assembled through the Kronecker factors,
-:func:`_damped_prox_solve_kron`). Opt-in for wide hidden layers (``solver="cg"``): at most ``CG_ITERS``
-conjugate-gradient iterations on (K̃ + λI) y = r̃ through the factors (:func:`_cg_prox_solve_kron`), an inexact block
-maximiser that never lowers Q, O(CG_ITERS·n·R·(S+1)) instead of O(n³) (measured [1,64,64,64,10], N=1000, one
-thread: 7× cheaper EM steps, NLL after 10 steps as good or better). ``solver="auto"`` takes it for layers with
-min(n, m) >= ``CG_AUTO_MIN_UNKNOWNS`` = 2048, where an exact solve costs O(min(n, m)³); smaller layers keep the
-exact solve (on the circle demo CG made 30-step NLLs worse on 2 of 3 seeds).
+:func:`_damped_prox_solve_kron`); the first layer of a wide decoder (n_out large, n_in + 1 = S + 1) assembles K̃
+from F_ω and ΛF_ω without the R n_out × n_out matrices G_ω (:class:`FactoredG`). Wide hidden layers
+(``solver="cg"``): at most ``CG_ITERS`` conjugate-gradient iterations on (K̃ + λI) y = r̃ through the factors
+(:func:`_cg_prox_solve_kron`), stopped once an iteration adds at most ``CG_GAIN_RTOL`` of the progress made, an
+inexact block maximiser that never lowers Q, O(CG_ITERS·n·R·(S+1)) instead of O(n³) (measured [1,64,64,64,10],
+N=1000, one thread: 7× cheaper EM steps, NLL after 10 steps as good or better). ``solver="auto"`` takes it for
+layers with min(n, m) >= ``CG_AUTO_MIN_UNKNOWNS`` = 1024, where an exact solve costs O(min(n, m)³); smaller layers
+keep the exact solve (on the circle demo CG made 30-step NLLs worse on 2 of 3 seeds).
 
 **Noise update** (after the layers, with the new Ã_ω): σx_d² = r_d / N (``"diagonal"``) or
 σx² = Σ_d r_d / (N D) (``"isotropic"``), floored at ``min_obs_var``; optionally σz_s² = Σ_ω (Z_ω)_ss / N.
@@ -75,11 +77,21 @@ CG_ITERS = 100
 #: Early stop of that solve: ‖(K̃ + λI) y − r̃‖₂ <= CG_RTOL · ‖r̃‖₂ (the damped system solved to rounding level).
 CG_RTOL = 1e-12
 #: ``solver="auto"`` takes the truncated-CG solve for a hidden layer when both its unknowns n and its factor
-#: columns m are at least this (an exact solve costs O(min(n, m)³) there). Measured ([1,64,64,64,10], N=1000,
-#: n = 4160, m = 3620, one thread, 10 layerwise steps): 3.0 s → 0.40 s per step, 6.7 → 0.4 backtracks per step,
-#: NLL/datum after 10 steps 2.2095 (exact) vs 2.2064 (CG). Small layers (the circle demo, [2,8,8,3]; n <= ~300)
-#: and [1,128,128,2] (m = 1060) keep the exact solve: there CG changed the trajectories without a clear gain.
-CG_AUTO_MIN_UNKNOWNS = 2048
+#: columns m are at least this (an exact solve costs O(min(n, m)³) there). Measured (N=1000, one thread):
+#: [1,64,64,64,10] (n = 4160, m = 3620), 10 layerwise steps: 3.0 s → 0.40 s per step, 6.7 → 0.4 backtracks per
+#: step, NLL/datum after 10 steps 2.2095 (exact) vs 2.2064 (CG); [1,128,128,2] (n = 16512, m ≈ 1060), 8 steps after
+#: one: layerwise 0.69 → 0.41 s per step, NLL/datum 0.6123 both; joint 0.59 → 0.37 s, 0.6253 vs 0.6271. Small layers
+#: (the circle demo, [2,8,8,3]; n <= ~300) keep the exact solve: on the circle CG made 30-step NLLs worse on 2 of 3
+#: seeds.
+CG_AUTO_MIN_UNKNOWNS = 1024
+#: Stopping rule of the truncated-CG solve: stop after the first iteration whose decrease of the damped model
+#: φ(y) = ½yᵀ(K̃ + λI)y − r̃ᵀy (½ α_j ‖res_j‖², the CG identity) is at most this fraction of the decrease made so
+#: far — the iterations that follow would add little to Q (plain CG's decreases shrink geometrically once the
+#: well-determined directions are resolved), and on the partition-moving surrogate a shorter step is also the
+#: safer one. Measured (N=1000, one thread, 8 steps after one, vs running to ``CG_ITERS``): [1,128,128,2] layerwise
+#: 0.35 → 0.23 s per step, NLL/datum 0.6124 → 0.6130; joint 0.22 → 0.15 s, 0.6293 → 0.6277; [1,64,64,64,10]
+#: layerwise 0.49 → 0.43 s, 2.2057 → 2.2105; joint 0.36 → 0.30 s, 2.2603 → 2.2499.
+CG_GAIN_RTOL = 1e-3
 
 
 class MStepResult(NamedTuple):
@@ -314,27 +326,57 @@ def _kron_matvec(G: torch.Tensor, M: torch.Tensor, Y: torch.Tensor) -> torch.Ten
     return (G @ Y @ M).sum(0)
 
 
-def _damped_prox_solve_dense_kron(G: torch.Tensor, M: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor,
+class FactoredG(NamedTuple):
+    """The left Kronecker factors G_ω = F_ωᵀ (ΛF)_ω of a hidden layer's K by F and FL = ΛF (R, D, a), for
+    :func:`_damped_prox_solve_dense_kron` when the (R, a, a) G_ω would be the largest array of the solve (the first
+    layer of a wide decoder: a = n_out wide, b = S + 1)."""
+
+    F: torch.Tensor
+    FL: torch.Tensor
+
+
+def _dense_kron_terms(G, M: torch.Tensor):
+    """(diag K (a, b), Y ↦ K vec Y (a, b), K4 [i, k, l, j] = Σ_ω G_ω[i,k] M_ω[l,j]) for G (R, a, a) or
+    :class:`FactoredG`. With factors: diag G_ω = Σ_d F ∘ FL, K vec Y = Σ_{ω,d} F_ωdᵀ (FL_ω Y M_ω)_d (one product
+    over (ω, d)), K4 = Σ_{ω,d} (M_ω[l,j] F_ωd[i]) FL_ωd[k] (b² products of (a, R·D) and (R·D, a)): O(R·D·a·b²)
+    memory instead of the R·a² of the G_ω."""
+    R, b = M.shape[0], M.shape[-1]
+    diag_m = torch.diagonal(M, dim1=-2, dim2=-1)
+    if not isinstance(G, FactoredG):
+        a = G.shape[-1]
+        K4 = (G.reshape(R, a * a).T @ M.reshape(R, b * b)).reshape(a, a, b, b)
+        return torch.diagonal(G, dim1=-2, dim2=-1).T @ diag_m, (lambda Y: _kron_matvec(G, M, Y)), K4
+    F, FL = G
+    D, a = F.shape[1:]
+    F_flat = F.reshape(R * D, a)
+
+    def matvec(Y):
+        return F_flat.T @ ((FL @ Y) @ M).reshape(R * D, b)
+
+    U = (M.reshape(R, 1, b * b, 1) * F.unsqueeze(-2)).permute(2, 3, 0, 1).reshape(b * b, a, R * D)
+    K4 = (U @ FL.reshape(R * D, a)).permute(1, 2, 0).reshape(a, a, b, b)
+    return (F * FL).sum(1).T @ diag_m, matvec, K4
+
+
+def _damped_prox_solve_dense_kron(G, M: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor,
                                   rcond: float) -> torch.Tensor:
-    r""":func:`_damped_prox_solve` for K = Σ_ω G_ω ⊗ M_ω given by its symmetric Kronecker factors G (R, a, a),
-    M (R, b, b) (row-major vec of (a, b) matrices), B and w_old (a, b): the same filtered step, with K̃ assembled
-    once, already scaled and shifted.
+    r""":func:`_damped_prox_solve` for K = Σ_ω G_ω ⊗ M_ω given by its symmetric Kronecker factors G (R, a, a) (or
+    :class:`FactoredG`), M (R, b, b) (row-major vec of (a, b) matrices), B and w_old (a, b): the same filtered step,
+    with K̃ assembled once, already scaled and shifted.
 
     A = K̃ + λI = s K s + λI is written by one matrix product over regions (K[(i,j),(k,l)] = Σ_ω G_ω[i,k] M_ω[l,j])
     and one scaled copy into the (ij, kl) layout; only its lower triangle is used (Cholesky), so K is not
     symmetrised. diag K = Σ_ω diag G_ω diag M_ωᵀ, K w_old and the final K̃ y are products through the factors
-    (:func:`_kron_matvec`, O(R·ab(a+b)) each), so no n × n matrix besides A (and its Cholesky factor) is formed:
+    (:func:`_dense_kron_terms`, O(R·ab(a+b)) each), so no n × n matrix besides A (and its Cholesky factor) is formed:
     the cost is one n × n product plus one Cholesky (n = ab), instead of four further n × n passes (symmetrising,
     scaling, copying) of :func:`_damped_prox_solve` on an assembled K. Dead coordinates (zero rows of every G_ω or
     columns of every M_ω) have zero rows in K and B exactly and keep their old values bit-for-bit.
     """
-    R, a, _ = G.shape
-    b = M.shape[-1]
-    d = torch.diagonal(G, dim1=-2, dim2=-1).T @ torch.diagonal(M, dim1=-2, dim2=-1)  # (a, b)
+    d, matvec, K4 = _dense_kron_terms(G, M)
+    a, b = d.shape
     s = _jacobi_scale(d)
-    r = s * (B - _kron_matvec(G, M, w_old))
-    K4 = (G.reshape(R, a * a).T @ M.reshape(R, b * b)).reshape(a, a, b, b)   # [i, k, l, j]
-    A = torch.empty(a, b, a, b, dtype=G.dtype, device=G.device)
+    r = s * (B - matvec(w_old))
+    A = torch.empty(a, b, a, b, dtype=M.dtype, device=M.device)
     torch.mul(K4.permute(0, 3, 1, 2), s.reshape(a, b, 1, 1) * s.reshape(1, 1, a, b), out=A)
     del K4
     A = A.reshape(a * b, a * b)
@@ -342,14 +384,15 @@ def _damped_prox_solve_dense_kron(G: torch.Tensor, M: torch.Tensor, B: torch.Ten
     A.diagonal().add_(lam)
 
     def apply_C(y):
-        return (s * _kron_matvec(G, M, s * y.reshape(a, b))).reshape(-1, 1)
+        return (s * matvec(s * y.reshape(a, b))).reshape(-1, 1)
 
     return w_old + s * _filter_shifted(A, apply_C, r.reshape(-1, 1), lam).reshape(a, b)
 
 
 def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, *,
                  rcond: float = DEFAULT_RCOND, dense_max: int = DEFAULT_DENSE_MAX,
-                 solver: str = "auto", cg_iters: int = CG_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+                 solver: str = "auto", cg_iters: int = CG_ITERS,
+                 cg_gain_rtol: float = CG_GAIN_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximiser of Q over layer l's (W_l, v_l), the other layers and σx² fixed (module docstring): exact in
     every direction whose Jacobi-scaled curvature exceeds ``rcond`` (:func:`_damped_prox_solve`).
 
@@ -361,7 +404,8 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     (to rounding). ``"auto"`` takes ``"cg"`` (below) instead when min(n, m) >= :data:`CG_AUTO_MIN_UNKNOWNS`.
 
     ``solver="cg"`` (hidden layers; the output layer is always solved exactly) instead takes at most ``cg_iters``
-    conjugate-gradient iterations through the factors (:func:`_cg_prox_solve_kron`): an inexact block maximiser
+    conjugate-gradient iterations through the factors (:func:`_cg_prox_solve_kron`), stopping early once an
+    iteration adds at most ``cg_gain_rtol`` of the progress made (:data:`CG_GAIN_RTOL`): an inexact block maximiser
     that never lowers Q, O(cg_iters · n·R·(S+1)) instead of O(n³) and no n × n or m × m matrix (``dense_max`` does
     not apply).
     """
@@ -375,7 +419,7 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     n, m = a * bdim, R * D * (S + 1)
     if solver == "cg" or (solver == "auto" and min(n, m) >= CG_AUTO_MIN_UNKNOWNS):
         Phi, Psi, d = _layer_factors(Pt, F, lam_x, stats)
-        Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, cg_iters)
+        Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, cg_iters, cg_gain_rtol)
         return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
     if min(n, m) > dense_max:
         raise PyroCPAError(
@@ -388,8 +432,11 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     if dense:
         M = Pt @ stats.Z @ Pt.transpose(-1, -2)  # (R, n_in+1, n_in+1)
         M = 0.5 * (M + M.transpose(-1, -2))
-        G = F.transpose(-1, -2) @ FL  # (R, n_out, n_out)
-        G = 0.5 * (G + G.transpose(-1, -2))
+        if bdim * bdim * D < a:   # the first layer of a wide decoder: the (R, n_out, n_out) G_ω would dominate
+            G = FactoredG(F, FL)
+        else:
+            G = F.transpose(-1, -2) @ FL  # (R, n_out, n_out)
+            G = 0.5 * (G + G.transpose(-1, -2))
         # K[(i,j),(k,l)] = Σ_ω G[i,k] M[l,j]  (row-major vec of W̃), one matmul over regions.
         w = _damped_prox_solve_dense_kron(G, M, B, Wt_old, rcond)
     else:
@@ -462,13 +509,14 @@ def _layer_factors(Pt: torch.Tensor, F: torch.Tensor, lam_x: torch.Tensor, stats
 
 
 def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor,
-                        rcond: float, iters: int) -> torch.Tensor:
+                        rcond: float, iters: int, gain_rtol: float = 0.0) -> torch.Tensor:
     r"""Truncated conjugate gradients for the damped layer step, K = Σ_ω (Φ_ωΦ_ωᵀ) ⊗ (Ψ_ωΨ_ωᵀ) given by its factors
     Φ (R, a, D), Ψ (R, b, k), d = diag K (a, b), B and w_old (a, b).
 
     In the Jacobi-scaled units of :func:`_damped_prox_solve` (s, K̃ = sKs, r̃ = s(B − K w_old), A = K̃ + λI,
     λ = ``rcond``) it returns w_old + s y_j, y_j the j-th CG iterate from y_0 = 0 for A y = r̃, j the first index
-    with ‖r̃ − A y_j‖₂ <= ``CG_RTOL`` ‖r̃‖₂, or ``iters``. y_j minimises φ(y) = ½ yᵀAy − r̃ᵀy over the Krylov space
+    with ‖r̃ − A y_j‖₂ <= ``CG_RTOL`` ‖r̃‖₂, or whose step decreased φ by at most ``gain_rtol`` times φ(0) − φ(y_j)
+    (:data:`CG_GAIN_RTOL`; 0 disables the rule), or ``iters``. y_j minimises φ(y) = ½ yᵀAy − r̃ᵀy over the Krylov space
     span{r̃, A r̃, …, A^{j−1} r̃}, and φ(y_j) <= φ(0) = 0; the gain of Q is r̃ᵀy − ½ yᵀK̃y = −φ(y) + ½λ‖y‖² >= 0,
     so this block never lowers Q (an inexact, generalised-EM block maximiser). CG resolves the well-determined
     directions (the top of K̃'s spectrum) first: the iteration cap acts as the damping (CG as a regularising
@@ -482,6 +530,8 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
     """
     if iters < 1:
         raise PyroCPAError(f"cg_iters must be >= 1, got {iters}")
+    if not gain_rtol >= 0.0:
+        raise PyroCPAError(f"cg_gain_rtol must be >= 0, got {gain_rtol}")
     if not float(rcond) > 0.0:
         raise PyroCPAError(f"the CG layer solve needs a positive damping rcond, got {rcond}")
     live = (Phi != 0).flatten(1).any(1) & (Psi != 0).flatten(1).any(1)   # regions with a nonzero term of K
@@ -510,6 +560,7 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
     p = r
     rr = float(res.square().sum())
     stop = CG_RTOL ** 2 * rr
+    decrease = 0.0   # φ(0) − φ(y_j) = Σ_i ½ α_i ‖res_i‖² (the CG identity)
     for _ in range(iters):
         if rr <= stop:   # also r̃ = 0 (stop = 0): nothing to solve
             break
@@ -517,6 +568,10 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
         alpha = rr / float((p * Ap).sum())   # pᵀAp >= λ‖p‖² > 0 while rr > 0
         y = y + alpha * p
         res = res - alpha * Ap
+        step_decrease = 0.5 * alpha * rr
+        decrease += step_decrease
+        if step_decrease <= gain_rtol * decrease:
+            break
         rr, rr_old = float(res.square().sum()), rr
         p = res + (rr / rr_old) * p
     return w_old + s * y

@@ -117,6 +117,37 @@ def test_reused_e_step_gives_the_recomputed_trajectory_bit_for_bit():
     assert [t[2] for t in a] == [False, True, True, True] and not any(t[2] for t in b)
 
 
+def test_joint_step_evaluates_its_full_step_by_an_e_step_the_next_step_reuses():
+    """schedule="joint" with a cache: the full step t = 1 is evaluated by an E-step; when it is accepted the next
+    step starts from it (no E-step of its own), when it is not the next full step is checked by a likelihood.
+    The trajectory is bit for bit that of evaluating every trial by a likelihood (no cache), and the returned NLLs
+    are fresh exact evaluations."""
+    x = noisy_circle(90, seed=2)
+    runs = []
+    for cache in (EStepCache(), None):
+        dec = make_decoder(2)
+        sx, sz, out = torch.tensor(0.5), torch.tensor(1.0), []
+        for _ in range(5):
+            r = em_step(dec, sx, sz, x, cache=cache, schedule="joint")
+            sx, sz = r.obs_scale, r.prior_scale
+            out.append(r)
+        runs.append((out, [p.detach().clone() for p in dec.parameters()], sx, dec))
+    (a, pa, sa, dec), (b, pb, sb, _) = runs
+    assert [(r.nll_before, r.nll_after, r.backtracks) for r in a] == [(r.nll_before, r.nll_after, r.backtracks)
+                                                                       for r in b]
+    assert all(torch.equal(u, v) for u, v in zip(pa, pb)) and torch.equal(sa, sb)
+    full = [r.accepted and r.backtracks == 0 for r in a]
+    assert any(full[:-1])
+    # reused after an accepted full step, and after a rejected step (θ_old restored: its own E-step)
+    assert [r.e_step_reused for r in a] == [False] + [f or not r.accepted for f, r in zip(full[:-1], a[:-1])]
+    for prev, r in zip([None] + a[:-1], a):   # E-steps: the start unless reused, plus the full trial when due
+        due = prev is None or (prev.accepted and prev.backtracks == 0)
+        assert r.e_steps == (0 if r.e_step_reused else 1) + (1 if due else 0)
+        assert r.log_prob_evals == len(r.nll_trials) - (1 if due else 0)
+    assert not any(r.e_step_reused for r in b) and all(r.e_steps == 1 for r in b)
+    assert abs(_nll(dec, sa, torch.tensor(1.0), x) - a[-1].nll_after) < NLL_RTOL * abs(a[-1].nll_after)
+
+
 def test_the_e_step_is_not_reused_after_any_change():
     x = noisy_circle(60, seed=3)
     dec = make_decoder(3)

@@ -14,7 +14,7 @@ from pyro_cpa.distributions import CPAMarginal
 from pyro_cpa.errors import PyroCPAError
 from pyro_cpa.infer.em_engine import em_step, run_em
 from pyro_cpa.infer.estep import e_step
-from pyro_cpa.infer.mstep import CG_ITERS, DEFAULT_RCOND, expected_complete_loglik, update_layer
+from pyro_cpa.infer.mstep import CG_GAIN_RTOL, CG_ITERS, DEFAULT_RCOND, expected_complete_loglik, update_layer
 from pyro_cpa.nn import as_cpa_network, mlp
 
 EPS = torch.finfo(torch.float64).eps
@@ -72,7 +72,8 @@ def test_converged_cg_is_the_damped_newton_step_of_the_autograd_hessian(widths):
     for l in range(len(maps) - 1):
         Hs, b, s, x0 = _hessian_system(maps, l, net, st, obs_var)
         y = torch.linalg.solve(Hs + CONVERGED_LAMBDA * torch.eye(len(b), dtype=b.dtype), b)
-        w = _flat(update_layer(maps, l, net, st, obs_var, rcond=CONVERGED_LAMBDA, solver="cg", cg_iters=5000))
+        w = _flat(update_layer(maps, l, net, st, obs_var, rcond=CONVERGED_LAMBDA, solver="cg", cg_iters=5000,
+                               cg_gain_rtol=0.0))
         assert float(((w - x0) / s - y).abs().max()) < CONVERGED_RTOL * float(y.abs().max())
 
 
@@ -88,14 +89,46 @@ def test_truncated_cg_is_the_krylov_minimiser_and_never_lowers_q():
             basis = torch.stack([torch.linalg.matrix_power(A, i) @ b for i in range(j)], -1)
             Qb = torch.linalg.qr(basis).Q
             y_ref = Qb @ torch.linalg.solve(Qb.T @ A @ Qb, Qb.T @ b)
-            Wv = update_layer(maps, l, net, st, obs_var, solver="cg", cg_iters=j)
+            Wv = update_layer(maps, l, net, st, obs_var, solver="cg", cg_iters=j, cg_gain_rtol=0.0)
             y = (_flat(Wv) - x0) / s
             assert float((y - y_ref).abs().max()) < KRYLOV_RTOL * float(y_ref.abs().max())
             q = _q(maps, l, Wv, net, st, obs_var)
             assert q > q_prev - Q_RTOL * abs(q_prev)
             q_prev = q
-        q_cap = _q(maps, l, update_layer(maps, l, net, st, obs_var, solver="cg", cg_iters=CG_ITERS), net, st, obs_var)
+        q_cap = _q(maps, l, update_layer(maps, l, net, st, obs_var, solver="cg", cg_iters=CG_ITERS, cg_gain_rtol=0.0),
+                   net, st, obs_var)
         assert q_cap >= q_prev - Q_RTOL * abs(q_prev)
+
+
+def test_the_gain_rule_stops_at_the_first_iteration_that_adds_little():
+    """With ``cg_gain_rtol`` = τ the solve returns the Krylov minimiser y_j of the first j whose decrease of
+    φ(y) = ½yᵀAy − bᵀy, φ(y_{j−1}) − φ(y_j), is at most τ (φ(0) − φ(y_j)); the references are the explicit Krylov
+    minimisers (as above), and τ is placed midway between consecutive ratios so that rounding cannot flip the
+    decision. The default rule gives at least the Q of one iteration and at most that of running to the cap."""
+    net, st, maps, obs_var = _setup((1, 7, 6, 3))
+    for l in range(len(maps) - 1):
+        Hs, b, s, x0 = _hessian_system(maps, l, net, st, obs_var)
+        A = Hs + DEFAULT_RCOND * torch.eye(len(b), dtype=b.dtype)
+        phi = [0.0]
+        ys = []
+        for j in (1, 2, 3):
+            basis = torch.stack([torch.linalg.matrix_power(A, i) @ b for i in range(j)], -1)
+            Qb = torch.linalg.qr(basis).Q
+            y = Qb @ torch.linalg.solve(Qb.T @ A @ Qb, Qb.T @ b)
+            ys.append(y)
+            phi.append(float(0.5 * y @ A @ y - b @ y))
+        ratio = [(phi[j - 1] - phi[j]) / (phi[0] - phi[j]) for j in (1, 2, 3)]   # ratio[0] = 1
+        assert ratio[0] > ratio[1] > ratio[2] > 0
+        for j in (2, 3):   # stop exactly at iteration j
+            tau = 0.5 * (ratio[j - 1] + ratio[j - 2])
+            Wv = update_layer(maps, l, net, st, obs_var, solver="cg", cg_gain_rtol=tau)
+            got = (_flat(Wv) - x0) / s
+            assert float((got - ys[j - 1]).abs().max()) < KRYLOV_RTOL * float(ys[j - 1].abs().max())
+        q1 = _q(maps, l, update_layer(maps, l, net, st, obs_var, solver="cg", cg_iters=1), net, st, obs_var)
+        q_rule = _q(maps, l, update_layer(maps, l, net, st, obs_var, solver="cg", cg_gain_rtol=CG_GAIN_RTOL), net, st,
+                    obs_var)
+        q_cap = _q(maps, l, update_layer(maps, l, net, st, obs_var, solver="cg", cg_gain_rtol=0.0), net, st, obs_var)
+        assert q1 - Q_RTOL * abs(q1) <= q_rule <= q_cap + Q_RTOL * abs(q_cap)
 
 
 def test_cg_keeps_dead_units_and_dead_layers_bit_for_bit():
@@ -153,6 +186,8 @@ def test_bad_solver_options_raise():
     net, st, maps, obs_var = _setup((1, 4, 3, 2), N=30)
     with pytest.raises(PyroCPAError, match="cg_iters"):
         update_layer(maps, 0, net, st, obs_var, solver="cg", cg_iters=0)
+    with pytest.raises(PyroCPAError, match="cg_gain_rtol"):
+        update_layer(maps, 0, net, st, obs_var, solver="cg", cg_gain_rtol=-1.0)
     with pytest.raises(PyroCPAError, match="positive damping"):
         update_layer(maps, 0, net, st, obs_var, solver="cg", rcond=0.0)
     with pytest.raises(PyroCPAError, match="layer_solver"):

@@ -20,16 +20,19 @@ STRONG_RTOL = 1e-9
 Q_RTOL = 1e-10
 
 
-def _factors(R, a, b, rank_g, rank_m, seed=0, dead_row=None, dead_col=None):
+def _factors(R, a, b, rank_g, rank_m, seed=0, dead_row=None, dead_col=None, factored=False):
+    """G_ω = F_ω Λ F_ωᵀ (as (R, a, a), or as mstep.FactoredG(Fᵀ, ΛFᵀ) with ``factored``), M_ω = P_ω P_ωᵀ."""
     g = torch.Generator().manual_seed(seed)
     F = torch.randn(R, a, rank_g, generator=g, dtype=torch.float64)
     P = torch.randn(R, b, rank_m, generator=g, dtype=torch.float64)
+    lam = torch.rand(rank_g, generator=g, dtype=torch.float64) + 0.5
     if dead_row is not None:
         F[:, dead_row] = 0.0
     if dead_col is not None:
         P[:, dead_col] = 0.0
-    G, M = F @ F.mT, P @ P.mT
-    return 0.5 * (G + G.mT), 0.5 * (M + M.mT), g
+    G, M = (F * lam) @ F.mT, P @ P.mT
+    G_arg = mstep.FactoredG(F.mT, (F * lam).mT) if factored else 0.5 * (G + G.mT)
+    return 0.5 * (G + G.mT), 0.5 * (M + M.mT), g, G_arg
 
 
 def _reference(G, M, B, w_old, lam):
@@ -45,13 +48,15 @@ def _reference(G, M, B, w_old, lam):
     return (w_old.reshape(-1) + s * (V @ (f * (V.T @ r)))).reshape(a, b), s, V, e
 
 
-@pytest.mark.parametrize("R,a,b,rank_g,rank_m", [(7, 6, 5, 3, 2), (4, 9, 4, 2, 2), (12, 5, 8, 4, 3)])
-def test_dense_kron_solve_matches_the_eigen_reference(R, a, b, rank_g, rank_m):
-    G, M, g = _factors(R, a, b, rank_g, rank_m, dead_row=1, dead_col=2)
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("R,a,b,rank_g,rank_m", [(7, 6, 5, 3, 2), (4, 9, 4, 2, 2), (12, 5, 8, 4, 3),
+                                                 (30, 40, 3, 2, 3)])
+def test_dense_kron_solve_matches_the_eigen_reference(R, a, b, rank_g, rank_m, factored):
+    G, M, g, G_arg = _factors(R, a, b, rank_g, rank_m, dead_row=1, dead_col=2, factored=factored)
     # as in the M-step, B = Σ_ω G_ω Y M_ω lies in K's range (zero rows / columns at dead units / inputs)
     B = torch.einsum("rik,kl,rlj->ij", G, torch.randn(a, b, generator=g, dtype=torch.float64), M)
     w_old = torch.randn(a, b, generator=g, dtype=torch.float64)
-    w = mstep._damped_prox_solve_dense_kron(G, M, B, w_old, LAM)
+    w = mstep._damped_prox_solve_dense_kron(G_arg, M, B, w_old, LAM)
     ref, s, V, e = _reference(G, M, B, w_old, LAM)
     # well-determined directions: the same maximiser (scaled units, eigenvectors of the reference's K̃)
     strong = e >= STRONG * LAM
@@ -74,7 +79,7 @@ def test_dense_kron_solve_matches_the_eigen_reference(R, a, b, rank_g, rank_m):
 
 
 def test_dense_kron_solve_reports_overflow():
-    G, M, g = _factors(5, 4, 3, 2, 2)
+    G, M, g, _ = _factors(5, 4, 3, 2, 2)
     G[2, 1, 1] = float("nan")
     B = torch.randn(4, 3, generator=g, dtype=torch.float64)
     with pytest.raises(PyroCPAError, match="rescale the data or the decoder"):
