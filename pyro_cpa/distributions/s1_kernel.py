@@ -5,7 +5,7 @@ For S = 1 each region ω is an interval (lo_ω, hi_ω) and, for a datum x (D,), 
 (:meth:`~pyro_cpa.distributions.CPAMarginal._pairs`, written out for S = 1)
 
     λ_ω = 1/σz² + Σ_d a_ωd² w_d  (w = 1/σx²),   v_ω = 1/λ_ω,   s_ω = √v_ω,
-    μ_nω = v_ω Σ_d w_d a_ωd (x_nd − b_ωd),
+    μ_nω = (Σ_d w_d a_ωd (x_nd − b_ωd)) / λ_ω,
     log κ_nω = const_ω − ½ [Σ_d w_d (x_nd − b_ωd − a_ωd μ_nω)² + μ_nω²/σz²],
     const_ω = −½ (D log 2π + Σ_d log σx_d² + log σz² + log λ_ω),
     log P_nω = log(Φ(β) − Φ(α)),   (α, β) = (lo_ω/s_ω − μ_nω/s_ω, hi_ω/s_ω − μ_nω/s_ω),
@@ -15,6 +15,14 @@ and log p(x_n) = logsumexp_ω (log κ + log P). The quadratic form is a sum of n
 curve); log P and the moments come from :func:`~pyro_cpa.integrate.univariate.interval_stats` /
 :func:`~pyro_cpa.integrate.univariate.interval_log_mass` (machine precision in every regime). The per-region
 constants are formed once per partition and parameter state (:func:`s1_setup`).
+
+**Steep regions.** Where |a_ω| is huge (a cell of width 1e-12 carrying slope 1e12), the residual r − a μ of a
+datum on that piece is ~0 while r and a μ are ~1e12, so the rounding of μ (relative 1e-16) moves a μ by more than
+the residual. μ is therefore a division by λ (correctly rounded given the sum, as the backward-stable solve of
+:func:`~pyro_cpa.distributions.region_gaussians.affine_gaussians`), and a μ is rounded *before* it is subtracted
+from r (no fused multiply-add): the true a μ lies within half an ulp of r, so its rounding lands on r's grid and
+the residual comes out 0 instead of a μ's rounding error (tests/geometry/test_perturbation.py's thin cells:
+|Δ log p| 7e-5 → 0 against quadrature).
 
 Used by the S = 1 E-step (:func:`pyro_cpa.infer.estep.e_step`: mass and moments, :func:`s1_pairs`) and by the
 no-autograd exact log p (:meth:`~pyro_cpa.distributions.CPAMarginal.log_prob`: mass only, :func:`s1_log_prob`).
@@ -47,7 +55,8 @@ class S1Regions(NamedTuple):
 
     a: torch.Tensor       # (D, 1, R) slopes a_ωd
     b: torch.Tensor       # (D, 1, R) offsets b_ωd
-    awv: torch.Tensor     # (D, 1, R) a_ωd w_d v_ω
+    aw: torch.Tensor      # (D, 1, R) a_ωd w_d
+    lam: torch.Tensor     # (R,) posterior precision λ_ω
     w: torch.Tensor       # (D, 1, 1) w_d = 1/σx_d²
     lo_s: torch.Tensor    # (R,) lo_ω/s_ω (lo = +inf for an empty region)
     hi_s: torch.Tensor    # (R,) hi_ω/s_ω
@@ -75,7 +84,7 @@ def s1_regions(params: RegionParams) -> S1Regions:
     s = v.sqrt()
     const = -0.5 * (a.shape[-1] * math.log(2 * math.pi) + obs_var.log().sum() + prior_var.log().sum() + lam.log())
     lay = (lambda t: t.T.unsqueeze(1).contiguous())   # (R, D) -> (D, 1, R)
-    return S1Regions(lay(a), lay(b), lay(aw * v.unsqueeze(-1)), w.reshape(-1, 1, 1), lo / s, hi / s, -s.reciprocal(),
+    return S1Regions(lay(a), lay(b), lay(aw), lam, w.reshape(-1, 1, 1), lo / s, hi / s, -s.reciprocal(),
                      v, s, const, float(prior_var.reciprocal()))
 
 
@@ -124,8 +133,8 @@ def _s1_mu_quad(g: S1Regions, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     contiguous); the sums over d run over the leading dimension of (D, n, R) products (a reduction over a short
     trailing dimension is several times slower)."""
     r = xt.unsqueeze(-1) - g.b                                       # (D, n, R)
-    mu = (r * g.awv).sum(0)
-    quad = torch.addcmul((torch.addcmul(r, g.a, mu, value=-1.0).square() * g.w).sum(0), mu, mu, value=g.prior_prec)
+    mu = (r * g.aw).sum(0) / g.lam   # a division by λ, not a product with v = 1/λ (see the module docstring)
+    quad = torch.addcmul(((r - g.a * mu).square() * g.w).sum(0), mu, mu, value=g.prior_prec)   # a μ rounded first
     return mu, quad
 
 
