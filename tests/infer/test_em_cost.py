@@ -100,21 +100,26 @@ def test_s2_step_runs_one_e_step_per_layer_and_stays_monotone_and_exact():
     assert abs(_nll(dec, sx, sz, x) - hist[-1].nll_after) < NLL_RTOL * abs(hist[-1].nll_after)
 
 
-def test_reused_e_step_gives_the_recomputed_trajectory_bit_for_bit():
-    x = noisy_circle(90, seed=2)
+def _with_and_without_cache(x, steps, **kwargs):
+    """em_step ``steps`` times from make_decoder(2), σx = 0.5, once with an EStepCache and once without:
+    [(results, final decoder parameters, final σx, decoder)] in that order."""
     runs = []
     for cache in (EStepCache(), None):
         dec = make_decoder(2)
         sx, sz, out = torch.tensor(0.5), torch.tensor(1.0), []
-        for _ in range(4):
-            r = em_step(dec, sx, sz, x, cache=cache)
+        for _ in range(steps):
+            r = em_step(dec, sx, sz, x, cache=cache, **kwargs)
             sx, sz = r.obs_scale, r.prior_scale
-            out.append((r.nll_before, r.nll_after, r.e_step_reused))
-        runs.append((out, [p.detach().clone() for p in dec.parameters()], sx))
-    (a, pa, sa), (b, pb, sb) = runs
-    assert [t[:2] for t in a] == [t[:2] for t in b]
+            out.append(r)
+        runs.append((out, [p.detach().clone() for p in dec.parameters()], sx, dec))
+    return runs
+
+
+def test_reused_e_step_gives_the_recomputed_trajectory_bit_for_bit():
+    (a, pa, sa, _), (b, pb, sb, _) = _with_and_without_cache(noisy_circle(90, seed=2), 4)
+    assert [(r.nll_before, r.nll_after) for r in a] == [(r.nll_before, r.nll_after) for r in b]
     assert all(torch.equal(u, v) for u, v in zip(pa, pb)) and torch.equal(sa, sb)
-    assert [t[2] for t in a] == [False, True, True, True] and not any(t[2] for t in b)
+    assert [r.e_step_reused for r in a] == [False, True, True, True] and not any(r.e_step_reused for r in b)
 
 
 def test_joint_step_evaluates_its_full_step_by_an_e_step_the_next_step_reuses():
@@ -123,16 +128,7 @@ def test_joint_step_evaluates_its_full_step_by_an_e_step_the_next_step_reuses():
     The trajectory is bit for bit that of evaluating every trial by a likelihood (no cache), and the returned NLLs
     are fresh exact evaluations."""
     x = noisy_circle(90, seed=2)
-    runs = []
-    for cache in (EStepCache(), None):
-        dec = make_decoder(2)
-        sx, sz, out = torch.tensor(0.5), torch.tensor(1.0), []
-        for _ in range(5):
-            r = em_step(dec, sx, sz, x, cache=cache, schedule="joint")
-            sx, sz = r.obs_scale, r.prior_scale
-            out.append(r)
-        runs.append((out, [p.detach().clone() for p in dec.parameters()], sx, dec))
-    (a, pa, sa, dec), (b, pb, sb, _) = runs
+    (a, pa, sa, dec), (b, pb, sb, _) = _with_and_without_cache(x, 5, schedule="joint")
     assert [(r.nll_before, r.nll_after, r.backtracks) for r in a] == [(r.nll_before, r.nll_after, r.backtracks)
                                                                        for r in b]
     assert all(torch.equal(u, v) for u, v in zip(pa, pb)) and torch.equal(sa, sb)
