@@ -44,7 +44,9 @@ as much as the rest of the step together, so a step evaluates only what it must:
   or Monte-Carlo error, so there every block is verified.
 * *Reused E-step* (``cache``, :class:`EStepCache`; :class:`~pyro_cpa.infer.em.EM` and :func:`run_em` pass
   one). A step ends with the exact E-step of the parameters it keeps; the next step reuses it instead of
-  recomputing it when nothing changed in between (:meth:`EStepCache.lookup`).
+  recomputing it when nothing changed in between (:meth:`EStepCache.lookup`). A joint step evaluates its full
+  step (t = 1) by an E-step, rather than by the likelihood alone, when the previous joint step took its full step
+  (``EStepCache.full_step_accepted``): accepted, it is the next step's E-step; backtracked trials are likelihoods.
 * *Pairs that carry mass*: every evaluation integrates only the (datum, region) pairs that the certified
   upper bound log κ + min_j log Φ(d_j) keeps within ``prune_tol`` nats of the datum's log p(x)
   (:mod:`pyro_cpa.distributions.chunked`); the partition is enumerated once per parameter state
