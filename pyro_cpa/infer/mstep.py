@@ -509,7 +509,7 @@ def _layer_factors(Pt: torch.Tensor, F: torch.Tensor, lam_x: torch.Tensor, stats
 
 
 def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor,
-                        rcond: float, iters: int, gain_rtol: float = 0.0) -> torch.Tensor:
+                        rcond: float, iters: int, gain_rtol: float) -> torch.Tensor:
     r"""Truncated conjugate gradients for the damped layer step, K = Σ_ω (Φ_ωΦ_ωᵀ) ⊗ (Ψ_ωΨ_ωᵀ) given by its factors
     Φ (R, a, D), Ψ (R, b, k), d = diag K (a, b), B and w_old (a, b).
 
