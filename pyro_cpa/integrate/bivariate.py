@@ -697,9 +697,12 @@ def flux_log_mass(fe: FlatEdges, inside: torch.Tensor, *, min_h: float = DEFAULT
     ds, t_lo, t_hi = fe.ds, fe.t_lo, fe.t_hi
     dtype, device = ds.dtype, ds.device
     h = ds.abs()
-    # origin on the (closed) boundary: an existing edge through it
-    through = (h == 0) & (t_lo <= 0) & (t_hi >= 0)
-    on_bnd = ds.new_zeros(B).index_add(0, fe.pair, through.to(dtype)) > 0
+    zero = h == 0
+    # origin on the (closed) boundary: an existing edge through it (none unless some h is 0: no pass over the edges)
+    on_bnd = None
+    if bool(zero.any()):
+        through = zero & (t_lo <= 0) & (t_hi >= 0)
+        on_bnd = ds.new_zeros(B).index_add(0, fe.pair, through.to(dtype)) > 0
     # half intervals 0 <= p < q <= inf of each edge (t >= 0 and the mirror of t <= 0)
     p = torch.stack([t_lo.clamp(min=0), (-t_hi).clamp(min=0)], -1)       # (E, 2)
     q = torch.stack([t_hi.clamp(min=0), (-t_lo).clamp(min=0)], -1)
@@ -709,9 +712,11 @@ def flux_log_mass(fe: FlatEdges, inside: torch.Tensor, *, min_h: float = DEFAULT
     qi = q.reshape(-1).index_select(0, idx)
     fi = torch.div(idx, 2, rounding_mode="floor")
     bi = fe.pair.index_select(0, fi)
-    hi = h.index_select(0, fi)
-    si = -torch.sign(ds.index_select(0, fi))
-    unres = (hi < min_h) & (pi < 1.0)
+    di = ds.index_select(0, fi)
+    hi = di.abs()
+    si = -torch.sign(di)
+    near = hi < min_h           # with p < 1: not resolved (none unless some edge is that close)
+    unres = (near & (pi < 1.0)) if bool(near.any()) else None
     lD = -0.5 * (hi * hi + pi * pi) + log_edge_flux(hi, pi, qi) - _LOG_2PI
     # P = 1[0 in ω] + Σ -sign(d_i) D_i, combined relative to the largest term
     ninf = torch.full((B,), float("-inf"), dtype=dtype, device=device)
@@ -723,8 +728,11 @@ def flux_log_mass(fe: FlatEdges, inside: torch.Tensor, *, min_h: float = DEFAULT
     one = torch.where(inside, torch.exp(-m), torch.zeros_like(m))
     S = one.index_add(0, bi, si * e)
     A = one.index_add(0, bi, e)
-    bad = torch.zeros(B, dtype=dtype, device=device).index_add(0, bi, unres.to(dtype)) > 0
-    ok = m_ok & (S > 0) & (A <= max_amp * S) & ~bad & ~on_bnd
+    ok = m_ok & (S > 0) & (A <= max_amp * S)
+    if unres is not None:
+        ok &= ~(torch.zeros(B, dtype=dtype, device=device).index_add(0, bi, unres.to(dtype)) > 0)
+    if on_bnd is not None:
+        ok &= ~on_bnd
     return m + torch.log(torch.where(ok, S, torch.ones_like(S))), ok
 
 
