@@ -650,7 +650,8 @@ class FlatEdges(NamedTuple):
     """The existing edges of a batch of ``B`` polygons, flat: one entry per edge, in (polygon, row) order.
 
     Attributes: ``pair`` (E,) the polygon of each edge; ``ds``, ``t_lo``, ``t_hi`` (E,) and ``Gs``, ``e`` (E, 2) as in
-    :class:`PolygonEdges`; ``B`` the number of polygons. The S = 2 mass and moments are sums over these edges
+    :class:`PolygonEdges` (may be None where only the mass is wanted: :func:`flux_log_mass` does not read them);
+    ``B`` the number of polygons. The S = 2 mass and moments are sums over these edges
     (:func:`flux_log_mass`, :func:`edge_moments`), so that a batch costs O(edges), not O(polygons × padded rows),
     and a caller that has the edges without padding (:func:`pyro_cpa.distributions.chunked.flat_pair_edges`)
     need not build the padded (B, F) arrays at all.
