@@ -60,7 +60,11 @@ logsumexp, so log P ≈ −500 keeps ~1e-13 relative accuracy.
     E[u | ω] = −Σ_i r_i g_i,   E[u uᵀ | ω] = I − Σ_i r_i (d_i g_i + μ_i e_i) g_iᵀ  (symmetrised),
 
 μ_i = E[t | t_lo < t < t_hi] = (φ(t_lo) − φ(t_hi))/ΔΦ_i. All in log space: conditional moments never
-underflow. Results are exact to machine precision (quadrature rules chosen to reach ~1e-13).
+underflow. Results are exact to machine precision (quadrature rules chosen to reach ~1e-13). Where the
+covariance E[uuᵀ] − E[u]E[u]ᵀ (or the mean) would cancel (far-out or thin polygons), :func:`centred_moments`
+computes it centred: the cubature above, or the slicing quadrature with each slice's exact 1-D moments, cut at
+``DEFAULT_CENTRED_S_CUTS`` (coarser than the mass's cuts, with the node count of its error model,
+:func:`_centred_num_nodes`).
 
 An empty polygon returns log_mass = -inf, mean = 0, second_moment = 0 (NaN-free).
 """
@@ -85,6 +89,10 @@ DEFAULT_NUM_NODES = 16
 DEFAULT_S_CUTS = (0.0, 0.5, 1.5, 3.5, 7.5, 15.0, 30.0, 50.0)
 # slice-bound levels ±sqrt(2 s), s in DEFAULT_S_CUTS: the Gaussian factor falls by a bounded amount per piece
 DEFAULT_LEVELS = tuple(sorted({sg * math.sqrt(2.0 * s) for s in DEFAULT_S_CUTS for sg in (-1.0, 1.0)}))
+# cuts of the centred-moment slicing (centred_moments): coarser than the mass slicing's, chosen by the error model of
+# _moments_slices (every pair of pieces within DEFAULT_CENTRED_TOL at DEFAULT_NUM_NODES nodes); levels ±sqrt(2 s)
+DEFAULT_CENTRED_S_CUTS = (0.0, 6.0, 16.0, 30.0, 50.0)
+DEFAULT_CENTRED_TOL = 1e-16
 DEFAULT_COV_MAX_AMP = 1e4   # see std_moments_2d
 DEFAULT_MEAN_MAX_AMP = 1e3  # see std_moments_2d
 _R_TINY = 1e-150
@@ -608,6 +616,36 @@ def _log_mass_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     return _segment_logsumexp(nd["integrand"], nd["nb"], nd["B"])
 
 
+_CENTRED_MAX_NODES = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _centred_num_nodes(s_cuts: tuple, tol: float) -> int:
+    r"""The fewest Gauss–Legendre nodes per piece at which the slicing of :func:`_moments_slices`, cut by ``s_cuts``
+    (decay cuts v1 = sqrt(r² + 2 s) and levels ±sqrt(2 s)), meets ``tol`` by its error model.
+
+    Model: on a piece between decay cuts s_k < s_{k+1} the Gaussian factor e^{−v1²/2} falls by at most
+    g_k = s_{k+1} − s_k, and between levels ±sqrt(2 s_j), ±sqrt(2 s_{j+1}) a slice bound's tail factor (φ(x)/|x|
+    beyond the level, Φ is entire) by at most g_j; a piece inside both varies like e^{b t}, t in [−1, 1], with
+    b = (g_k + g_j)/2 and carries a fraction <= e^{−(s_k + s_j)} of the mass. n-node Gauss–Legendre integrates
+    e^{b t} with the relative error c_n b^{2n} · b/(1 − e^{−2b}), c_n = 2^{2n+1} (n!)^4 / ((2n + 1) ((2n)!)^3)
+    (the rule's error term c_n f^{(2n)}(ξ)); the model is the largest of c_n b^{2n} b/(1 − e^{−2b}) e^{−(s_k + s_j)}
+    over all pairs (k, j). The moments' extra factors (s, s², the slices' 1-D moments) are low-degree
+    polynomials and ratios of the same entire functions. Checked against mpmath on far-out polygons in
+    tests/integrate/test_bivariate_centred.py (a coarser cut set, whose model is far above ``tol``, fails there).
+    """
+    gaps = [(a, b - a) for a, b in zip(s_cuts[:-1], s_cuts[1:]) if b > a]
+    for n in range(2, _CENTRED_MAX_NODES + 1):
+        log_cn = ((2 * n + 1) * math.log(2.0) + 4 * math.lgamma(n + 1) - math.log(2 * n + 1)
+                  - 3 * math.lgamma(2 * n + 1))
+        worst = max(log_cn + 2 * n * math.log(bb) + math.log(bb / -math.expm1(-2.0 * bb)) - (sk + sj)
+                    for sk, gk in gaps for sj, gj in gaps for bb in [0.5 * (gk + gj)])
+        if worst <= math.log(tol):
+            return n
+    raise ValueError(f"centred_moments: the cuts s_cuts={s_cuts} need more than {_CENTRED_MAX_NODES} Gauss–Legendre "
+                     f"nodes per piece to meet tol={tol}; use cuts whose gaps are smaller")
+
+
 def _moments_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
     r"""(E[u | ω], Cov[u | ω]) without cancellation, by the slicing quadrature in the frame of the nearest point.
 
@@ -620,7 +658,8 @@ def _moments_slices(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels):
 
     and Cov[u] = R [[Var s, Cov], [Cov, Var y]] Rᵀ with R = [w, w⊥], E[u] = (r + s̄) w + ȳ w⊥. The covariance's
     relative error is ~eps·(1 + r²), the conditioning of the covariance w.r.t. the offsets (E[uuᵀ] − E[u]E[u]ᵀ
-    loses eps·r⁴ instead); the mean has no cancellation (the edge formula −Σ r_i g_i cancels for small
+    loses eps·r⁴ instead), plus the quadrature's error (:func:`_centred_num_nodes` for the cuts of
+    :func:`centred_moments`); the mean has no cancellation (the edge formula −Σ r_i g_i cancels for small
     polygons, whose edge weights r_i ~ 1/width).
     """
     nd = _slice_nodes(Gs, ds, e, t_lo, t_hi, exists, num_nodes, s_cuts, levels)
@@ -906,10 +945,12 @@ def edge_moments(fe: FlatEdges, logP: torch.Tensor, empty: torch.Tensor, whole: 
     return mean, second, cov, ~empty & ~whole & (redo_cov | redo_mean)
 
 
-def centred_moments(sel, *, num_nodes=DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS, levels=DEFAULT_LEVELS):
+def centred_moments(sel, *, s_cuts=DEFAULT_CENTRED_S_CUTS, tol: float = DEFAULT_CENTRED_TOL):
     """(E[u | ω], Cov[u | ω]) without cancellation of the polygons ``sel`` = (Gs, ds, e, t_lo, t_hi, exists) (flat
     batch, padded rows): the small-polygon cubature where it meets its error model, the centred slicing
-    quadrature otherwise (see :func:`std_moments_2d`'s ``cov_max_amp``)."""
+    quadrature otherwise (see :func:`std_moments_2d`'s ``cov_max_amp``), cut at v1 = sqrt(r² + 2 s) and where a
+    slice bound crosses ±sqrt(2 s), s in ``s_cuts``, with the fewest Gauss–Legendre nodes per piece whose error
+    model meets ``tol`` (:func:`_centred_num_nodes`)."""
     cub, _, mc, cc = _cubature_small(*sel, need_moments=True)
     n = cub.shape[0]
     ms, cs = sel[1].new_zeros(n, 2), sel[1].new_zeros(n, 2, 2)
@@ -917,7 +958,10 @@ def centred_moments(sel, *, num_nodes=DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS, 
     if cidx.numel():
         ms, cs = ms.index_put((cidx,), mc), cs.index_put((cidx,), cc)
     if sidx.numel():
-        m_, c_ = _moments_slices(*(x.index_select(0, sidx) for x in sel), num_nodes, s_cuts, levels)
+        s_cuts = tuple(float(s) for s in s_cuts)
+        levels = tuple(sorted({sg * math.sqrt(2.0 * s) for s in s_cuts for sg in (-1.0, 1.0)}))
+        m_, c_ = _moments_slices(*(x.index_select(0, sidx) for x in sel), _centred_num_nodes(s_cuts, tol), s_cuts,
+                                 levels)
         ms, cs = ms.index_put((sidx,), m_), cs.index_put((sidx,), c_)
     return ms, cs
 
@@ -926,15 +970,16 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
                    num_nodes: int = DEFAULT_NUM_NODES, s_cuts=DEFAULT_S_CUTS,
                    owens_nodes: int = DEFAULT_OWENS_T_NODES, levels=DEFAULT_LEVELS,
                    need_moments: bool = True, cov_max_amp: float | None = DEFAULT_COV_MAX_AMP,
-                   mean_max_amp: float = DEFAULT_MEAN_MAX_AMP, edges: PolygonEdges | None = None) -> StandardMoments:
+                   mean_max_amp: float = DEFAULT_MEAN_MAX_AMP, edges: PolygonEdges | None = None,
+                   centred_s_cuts=DEFAULT_CENTRED_S_CUTS) -> StandardMoments:
     r"""Mass and conditional moments of u ~ N(0, I_2) on the polygon {u : G u <= d}, exact.
 
     Args:
         G: (..., F, 2) unit outward normals (padding rows 0). d: (..., F) offsets (padding +inf).
         switch_mass: where the flux formula is ill-conditioned, use the Owen's-T formula if its P >= switch_mass
             and log-space slicing otherwise (switch_mass > 1: slicing everywhere).
-        num_nodes: Gauss–Legendre nodes per piece of the slicing quadrature.
-        s_cuts: extra cuts v1 = sqrt(r² + 2 s) of the slicing range; the last one truncates it.
+        num_nodes: Gauss–Legendre nodes per piece of the slicing quadrature of the mass.
+        s_cuts: extra cuts v1 = sqrt(r² + 2 s) of the mass's slicing range; the last one truncates it.
         owens_nodes: Gauss–Legendre nodes of Owen's T.
         levels: the slicing quadrature is also cut where a line's slice bound crosses these values
             (resolves lines nearly parallel to the slices, and the kinks of exactly parallel ones).
@@ -944,8 +989,9 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
             covariance, i.e. <= 1e-8 at the default 1e4), and a centred computation otherwise (far-out or thin
             polygons): the small-polygon cubature where it meets its error model (``_cubature``: relative error
             ~1e-16 plus the vertices' rounding ~eps |c|/ρ), the centred slicing quadrature elsewhere (relative error
-            ~eps·(1 + r²), r the distance of the polygon from the mean); the mean and second moment of these
-            polygons are taken from the same centred computation.
+            ~eps·(1 + r²), r the distance of the polygon from the mean; cuts ``centred_s_cuts``, node count from
+            their error model, :func:`_centred_num_nodes`); the mean and second moment of these polygons are taken
+            from the same centred computation.
             None: never (the covariance is E[uuᵀ] − E[u]E[u]ᵀ everywhere: enough for callers that only need the
             second moment, e.g. the E-step's sums of E[zzᵀ]; the mean is still made accurate).
         mean_max_amp: where Σ_i r_i > mean_max_amp (1 + |E[u]|) (small polygons: the edge formula −Σ r_i g_i
@@ -954,6 +1000,7 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
             :func:`translate_edges` of one polygon's edges for many translates of it, which skips the O(F²)
             :func:`polygon_edges` per polygon. Taken as given (not checked against G, d); differentiable
             through their t_lo, t_hi, ds, Gs, e as :func:`polygon_edges`' own.
+        centred_s_cuts: the cuts of the centred slicing quadrature (see :func:`centred_moments`).
 
     Returns:
         :class:`StandardMoments` (log_mass (...,), mean (..., 2), second_moment (..., 2, 2),
@@ -962,7 +1009,7 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
     """
     out = _in_chunks(std_moments_2d, G, d, _CHUNK, edges=edges, switch_mass=switch_mass, num_nodes=num_nodes,
                      s_cuts=s_cuts, owens_nodes=owens_nodes, levels=levels, need_moments=need_moments,
-                     cov_max_amp=cov_max_amp, mean_max_amp=mean_max_amp)
+                     cov_max_amp=cov_max_amp, mean_max_amp=mean_max_amp, centred_s_cuts=centred_s_cuts)
     if out is not None:
         return out
     if edges is None:
@@ -980,7 +1027,7 @@ def std_moments_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEF
                                            cov_max_amp=cov_max_amp, mean_max_amp=mean_max_amp)
     idx = redo.nonzero().squeeze(-1)
     if idx.numel():
-        ms, cs = centred_moments(padded.select(idx)[:6], num_nodes=num_nodes, s_cuts=s_cuts, levels=levels)
+        ms, cs = centred_moments(padded.select(idx)[:6], s_cuts=centred_s_cuts)
         mean, second, cov = (x.index_put((idx,), y) for x, y in
                              ((mean, ms), (second, cs + ms.unsqueeze(-1) * ms.unsqueeze(-2)), (cov, cs)))
     mean, second, cov = mean.reshape(batch + (2,)), second.reshape(batch + (2, 2)), cov.reshape(batch + (2, 2))
