@@ -176,12 +176,14 @@ def s1_logsumexp(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 def s1_log_prob(mg, x: torch.Tensor) -> torch.Tensor:
     """Exact log p(x_n) (N,) of fully observed flat data x (N, D) under the S = 1 marginal ``mg`` (global
     partition), without autograd: :func:`s1_terms` and :func:`s1_logsumexp` chunk by chunk (:func:`s1_rows`
-    data at a time, memory O(chunk)). Exactness: module docstring."""
+    data at a time, memory O(chunk)), under ``torch.inference_mode`` (the returned tensor is an ordinary one).
+    Exactness: module docstring."""
     if x.shape[0] == 0:
         return x.new_zeros(0)
     regions = mg.regions
     g, R = s1_setup(mg, regions)
     rows = s1_rows(R, x.shape[-1], mg.chunk_size)
-    with torch.no_grad():
+    with torch.inference_mode():   # no autograd bookkeeping per operation; the result is formed outside it
         parts = [s1_logsumexp(s1_terms(g, x[i:i + rows]))[0] for i in range(0, x.shape[0], rows)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    with torch.no_grad():
+        return parts[0].clone() if len(parts) == 1 else torch.cat(parts)

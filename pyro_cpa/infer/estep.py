@@ -49,6 +49,7 @@ import torch
 
 from .._threads import with_library_threads
 from ..errors import PyroCPAError
+from ..integrate.univariate import _const
 
 
 @dataclass
@@ -168,22 +169,29 @@ def _s1_chunk_stats(regions, xc, wc):
     than 700 nats below the largest are 0: e^-700 relative, :func:`~pyro_cpa.distributions.s1_kernel.s1_logsumexp`,
     the reduction of ``CPAMarginal.log_prob`` for S = 1 too).
     With e = s_x,n e0_nω the sums Σ_n e (m² + C), Σ_n e m, Σ_n e (Z), Σ_n x_n e m, Σ_n x_n e (X) and Σ_n x_n² e (q)
-    are one product [x, x², 1]ᵀ [e (m² + C), e m, e] of (2D + 1, n) and (n, 3R) matrices."""
+    are one product [x, x², 1]ᵀ [e (m² + C), e m, e] of (2D + 1, n) and (n, 3R) matrices.
+
+    The per-pair work runs under ``torch.inference_mode`` (no autograd bookkeeping per operation: the statistics
+    are constants of the M-step; measured ~12 % of the kernel's time on the circle); the returned tensors are formed
+    outside it (the product, and a copy of log p), so they are ordinary tensors (in-place updates, autograd)."""
     from ..distributions.s1_kernel import s1_logsumexp, s1_pairs
 
-    xt = xc.T.contiguous()                                     # (D, n)
-    terms, m, C = s1_pairs(regions, xt)
-    lp, ew, total = s1_logsumexp(terms)
-    ew = ew / total                                            # e0_nω
-    if wc is not None:
-        ew = ew * wc.unsqueeze(-1)                             # s_x,n e0_nω
-    ewm = ew * m
-    n, R = ew.shape
-    D = xt.shape[0]
-    sums = torch.cat([xt, xt.square(), xt.new_ones(1, n)]) @ torch.cat([torch.addcmul(ewm * m, ew, C), ewm, ew], 1)
+    n, D = xc.shape
+    with torch.inference_mode():
+        xT = xc.T
+        xx = torch.cat([xT, xT.square(), _const(1.0, xc).expand(1, n)])      # [x; x²; 1] (2D + 1, n)
+        terms, m, C = s1_pairs(regions, xx[:D])
+        lp, ew, total = s1_logsumexp(terms)
+        ew = ew / total                                            # e0_nω
+        if wc is not None:
+            ew = ew * wc.unsqueeze(-1)                             # s_x,n e0_nω
+        ewm = ew * m
+        R = ew.shape[1]
+        E = torch.cat([torch.addcmul(ewm * m, ew, C), ewm, ew], 1)
+    sums = xx @ E
     Zc = sums[-1].index_select(0, _z_layout(R, sums.device)).view(R, 2, 2)
     Xc = sums[:D, R:].view(D, 2, R).permute(2, 0, 1)          # (R, D, 2): Σ x e [m, 1]
-    return Zc, Xc, sums[D:2 * D, 2 * R:].T, lp
+    return Zc, Xc, sums[D:2 * D, 2 * R:].T, lp.clone()
 
 
 _Z_LAYOUT: dict = {}
@@ -197,8 +205,9 @@ def _z_layout(R: int, device) -> torch.Tensor:
     if out is None:
         if len(_Z_LAYOUT) >= 8:
             _Z_LAYOUT.clear()
-        r = torch.arange(R, device=device)
-        out = _Z_LAYOUT[key] = torch.stack([r, R + r, R + r, 2 * R + r], -1).reshape(-1)
+        with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
+            r = torch.arange(R, device=device)
+            out = _Z_LAYOUT[key] = torch.stack([r, R + r, R + r, 2 * R + r], -1).reshape(-1)
     return out
 
 

@@ -40,7 +40,9 @@ def _gl_nodes(n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.T
     if key not in _GL_CACHE:
         import numpy as np
         x, w = np.polynomial.legendre.leggauss(n)
-        _GL_CACHE[key] = (torch.tensor(x, dtype=dtype, device=device), torch.tensor(w, dtype=dtype, device=device))
+        with torch.inference_mode(False):    # cached tensors are normal tensors (whatever the caller's mode)
+            _GL_CACHE[key] = (torch.tensor(x, dtype=dtype, device=device),
+                              torch.tensor(w, dtype=dtype, device=device))
     return _GL_CACHE[key]
 
 
@@ -170,9 +172,17 @@ vectorised exp down a scalar path ~20× slower, so where an exact 0 matters the 
 (:func:`exp_floored`); elsewhere the floored value differs from the exact one by less than 1e-304 absolute."""
 
 
+_EXP_ZERO_BELOW = math.exp(EXP_FLOOR) * (1.0 + 1e-9)
+""":func:`exp_floored` sets values at or below this to 0: just above e^``EXP_FLOOR`` (whatever the last bit of the
+exp of the clamped arguments), so that every argument <= ``EXP_FLOOR`` gives exactly 0."""
+
+
 def exp_floored(x: torch.Tensor) -> torch.Tensor:
-    """exp(x) for x > ``EXP_FLOOR``, exactly 0 below (where exp(x) < 1e-304), without the slow underflow path."""
-    return torch.exp(x.clamp_min(EXP_FLOOR)) * (x > EXP_FLOOR)
+    """exp(x), exactly 0 for x <= ``EXP_FLOOR`` (where exp(x) < 1e-304), without the slow underflow path: the exp of
+    x clamped at ``EXP_FLOOR``, with results <= e^``EXP_FLOOR``·(1 + 1e-9) set to 0 (``_EXP_ZERO_BELOW``; arguments
+    within 1e-9 above the floor give 0 instead of ~1e-304). NaN stays NaN. Three float operations (a product with a
+    bool mask would cost a dtype promotion)."""
+    return torch.nn.functional.threshold(torch.exp(x.clamp_min(EXP_FLOOR)), _EXP_ZERO_BELOW, 0.0)
 
 
 _TAIL_CACHE: dict = {}
@@ -185,7 +195,8 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     key = (value, like.dtype, str(like.device))
     out = _CONST_CACHE.get(key)
     if out is None:
-        out = _CONST_CACHE[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
+            out = _CONST_CACHE[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
     return out
 
 
@@ -240,35 +251,41 @@ def _tail_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
     """
     key = (dtype, str(device))
     if key not in _TAIL_CACHE:
-        K = _TAIL_TERMS
-        x0 = torch.arange(0.0, _ASYMPTOTIC_FROM + _TAYLOR_STEP / 2, _TAYLOR_STEP, dtype=torch.float64)
-        R1, R2 = _tail_cf(x0.clamp(min=_CF_FROM), _ANCHOR_CF_TERMS)
-        r0, r1 = R1.clone(), -R1 * (R2 - R1)
-        first = int(round(_CF_FROM / _TAYLOR_STEP))
-        h = -_TAYLOR_STEP
-        for i in range(first - 1, -1, -1):      # from anchor i + 1 down to anchor i
-            c = _riccati_series(x0[i + 1], r0[i + 1], r1[i + 1], K + 1)
-            r0[i] = sum(ck * h ** k for k, ck in enumerate(c))
-            r1[i] = sum((k + 1) * c[k + 1] * h ** k for k in range(K))
-        r = _riccati_series(x0, r0, r1, K + 1)
-        taylor = torch.stack(r[:K] + [-(k + 1) * r[k + 1] for k in range(K)], -1)
-        a = [1]  # integers: exact
-        for n in range(1, K):
-            a.append(-(2 * n - 1) * a[n - 1] - sum(a[j] * a[n - 1 - j] for j in range(n)))
-        asym = torch.tensor([float(v) for v in a] + [float((2 * k + 1) * v) for k, v in enumerate(a)],
-                            dtype=torch.float64)
-        coef = torch.cat([taylor, asym.unsqueeze(0)])
-        # the layout of _tail_rv: (2K, M + 1), row 2k = the coefficient of h^k of r, row 2k + 1 that of V; the
-        # asymptotic row in σ = X/x (X = _FAR_FROM): r = σ Σ_k a_k σ^2k / X^(2k+1), V = σ² Σ_k (2k+1) a_k σ^2k / X^(2k+2)
-        X = torch.tensor(_FAR_FROM, dtype=torch.float64)
-        pw = X ** (2 * torch.arange(K, dtype=torch.float64))
-        far_row = torch.cat([asym[:K] / (pw * X), asym[K:] / (pw * X * X)])
-        rows = torch.cat([taylor, far_row.unsqueeze(0)]).reshape(-1, 2, K).permute(2, 1, 0).reshape(2 * K, -1)
-        rows = rows.contiguous()
-        rows = rows.to(dtype=dtype, device=device)
-        _TAIL_CACHE[key] = (x0.to(dtype=dtype, device=device), coef.to(dtype=dtype, device=device), rows,
-                            rows.view(K, 2, -1)[:, 0].contiguous())    # the rows of r alone (need_v=False)
+        with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
+            _build_tail_table(key, dtype, device)
     return _TAIL_CACHE[key][:2]
+
+
+def _build_tail_table(key, dtype: torch.dtype, device: torch.device) -> None:
+    """Builds the cache entry of :func:`_tail_table`."""
+    K = _TAIL_TERMS
+    x0 = torch.arange(0.0, _ASYMPTOTIC_FROM + _TAYLOR_STEP / 2, _TAYLOR_STEP, dtype=torch.float64)
+    R1, R2 = _tail_cf(x0.clamp(min=_CF_FROM), _ANCHOR_CF_TERMS)
+    r0, r1 = R1.clone(), -R1 * (R2 - R1)
+    first = int(round(_CF_FROM / _TAYLOR_STEP))
+    h = -_TAYLOR_STEP
+    for i in range(first - 1, -1, -1):      # from anchor i + 1 down to anchor i
+        c = _riccati_series(x0[i + 1], r0[i + 1], r1[i + 1], K + 1)
+        r0[i] = sum(ck * h ** k for k, ck in enumerate(c))
+        r1[i] = sum((k + 1) * c[k + 1] * h ** k for k in range(K))
+    r = _riccati_series(x0, r0, r1, K + 1)
+    taylor = torch.stack(r[:K] + [-(k + 1) * r[k + 1] for k in range(K)], -1)
+    a = [1]  # integers: exact
+    for n in range(1, K):
+        a.append(-(2 * n - 1) * a[n - 1] - sum(a[j] * a[n - 1 - j] for j in range(n)))
+    asym = torch.tensor([float(v) for v in a] + [float((2 * k + 1) * v) for k, v in enumerate(a)],
+                        dtype=torch.float64)
+    coef = torch.cat([taylor, asym.unsqueeze(0)])
+    # the layout of _tail_rv: (2K, M + 1), row 2k = the coefficient of h^k of r, row 2k + 1 that of V; the
+    # asymptotic row in σ = X/x (X = _FAR_FROM): r = σ Σ_k a_k σ^2k / X^(2k+1), V = σ² Σ_k (2k+1) a_k σ^2k / X^(2k+2)
+    X = torch.tensor(_FAR_FROM, dtype=torch.float64)
+    pw = X ** (2 * torch.arange(K, dtype=torch.float64))
+    far_row = torch.cat([asym[:K] / (pw * X), asym[K:] / (pw * X * X)])
+    rows = torch.cat([taylor, far_row.unsqueeze(0)]).reshape(-1, 2, K).permute(2, 1, 0).reshape(2 * K, -1)
+    rows = rows.contiguous()
+    rows = rows.to(dtype=dtype, device=device)
+    _TAIL_CACHE[key] = (x0.to(dtype=dtype, device=device), coef.to(dtype=dtype, device=device), rows,
+                        rows.view(K, 2, -1)[:, 0].contiguous())    # the rows of r alone (need_v=False)
 
 
 def _tail_rv(y: torch.Tensor, need_v: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -336,34 +353,35 @@ def _one_sided(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def _narrow_constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T (2, n), W (n, 3)) of :func:`_narrow_stats` for the ``_MOMENT_NODES`` Gauss–Legendre nodes t_i and weights
-    w_i: T = [−t/4; −t²/8] (the exponent as a product with [(a + b)(b − a), (b − a)²]) and W = κ [w, w t/2, w t²/4]
+    """(T (n, 2), W (3, n)) of :func:`_narrow_stats` for the ``_MOMENT_NODES`` Gauss–Legendre nodes t_i and weights
+    w_i: T = [−t/4, −t²/8] (the exponent as a product with [(a + b)(b − a); (b − a)²]) and W = κ [w; w t/2; w t²/4]
     with κ = 1/(2√(2π)) (the three moments as one product; the powers of 2 are exact)."""
     key = ("narrow", dtype, str(device))
     if key not in _GL_CACHE:
-        t, w = _gl_nodes(_MOMENT_NODES, torch.float64, torch.device("cpu"))
-        T = torch.stack([-0.25 * t, -0.125 * t * t])
-        W = torch.stack([w, 0.5 * w * t, 0.25 * w * t * t], -1) * (0.5 / math.sqrt(2.0 * math.pi))
-        _GL_CACHE[key] = (T.to(dtype=dtype, device=device), W.to(dtype=dtype, device=device))
+        with torch.inference_mode(False):    # normal tensors, whatever the caller's mode
+            t, w = _gl_nodes(_MOMENT_NODES, torch.float64, torch.device("cpu"))
+            T = torch.stack([-0.25 * t, -0.125 * t * t], -1)
+            W = torch.stack([w, 0.5 * w * t, 0.25 * w * t * t]) * (0.5 / math.sqrt(2.0 * math.pi))
+            _GL_CACHE[key] = (T.to(dtype=dtype, device=device).contiguous(), W.to(dtype=dtype, device=device))
     return _GL_CACHE[key]
 
 
 def _narrow_stats(width: torch.Tensor, total: torch.Tensor, moments: bool = True) -> torch.Tensor:
     """Log mass, mean and variance (stacked, (3, n)) of N(0, 1) on (a, b) by Gauss–Legendre, from the width b − a
-    and a + b.
+    and a + b (either sign).
 
     With mid = (a + b)/2, half = (b − a)/2 and u = mid + half·t the density is φ(mid) q(t), q(t) =
     exp(−mid·half·t − half² t²/2), on t ∈ [−1, 1], smooth at the scale of the interval when
     half·max(1, |mid|) <= 1 (then |log q| <= 3/2: no overflow or underflow). With nodes t_i, weights w_i and
-    M_k = Σ w_i q(t_i) t_i^k (one (n, 10) @ (10, 3) product): log P = log(b − a) − log 2 + log φ(mid) + log M₀,
-    E[t] = t̄ = M₁/M₀ and Var[u] = half² (M₂/M₀ − t̄²). The subtraction loses less than one bit: over the
-    admissible (mid·half, half²), t̄² <= 0.27 M₂/M₀ (measured on a grid with 40 nodes). The log of the width is
-    taken on its own (half underflows to 0 for a width of one subnormal ulp). ``moments=False``: log P alone,
-    (1, n), from the same product (the same value).
+    M_k = Σ w_i q(t_i) t_i^k (products (10, 2) @ (2, n) for the exponents and (3, 10) @ (10, n) for the
+    moments): log P = log(b − a) − log 2 + log φ(mid) + log M₀, E[t] = t̄ = M₁/M₀ and Var[u] = half² (M₂/M₀ − t̄²).
+    The subtraction loses less than one bit: over the admissible (mid·half, half²), t̄² <= 0.27 M₂/M₀ (measured on
+    a grid with 40 nodes). The log of the width is taken on its own (half underflows to 0 for a width of one
+    subnormal ulp). ``moments=False``: log P alone, (1, n), from the same products (the same value).
     """
     T, W = _narrow_constants(width.dtype, width.device)
     w2 = width * width
-    m0, m1, m2 = (torch.exp(torch.stack([total * width, w2]).T @ T) @ W).unbind(1)   # κ M₀, κ M₁/2, κ M₂/4
+    m0, m1, m2 = (W @ torch.exp(T @ torch.stack([total * width, w2]))).unbind(0)   # κ M₀, κ M₁/2, κ M₂/4
     log_mass = torch.addcmul(torch.log(width) + torch.log(m0), total, total, value=-0.125)
     if not moments:
         return log_mass.unsqueeze(0)
@@ -372,14 +390,18 @@ def _narrow_stats(width: torch.Tensor, total: torch.Tensor, moments: bool = True
     return torch.stack([log_mass, torch.addcmul(0.5 * total, width, tbar), var])
 
 
-def _signed_mixture(a: torch.Tensor, b: torch.Tensor, moments: bool = True) -> torch.Tensor:
-    """Log mass, mean and variance (stacked, (3, n)) of N(0, 1) on (a, b), |a| <= b <= ∞, a finite and not
-    narrow: the "[a, ∞) minus [b, ∞)" formulas of :func:`interval_stats`, with the one-sided functions of both
-    end points from one table evaluation (:func:`_tail_functions`). An end point b > 2|a| + ``_FAR_WIDTH``
-    (b = +∞ included) is replaced by 2|a| + ``_FAR_WIDTH``: e is exactly 0 either way, which gives the one-sided
-    answer. ``moments=False``: log P alone, (1, n), by the same operations (the same value; no V, r, mean or
-    variance work)."""
-    n = a.shape[0]
+def _signed_mixture(alpha: torch.Tensor, beta: torch.Tensor, moments: bool = True) -> torch.Tensor:
+    """Log mass, mean and variance (stacked, (3, n)) of N(0, 1) on (α, β), α < β, not the whole line and not
+    narrow: the "[a, ∞) minus [b, ∞)" formulas of :func:`interval_stats` on the reflected interval (a, b) =
+    (−β, −α) where α + β < 0 (i.e. |α| > |β|), else (α, β), so that |a| <= b <= ∞ and a is finite; the mean is
+    reflected back. The one-sided functions of both end points come from one table evaluation
+    (:func:`_tail_functions`). An end point b > 2|a| + ``_FAR_WIDTH`` (b = +∞ included) is replaced by
+    2|a| + ``_FAR_WIDTH``: e is exactly 0 either way, which gives the one-sided answer. ``moments=False``: log P
+    alone, (1, n), by the same operations (the same value; no V, r, mean or variance work)."""
+    n = alpha.shape[0]
+    flip = (alpha + beta) < 0         # the sign of a rounded sum is exact
+    a = torch.where(flip, -beta, alpha)
+    b = torch.where(flip, -alpha, beta)
     abs_a = a.abs()
     b = torch.minimum(b, torch.add(_const(_FAR_WIDTH, a), abs_a, alpha=2.0))
     lam, r, V, log_q, log_phi = _tail_functions(torch.cat([abs_a, b]), moments)
@@ -404,7 +426,7 @@ def _signed_mixture(a: torch.Tensor, b: torch.Tensor, moments: bool = True) -> t
     D = wr - r_a                                      # = λ_b − λ_a (both signs of a: no cancellation beyond eps·|a|)
     eD = e * D
     var = torch.addcmul(torch.addcmul(V_a, e, V_b, value=-1.0), eD, D / om, value=-1.0) / om
-    return torch.stack([log_q_a + torch.log1p(-e), mean, var])
+    return torch.stack([log_q_a + torch.log1p(-e), torch.where(flip, -mean, mean), var])
 
 
 def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None = None
@@ -449,6 +471,26 @@ def interval_log_mass(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return _interval(alpha, beta, None, False)
 
 
+_ARANGE: dict = {}
+_ARANGE_MAX = 1 << 20
+"""The cached index ranges of :func:`_indices` (one per device) grow up to this many entries (8 MB of int64)."""
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    """The positions of the True entries of the 1-D ``mask``, ascending (``mask.nonzero().view(-1)``), by a
+    ``masked_select`` of a cached range (measured 1.6x faster than ``nonzero`` at 8,000 entries on CPU)."""
+    n = mask.shape[0]
+    if n > _ARANGE_MAX:
+        return torch.arange(n, device=mask.device).masked_select(mask)
+    key = str(mask.device)
+    rng = _ARANGE.get(key)
+    if rng is None or rng.shape[0] < n:
+        with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
+            rng = _ARANGE[key] = torch.arange(min(_ARANGE_MAX, max(n, 2 * (0 if rng is None else rng.shape[0]),
+                                                                   1024)), device=mask.device)
+    return rng[:n].masked_select(mask)
+
+
 def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None, moments: bool):
     """:func:`interval_stats` (``moments``) or :func:`interval_log_mass` (not ``moments``; ``log_mass`` None)."""
     if not alpha.is_floating_point():
@@ -461,24 +503,25 @@ def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | 
         alpha, beta = torch.broadcast_tensors(alpha, beta)
     shape = alpha.shape
     alpha, beta = alpha.reshape(-1), beta.reshape(-1)
-    nonempty = alpha < beta
+    # The reflection (α, β) -> (−β, −α) (where |α| > |β|, i.e. α + β < 0) keeps the width b − a = β − α and
+    # takes a + b to |α + β| (exactly: it negates both end points), so the regimes are decided without it.
+    width = beta - alpha                                 # > 0 exactly when α < β (NaN when both are the same ∞)
+    total = alpha + beta                                 # NaN only for the whole line (−∞, ∞) (or (∞, −∞))
+    spread = width * total.abs().clamp_min(2.0)          # 4·half·max(1, |mid|); NaN for the whole line
+    narrow = (spread <= 4.0 * _MOMENT_NARROW) & (width > 0)   # half·max(1, |mid|) <= 1; an infinite end: False
+    wide = spread > 4.0 * _MOMENT_NARROW                 # implies α < β and not the whole line
     if given:
-        nonempty = nonempty & ~torch.isneginf(log_mass.reshape(-1))
-    abs_a, abs_b = alpha.abs(), beta.abs()
-    flip = abs_a > abs_b
-    a = torch.where(flip, -beta, alpha)
-    b = torch.maximum(abs_a, abs_b)                      # = where(flip, −α, β) on the non-empty entries
-    finite = a > -math.inf                               # a = −∞ only for the whole line (|a| <= |b|)
-    ok = nonempty & finite
-    width, total = b - a, a + b                          # inf / nan off the finite entries: only compared there
-    narrow = ok & (width * total.clamp_min(2.0) <= 4.0 * _MOMENT_NARROW)   # half·max(1, mid) <= 1; b = ∞: False
-    groups = [(sel.nonzero().view(-1), fn, args) for sel, fn, args in
-              ((narrow, _narrow_stats, (width, total)), (ok ^ narrow, _signed_mixture, (a, b)))]
+        live = ~torch.isneginf(log_mass.reshape(-1))
+        narrow, wide = narrow & live, wide & live
+    groups = [(_indices(sel), fn, args) for sel, fn, args in
+              ((narrow, _narrow_stats, (width, total)), (wide, _signed_mixture, (alpha, beta)))]
     if sum(idx.numel() for idx, _, _ in groups) == alpha.shape[0]:
         out = alpha.new_empty((3 if moments else 1,) + alpha.shape)        # every entry is overwritten below
-    else:  # the empty and whole-line answers; from a, so that autograd sees the inputs
-        whole = nonempty & ~finite
-        base = torch.where(ok, a, 0.0)
+    else:  # the empty and whole-line answers; from the width β − α, so that autograd sees both inputs
+        whole = torch.isnan(total) & (width > 0)         # α = −∞, β = ∞
+        if given:
+            whole = whole & live
+        base = torch.where(narrow | wide, width, 0.0)
         lp0 = torch.where(whole, base, -math.inf)
         out = torch.stack([lp0, base, torch.where(whole, 1.0, base)]) if moments else lp0.unsqueeze(0)
     for idx, fn, args in groups:
@@ -487,7 +530,6 @@ def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | 
     if not moments:
         return out[0].reshape(shape)
     lp, mean, var = out.unbind(0)
-    mean = torch.where(flip, -mean, mean)
     return log_mass if given else lp.reshape(shape), mean.reshape(shape), var.reshape(shape)
 
 
