@@ -315,7 +315,9 @@ def flat_batch_moments(poly: RegionPolygons, tmpl: EdgeTemplate, pairs: torch.Te
     :func:`~pyro_cpa.integrate.bivariate.std_moments_2d` calls. The same formulas and decisions as
     ``integrate_whitened(..., edges=pair_edges(...))``: masses equal to the last bit, moments to rounding (their
     edge sums are taken per pair in edge order). Returns the moments and the pairs (flat indices) whose moments
-    must be replaced by :func:`centred_pair_moments` (for a whole chunk at once)."""
+    must be replaced by :func:`centred_pair_moments` (for a whole chunk at once) — without ``need_moments``, the
+    pairs whose mass must be replaced by :func:`fallback_pair_log_mass` (their flux mass is not trusted; the few
+    of a whole chunk in one call)."""
     rows = pairs % R
     fe = flat_pair_edges(tmpl, pairs, rows, loc, d, need_normals=need_moments)
     empty, whole = poly.edges.empty.index_select(0, rows), poly.edges.whole.index_select(0, rows)
@@ -326,12 +328,12 @@ def flat_batch_moments(poly: RegionPolygons, tmpl: EdgeTemplate, pairs: torch.Te
         return pair_edges(poly, rows.index_select(0, sub), loc.index_select(0, pr), d.index_select(0, pr))[:6]
 
     rest = (~empty & ~whole & ~ok).nonzero().squeeze(-1)
-    if rest.numel():
+    if need_moments and rest.numel():
         logP = logP.index_put((rest,), log_mass_fallback(padded(rest), rest))
     logP = torch.where(whole, torch.zeros_like(logP), logP)
     logP = torch.where(empty, torch.full_like(logP, -math.inf), logP)
-    if not need_moments:
-        return PolytopeMoments(logP, None, None, torch.zeros_like(logP)), pairs[:0]
+    if not need_moments:   # the fallback masses are left to the caller (fallback_pair_log_mass, once per chunk)
+        return PolytopeMoments(logP, None, None, torch.zeros_like(logP)), pairs.index_select(0, rest)
     m_u, _, cov_u, redo = edge_moments(fe, logP, empty | torch.isneginf(logP), whole,
                                        cov_max_amp=DEFAULT_COV_MAX_AMP if centred_covariance else None)
     return _to_z(PolytopeMoments(logP, m_u, cov_u, torch.zeros_like(logP)), loc.index_select(0, pairs),
@@ -342,6 +344,15 @@ def _to_z(std: PolytopeMoments, loc: torch.Tensor, L: torch.Tensor) -> PolytopeM
     """The moments of z = μ + L u from those of u (as :func:`~pyro_cpa.integrate.integrate_whitened`)."""
     mean = loc + (L @ std.mean.unsqueeze(-1)).squeeze(-1)
     return std._replace(mean=mean, covariance=L @ std.covariance @ L.transpose(-1, -2))
+
+
+def fallback_pair_log_mass(poly: RegionPolygons, pairs: torch.Tensor, R: int, loc: torch.Tensor,
+                           d: torch.Tensor) -> torch.Tensor:
+    """log P of the pairs ``pairs`` whose flux mass :func:`flat_batch_moments` did not trust
+    (:func:`~pyro_cpa.integrate.bivariate.log_mass_fallback` on their padded edges), all of a chunk's at once: one
+    call instead of one per batch (each pair's value depends on that pair alone)."""
+    edges = pair_edges(poly, pairs % R, loc.index_select(0, pairs), d.index_select(0, pairs))
+    return log_mass_fallback(edges[:6], torch.arange(pairs.numel(), device=pairs.device))
 
 
 def centred_pair_moments(poly: RegionPolygons, pairs: torch.Tensor, R: int, loc: torch.Tensor,
@@ -451,11 +462,14 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
                     out[k].index_put_((idx,), getattr(mom, k))
                 redo.append(rd)
                 batches.append(_Batch(idx + start * R, F, None))
+            # the batches' flagged pairs, all at once: centred moments (need_moments), else fallback masses
             redo = torch.cat(redo) if redo else plain
-            if redo.numel():
+            if redo.numel() and need_moments:
                 mean, cov = centred_pair_moments(poly, redo, R, loc_flat, L_flat, d_flat)
                 out["mean"].index_put_((redo,), mean)
                 out["covariance"].index_put_((redo,), cov)
+            elif redo.numel():
+                out["log_mass"].index_put_((redo,), fallback_pair_log_mass(poly, redo, R, loc_flat, d_flat))
         if group:  # pairs by their region's real facet count f (in index order), integrated on the first f rows
             key = facets.index_select(0, flat % R)
             groups = [(f, flat[key == f]) for f, size in enumerate(torch.bincount(key, minlength=F + 1).tolist())
