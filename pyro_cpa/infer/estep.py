@@ -188,27 +188,14 @@ def _s1_chunk_stats(regions, xc, wc):
         ewm = ew * m
         R = ew.shape[1]
         E = torch.cat([torch.addcmul(ewm * m, ew, C), ewm, ew], 1)
-    sums = xx @ E
-    Zc = sums[-1].index_select(0, _z_layout(R, sums.device)).view(R, 2, 2)
-    Xc = sums[:D, R:].view(D, 2, R).permute(2, 0, 1)          # (R, D, 2): Σ x e [m, 1]
-    return Zc, Xc, sums[D:2 * D, 2 * R:].T, lp.clone()
-
-
-_Z_LAYOUT: dict = {}
-
-
-def _z_layout(R: int, device) -> torch.Tensor:
-    """Indices (4R,) that take [Σ e (m² + C), Σ e m, Σ e] (3R,) to Z (R, 2, 2) = [[Σ e (m² + C), Σ e m],
-    [Σ e m, Σ e]] per region (the last few R cached)."""
-    key = (R, str(device))
-    out = _Z_LAYOUT.get(key)
-    if out is None:
-        if len(_Z_LAYOUT) >= 8:
-            _Z_LAYOUT.clear()
-        with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
-            r = torch.arange(R, device=device)
-            out = _Z_LAYOUT[key] = torch.stack([r, R + r, R + r, 2 * R + r], -1).reshape(-1)
-    return out
+    sums = xx @ E      # (2D + 1, 3R): rows x_d, x_d², 1; columns Σ e (m² + C), Σ e m, Σ e of each region
+    s0, s1 = sums.stride()
+    # views by their strides (one operation each): Z_ω = [[S2, S1], [S1, S0]] of the last row (S1 read twice, so
+    # copied), X_ω = Σ x e [m, 1] and q_ω = Σ x² e
+    Zc = sums.as_strided((R, 2, 2), (s1, R * s1, R * s1), 2 * D * s0).contiguous()
+    Xc = sums.as_strided((R, D, 2), (s1, s0, R * s1), R * s1)
+    qc = sums.as_strided((R, D), (s1, s0), D * s0 + 2 * R * s1)
+    return Zc, Xc, qc, lp.clone()
 
 
 def _use_s1_kernel(marginal) -> bool:
@@ -290,7 +277,7 @@ def e_step(marginal, x: torch.Tensor, chunk_size: int | None = None, weights=Non
             sliced = idx is None  # idx = 0..N−1: slices instead of gathers
             for start in range(0, N if sliced else idx.shape[0], rows):
                 ic = slice(start, start + rows) if sliced else idx[start:start + rows]
-                xc = flat[ic]
+                xc = flat if sliced and rows >= N else flat[ic]
                 oc = None if complete else observed[ic]
                 wc = None if w_obs is None else w_obs[ic]
                 if s1 and (oc is None or bool(oc.all())):

@@ -495,11 +495,12 @@ def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | 
     """:func:`interval_stats` (``moments``) or :func:`interval_log_mass` (not ``moments``; ``log_mass`` None)."""
     if not alpha.is_floating_point():
         alpha = alpha.to(beta.dtype if beta.is_floating_point() else torch.get_default_dtype())
-    beta = beta.to(alpha.dtype)
+    if beta.dtype != alpha.dtype:
+        beta = beta.to(alpha.dtype)
     given = log_mass is not None
     if given:
         alpha, beta, log_mass = torch.broadcast_tensors(alpha, beta, log_mass)
-    else:
+    elif alpha.shape != beta.shape:
         alpha, beta = torch.broadcast_tensors(alpha, beta)
     shape = alpha.shape
     alpha, beta = alpha.reshape(-1), beta.reshape(-1)
@@ -528,9 +529,9 @@ def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | 
         if idx.numel():   # fresh tensor: in place is safe
             out.index_copy_(1, idx, fn(*(t.index_select(0, idx) for t in args), moments))
     if not moments:
-        return out[0].reshape(shape)
-    lp, mean, var = out.unbind(0)
-    return log_mass if given else lp.reshape(shape), mean.reshape(shape), var.reshape(shape)
+        return out.view(shape)
+    lp, mean, var = out.view((3,) + shape).unbind(0)
+    return log_mass if given else lp, mean, var
 
 
 def interval_moments(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None = None
