@@ -182,7 +182,7 @@ def exp_floored(x: torch.Tensor) -> torch.Tensor:
     x clamped at ``EXP_FLOOR``, with results <= e^``EXP_FLOOR``·(1 + 1e-9) set to 0 (``_EXP_ZERO_BELOW``; arguments
     within 1e-9 above the floor give 0 instead of ~1e-304). NaN stays NaN. Three float operations (a product with a
     bool mask would cost a dtype promotion)."""
-    return torch.nn.functional.threshold(torch.exp(x.clamp_min(EXP_FLOOR)), _EXP_ZERO_BELOW, 0.0)
+    return torch.threshold(torch.exp(x.clamp_min(EXP_FLOOR)), _EXP_ZERO_BELOW, 0.0)
 
 
 _TAIL_CACHE: dict = {}
@@ -192,7 +192,7 @@ _CONST_CACHE: dict = {}
 def _const(value: float, like: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor ``value`` in ``like``'s dtype and device (cached: one tensor operation fewer per use, where a
     constant is the first argument of addcmul, add or div)."""
-    key = (value, like.dtype, str(like.device))
+    key = (value, like.dtype, like.device)
     out = _CONST_CACHE.get(key)
     if out is None:
         with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
@@ -249,7 +249,7 @@ def _tail_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
     Σ_{j+l=n−1} a_j a_l (1, −2, 10, −74, 706, ...), so x r = Σ_k a_k y^k and x² V = Σ_k (2k + 1) a_k y^k (first
     omitted terms at x = 64: 9e-20 and 1.3e-18). Columns: K coefficients of r, then K of V.
     """
-    key = (dtype, str(device))
+    key = (dtype, device)
     if key not in _TAIL_CACHE:
         with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
             _build_tail_table(key, dtype, device)
@@ -295,8 +295,10 @@ def _tail_rv(y: torch.Tensor, need_v: bool = True) -> tuple[torch.Tensor, torch.
     asymptotic row in σ = X/y (r = σ P(σ²), V = σ² Q(σ²); σ = 1 on the Taylor rows, no overflow); both
     polynomials by Horner's rule on one (2, n) stack. ``need_v=False``: r alone (V None), by the same
     elementwise operations on the rows of r, so r is the same value either way."""
-    _tail_table(y.dtype, y.device)
-    cache = _TAIL_CACHE[(y.dtype, str(y.device))]
+    cache = _TAIL_CACHE.get((y.dtype, y.device))
+    if cache is None:
+        _tail_table(y.dtype, y.device)
+        cache = _TAIL_CACHE[(y.dtype, y.device)]
     coef = cache[2 if need_v else 3]
     K, M = _TAIL_TERMS, coef.shape[1] - 1
     k = (y * (1.0 / _TAYLOR_STEP)).round().clamp_max(M)        # M: the asymptotic row (y > X)
@@ -356,7 +358,7 @@ def _narrow_constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.T
     """(T (n, 2), W (3, n)) of :func:`_narrow_stats` for the ``_MOMENT_NODES`` Gauss–Legendre nodes t_i and weights
     w_i: T = [−t/4, −t²/8] (the exponent as a product with [(a + b)(b − a); (b − a)²]) and W = κ [w; w t/2; w t²/4]
     with κ = 1/(2√(2π)) (the three moments as one product; the powers of 2 are exact)."""
-    key = ("narrow", dtype, str(device))
+    key = ("narrow", dtype, device)
     if key not in _GL_CACHE:
         with torch.inference_mode(False):    # normal tensors, whatever the caller's mode
             t, w = _gl_nodes(_MOMENT_NODES, torch.float64, torch.device("cpu"))
@@ -482,7 +484,7 @@ def _indices(mask: torch.Tensor) -> torch.Tensor:
     n = mask.shape[0]
     if n > _ARANGE_MAX:
         return torch.arange(n, device=mask.device).masked_select(mask)
-    key = str(mask.device)
+    key = mask.device
     rng = _ARANGE.get(key)
     if rng is None or rng.shape[0] < n:
         with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
