@@ -64,7 +64,9 @@ class EM:
     ended with when nothing changed in between, :class:`~pyro_cpa.infer.em_engine.EStepCache`). The decoder
     is updated in place and σx is written to its Pyro param (EM keeps σx as the store gives it back through
     the param's constraint), so the model, the parameter store and ``decoder.state_dict()`` always hold the
-    current state: resuming from them continues the same trajectory. In particular, after
+    current state: resuming from them continues the same trajectory (except, for ``schedule="joint"`` and the
+    gradient M-step, the line search's first trial length, which EM keeps in memory: a resumed run starts it at 1, not
+    at the last step's :attr:`~pyro_cpa.infer.em_engine.EMStepResult.next_step_size`). In particular, after
     ``pyro.get_param_store().load(path)`` with a newly built decoder registered by ``pyro.module(name,
     decoder)`` (no ``update_module_params`` needed), EM reads the decoder's weights from the store
     entries ``f"{name}$$$..."`` before each step (overwriting the decoder object's own values) and writes
@@ -126,6 +128,8 @@ class EM:
         self.distributed = distributed
         self.history: list[EMStepResult] = []
         self._cache = EStepCache()   # each step starts from the previous step's final E-step when nothing changed
+        # the line search's first trial length: the last step's EMStepResult.next_step_size ("joint", "gradient")
+        self._initial_step = float(self.em_kwargs.pop("initial_step", 1.0))
 
     def _structure(self, *args, **kwargs):
         try:
@@ -205,7 +209,8 @@ class EM:
                          update_obs_scale=self.update_obs_scale, weights=self._weights(structure),
                          process_group=group, cache=self._cache,
                          obs_scale_roundtrip=self._roundtrip(structure) if self.update_obs_scale else None,
-                         **self.em_kwargs)
+                         initial_step=self._initial_step, **self.em_kwargs)
+        self._initial_step = result.next_step_size
         self._write_back()
         if self.update_obs_scale:
             store = pyro.get_param_store()

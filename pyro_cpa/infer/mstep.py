@@ -147,13 +147,17 @@ def expected_complete_loglik(params: Sequence[tuple[torch.Tensor, torch.Tensor]]
     ∇Q(θ_old) = ∇ Σ_n log p(x_n; θ_old) (Fisher's identity).
     """
     params = list(params)
-    ref = params[-1][0]
     rm = frozen_region_maps(params, net.activations, patterns)
-    D, S = rm.A.shape[1], rm.A.shape[2]
-    sx2 = _as_var(obs_var, D, ref)
-    sz2 = _as_var(prior_var, S, ref)
+    return surrogate_of_region_maps(rm.A, rm.b, stats, obs_var, prior_var)
+
+
+def surrogate_of_region_maps(A: torch.Tensor, b: torch.Tensor, stats: EStepStats, obs_var, prior_var) -> torch.Tensor:
+    """Q of :func:`expected_complete_loglik` given the frozen region maps A (R, D, S), b (R, D) of the parameters."""
+    D, S = A.shape[1], A.shape[2]
+    sx2 = _as_var(obs_var, D, A)
+    sz2 = _as_var(prior_var, S, A)
     N = stats.num_data
-    r = expected_sq_residual(rm.A, rm.b, stats)
+    r = expected_sq_residual(A, b, stats)
     zz = torch.diagonal(stats.Z[:, :S, :S], dim1=-2, dim2=-1).sum(0)
     log2pi = math.log(2.0 * math.pi)
     return -0.5 * ((N * (log2pi + sx2.log()) + r / sx2).sum() + (N * (log2pi + sz2.log()) + zz / sz2).sum())
@@ -392,7 +396,7 @@ def _damped_prox_solve_dense_kron(G, M: torch.Tensor, B: torch.Tensor, w_old: to
 def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, *,
                  rcond: float = DEFAULT_RCOND, dense_max: int = DEFAULT_DENSE_MAX,
                  solver: str = "auto", cg_iters: int = CG_ITERS,
-                 cg_gain_rtol: float = CG_GAIN_RTOL) -> tuple[torch.Tensor, torch.Tensor]:
+                 cg_gain_rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximiser of Q over layer l's (W_l, v_l), the other layers and σx² fixed (module docstring): exact in
     every direction whose Jacobi-scaled curvature exceeds ``rcond`` (:func:`_damped_prox_solve`).
 
@@ -419,7 +423,8 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     n, m = a * bdim, R * D * (S + 1)
     if solver == "cg" or (solver == "auto" and min(n, m) >= CG_AUTO_MIN_UNKNOWNS):
         Phi, Psi, d = _layer_factors(Pt, F, lam_x, stats)
-        Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, cg_iters, cg_gain_rtol)
+        Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, cg_iters,
+                                 CG_GAIN_RTOL if cg_gain_rtol is None else cg_gain_rtol)
         return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
     if min(n, m) > dense_max:
         raise PyroCPAError(

@@ -122,26 +122,56 @@ def test_reused_e_step_gives_the_recomputed_trajectory_bit_for_bit():
     assert [r.e_step_reused for r in a] == [False, True, True, True] and not any(r.e_step_reused for r in b)
 
 
-def test_joint_step_evaluates_its_full_step_by_an_e_step_the_next_step_reuses():
-    """schedule="joint" with a cache: the full step t = 1 is evaluated by an E-step; when it is accepted the next
-    step starts from it (no E-step of its own), when it is not the next full step is checked by a likelihood.
-    The trajectory is bit for bit that of evaluating every trial by a likelihood (no cache), and the returned NLLs
-    are fresh exact evaluations."""
-    x = noisy_circle(90, seed=2)
-    (a, pa, sa, dec), (b, pb, sb, _) = _with_and_without_cache(x, 5, schedule="joint")
+def _check_joint_evaluations(a, b, every_trial: bool):
+    """Runs with (a) and without (b) a cache: the same trajectory bit for bit; with the cache, the accepted E-step
+    trial is the next step's E-step. ``every_trial``: every trial is an E-step (S = 1); else only the first trial,
+    when the previous step accepted its first trial."""
     assert [(r.nll_before, r.nll_after, r.backtracks) for r in a] == [(r.nll_before, r.nll_after, r.backtracks)
                                                                        for r in b]
-    assert all(torch.equal(u, v) for u, v in zip(pa, pb)) and torch.equal(sa, sb)
-    full = [r.accepted and r.backtracks == 0 for r in a]
-    assert any(full[:-1])
-    # reused after an accepted full step, and after a rejected step (θ_old restored: its own E-step)
-    assert [r.e_step_reused for r in a] == [False] + [f or not r.accepted for f, r in zip(full[:-1], a[:-1])]
-    for prev, r in zip([None] + a[:-1], a):   # E-steps: the start unless reused, plus the full trial when due
-        due = prev is None or (prev.accepted and prev.backtracks == 0)
-        assert r.e_steps == (0 if r.e_step_reused else 1) + (1 if due else 0)
-        assert r.log_prob_evals == len(r.nll_trials) - (1 if due else 0)
+    kept = []   # whether the step kept an E-step trial
+    for prev, r in zip([None] + a[:-1], a):
+        due = prev is None or every_trial or (prev.accepted and prev.backtracks == 0)
+        trials = len(r.nll_trials) if every_trial else (1 if due else 0)
+        assert r.e_steps == (0 if r.e_step_reused else 1) + trials
+        assert r.log_prob_evals == len(r.nll_trials) - trials
+        kept.append(r.accepted and (every_trial or (due and r.backtracks == 0)))
+    # reused after an accepted E-step trial, and after a rejected step (θ_old restored: its own E-step)
+    assert [r.e_step_reused for r in a] == [False] + [f or not r.accepted for f, r in zip(kept[:-1], a[:-1])]
     assert not any(r.e_step_reused for r in b) and all(r.e_steps == 1 for r in b)
+
+
+def test_joint_step_evaluates_its_trials_by_e_steps_the_next_step_reuses():
+    """schedule="joint" with a cache, S = 1: every trial is an E-step (the fused S = 1 kernel gives the moments with
+    the likelihood), so every accepted step leaves the next step's E-step. The trajectory is bit for bit that of
+    evaluating every trial by a likelihood (no cache), and the returned NLLs are fresh exact evaluations."""
+    x = noisy_circle(90, seed=2)
+    (a, pa, sa, dec), (b, pb, sb, _) = _with_and_without_cache(x, 5, schedule="joint")
+    assert all(torch.equal(u, v) for u, v in zip(pa, pb)) and torch.equal(sa, sb)
+    assert any(r.backtracks > 0 for r in a) and any(r.accepted and r.backtracks == 0 for r in a[:-1])
+    _check_joint_evaluations(a, b, every_trial=True)
+    assert all(r.e_step_reused for r in a[1:])
     assert abs(_nll(dec, sa, torch.tensor(1.0), x) - a[-1].nll_after) < NLL_RTOL * abs(a[-1].nll_after)
+
+
+def test_joint_step_s2_evaluates_its_first_trial_by_an_e_step_after_a_first_trial_acceptance():
+    """S = 2 (moments cost more than the likelihood): the first trial is an E-step when the last step accepted its
+    first trial, later trials are likelihoods."""
+    gen = mlp([2, 6, 3], lambda: nn.LeakyReLU(0.1), seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x = CPAMarginal(gen, 0.3).sample((40,))
+    runs = []
+    for cache in (EStepCache(), None):
+        dec = mlp([2, 6, 3], lambda: nn.LeakyReLU(0.1), seed=1)
+        sx, sz, out = torch.tensor(0.5), torch.tensor(1.0), []
+        for _ in range(4):
+            r = em_step(dec, sx, sz, x, cache=cache, schedule="joint", sweeps=3)
+            sx, sz = r.obs_scale, r.prior_scale
+            out.append(r)
+        runs.append(out)
+    a, b = runs
+    assert any(r.accepted and r.backtracks == 0 for r in a[:-1]) and any(r.backtracks > 0 for r in a[:-1])
+    _check_joint_evaluations(a, b, every_trial=False)
 
 
 def test_the_e_step_is_not_reused_after_any_change():
