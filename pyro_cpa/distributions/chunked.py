@@ -174,9 +174,11 @@ def whiten_chunk(rg: RegionGaussians, H: torch.Tensor, c: torch.Tensor) -> White
     G = torch.where(real.unsqueeze(-1), Gt / s_safe.unsqueeze(-1), torch.zeros_like(Gt))
     h = torch.where(real.unsqueeze(-1), H / s_safe.unsqueeze(-1), torch.zeros_like(Gt))
     c_hat = torch.where(real, c / s_safe, torch.full_like(s, math.inf))
-    d = c_hat.expand(rg.loc.shape[:-1] + s.shape[-1:])
-    for k in range(S):
-        d = d - h[..., k] * rg.loc[..., k].unsqueeze(-1)
+    # d = ((ĉ − ĥ_0 μ_0) − ĥ_1 μ_1) − ..., into one (n, R, F) buffer (the same operations, fewer large temporaries)
+    loc = rg.loc.unsqueeze(-2)
+    d = (h[..., 0].contiguous() * loc[..., 0]).neg_().add_(c_hat)     # ĉ + (−ĥ_0 μ_0) = ĉ − ĥ_0 μ_0 exactly
+    for k in range(1, S):
+        d.sub_(h[..., k].contiguous() * loc[..., k])
     return Whitened(G, d, c_hat, h)
 
 

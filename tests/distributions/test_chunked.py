@@ -108,3 +108,19 @@ def test_cholesky_solve_small_equals_an_lu_solve(S):
     eps = torch.finfo(x.dtype).eps
     assert (resid.norm(dim=-1) <= 1e2 * eps * M.norm(dim=(-2, -1)) * x.norm(dim=-1)).all()
     assert ((x - ref).norm(dim=-1) <= 1e2 * 1e8 * eps * ref.norm(dim=-1)).all()
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4, 6])
+def test_sum_last_is_the_left_to_right_sum(k):
+    """region_gaussians.sum_last: ((x_0 + x_1) + x_2) + ... in float64, per row (Python's float additions as the
+    reference), for the short rows it sums elementwise and the long ones it leaves to torch (to rounding)."""
+    from pyro_cpa.distributions.region_gaussians import SEQUENTIAL_SUM_MAX, sum_last
+    x = torch.randn(5, 3, k, dtype=torch.float64) * torch.logspace(-8, 8, max(k, 1), dtype=torch.float64)[:k]
+    out = sum_last(x)
+    assert out.shape == (5, 3)
+    ref = torch.tensor([[sum(row.tolist()) for row in plane] for plane in x], dtype=torch.float64)
+    if k <= SEQUENTIAL_SUM_MAX:
+        assert torch.equal(out, ref)
+    else:
+        bound = k * torch.finfo(torch.float64).eps * x.abs().sum(-1)   # any summation order's rounding
+        assert ((out - ref).abs() <= bound).all()
