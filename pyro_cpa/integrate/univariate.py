@@ -450,7 +450,9 @@ def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tens
     last subtraction loses at most a few bits and log(1 − e) is well conditioned, so no E[u²] − E[u]², no
     exp(log φ − log P) (which loses α²·eps) and no difference of tail masses remains. Narrow intervals
     (half-width·max(1, |midpoint|) <= 1) use a 10-node Gauss–Legendre rule around the midpoint
-    (:func:`_narrow_stats`). Infinite end points are allowed; the whole line gives (0, 0, 1). Measured against
+    (:func:`_narrow_stats`; it needs no reflection: it takes the width β − α and the signed α + β). The regimes are
+    decided from β − α and |α + β| (the reflection keeps the first and takes α + β to |α + β|), and only the wide
+    intervals are reflected (in :func:`_signed_mixture`, where α + β < 0). Infinite end points are allowed; the whole line gives (0, 0, 1). Measured against
     mpmath: ≤ 1e-14 relative for log P and ≤ 1e-13 for the variance and for E[u] − (nearer end point) on end
     points in [−1e4, 1e4] and widths 1e-12..∞. Empty intervals (α >= β) return log P = -inf, mean 0 and
     variance 0. A given ``log_mass`` is returned as it is (its -inf entries mark empty intervals). Autograd
@@ -458,7 +460,7 @@ def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tens
 
     Cost: the narrow and the other finite intervals are evaluated on their own entries (two index lists, their
     gathers and one ``index_copy_`` each into a (3, n) result), each by a fixed number of tensor operations
-    whatever the regime (39 to 117 per call; :func:`interval_log_mass` 33 to 90); the one-sided functions of both
+    whatever the regime (41 to 113 per call; :func:`interval_log_mass` 34 to 87); the one-sided functions of both
     end points of the wide intervals come from one table evaluation (:func:`_signed_mixture`; the reflection of
     a < 0 only when some interval straddles 0), and no ``exp`` is left to underflow (``EXP_FLOOR``).
     """

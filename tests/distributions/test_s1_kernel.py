@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pyro_cpa import Abs
-from pyro_cpa.distributions import CPAMarginal, chunked, cpa_marginal
+from pyro_cpa.distributions import CPAMarginal, chunked, cpa_marginal, s1_kernel
 from pyro_cpa.nn import mlp
 
 MPMATH_RTOL = 1e-14
@@ -172,3 +172,37 @@ def test_fused_log_prob_agrees_with_the_e_step_loglik():
         lp = dist.log_prob(x)
     st = e_step(dist, x)
     assert float(((lp - st.loglik).abs() / lp.abs().clamp(min=1.0)).max()) <= GENERIC_RTOL
+
+
+def test_fused_kernels_run_in_inference_mode_and_return_ordinary_tensors(monkeypatch):
+    """The per-pair work of the fused kernels runs under torch.inference_mode (no autograd bookkeeping per
+    operation), yet what they return, and the tables and constants they cache on the way, are ordinary tensors:
+    in-place updates, and autograd through interval_stats afterwards, work."""
+    from pyro_cpa.infer.estep import e_step
+    from pyro_cpa.integrate import univariate
+
+    for name in ("_CONST_CACHE", "_TAIL_CACHE", "_GL_CACHE", "_ARANGE"):   # rebuilt inside the kernels below
+        monkeypatch.setattr(univariate, name, {})
+    modes = []
+    for name in ("interval_stats", "interval_log_mass"):
+        fn = getattr(s1_kernel, name)
+        monkeypatch.setattr(s1_kernel, name, lambda *a, _fn=fn: modes.append(torch.is_inference_mode_enabled())
+                            or _fn(*a))
+    dist, x = _cases()[1]
+    st = e_step(dist, x)
+    with torch.no_grad():
+        lp = dist.log_prob(x)
+    assert modes == [True, True]
+    for t in (st.Z, st.X, st.q, st.loglik, lp):
+        assert not t.is_inference()
+    st.Z.add_(1.0)
+    lp.mul_(2.0)
+    cached = [t for cache in (univariate._CONST_CACHE, univariate._TAIL_CACHE, univariate._GL_CACHE,
+                              univariate._ARANGE) for v in cache.values()
+              for t in (v if isinstance(v, tuple) else (v,))]
+    assert cached and not any(t.is_inference() for t in cached)
+    a = torch.tensor([-40.0, 0.3, 2.0, 50.0], requires_grad=True)
+    b = torch.tensor([-39.0, 0.5, float("inf"), 50.5], requires_grad=True)
+    lp_, m_, v_ = univariate.interval_stats(a, b)           # the cached tables, saved for the backward
+    (lp_.sum() + m_.sum() + v_.sum()).backward()
+    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()

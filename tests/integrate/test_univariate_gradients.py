@@ -33,6 +33,10 @@ BRANCHES = [
     ("straddling_wide", -3.0, 8.0),
     ("moderate", 0.4, 2.6),
     ("cf_band_edge", 1.5, 3.0),
+    ("narrow_reflected", -1.3, -0.9),     # α + β < 0: the quadrature takes the signed a + b (no reflection)
+    ("symmetric_narrow", -0.4, 0.4),      # α + β = 0 exactly
+    ("symmetric_wide", -3.0, 3.0),        # the signed mixture at the tie of its reflection (α + β = 0)
+    ("straddling_wide_reflected", -8.0, 3.0),
 ]
 
 
