@@ -259,7 +259,8 @@ def _tail_table(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor,
 def _build_tail_table(key, dtype: torch.dtype, device: torch.device) -> None:
     """Builds the cache entry of :func:`_tail_table`."""
     K = _TAIL_TERMS
-    x0 = torch.arange(0.0, _ASYMPTOTIC_FROM + _TAYLOR_STEP / 2, _TAYLOR_STEP, dtype=torch.float64)
+    cpu = torch.device("cpu")     # built in float64 on the CPU, then moved to (dtype, device)
+    x0 = torch.arange(0.0, _ASYMPTOTIC_FROM + _TAYLOR_STEP / 2, _TAYLOR_STEP, dtype=torch.float64, device=cpu)
     R1, R2 = _tail_cf(x0.clamp(min=_CF_FROM), _ANCHOR_CF_TERMS)
     r0, r1 = R1.clone(), -R1 * (R2 - R1)
     first = int(round(_CF_FROM / _TAYLOR_STEP))
@@ -274,12 +275,12 @@ def _build_tail_table(key, dtype: torch.dtype, device: torch.device) -> None:
     for n in range(1, K):
         a.append(-(2 * n - 1) * a[n - 1] - sum(a[j] * a[n - 1 - j] for j in range(n)))
     asym = torch.tensor([float(v) for v in a] + [float((2 * k + 1) * v) for k, v in enumerate(a)],
-                        dtype=torch.float64)
+                        dtype=torch.float64, device=cpu)
     coef = torch.cat([taylor, asym.unsqueeze(0)])
     # the layout of _tail_rv: (2K, M + 1), row 2k = the coefficient of h^k of r, row 2k + 1 that of V; the
     # asymptotic row in σ = X/x (X = _FAR_FROM): r = σ Σ_k a_k σ^2k / X^(2k+1), V = σ² Σ_k (2k+1) a_k σ^2k / X^(2k+2)
-    X = torch.tensor(_FAR_FROM, dtype=torch.float64)
-    pw = X ** (2 * torch.arange(K, dtype=torch.float64))
+    X = torch.tensor(_FAR_FROM, dtype=torch.float64, device=cpu)
+    pw = X ** (2 * torch.arange(K, dtype=torch.float64, device=cpu))
     far_row = torch.cat([asym[:K] / (pw * X), asym[K:] / (pw * X * X)])
     rows = torch.cat([taylor, far_row.unsqueeze(0)]).reshape(-1, 2, K).permute(2, 1, 0).reshape(2 * K, -1)
     rows = rows.contiguous()
