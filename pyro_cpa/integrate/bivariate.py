@@ -924,7 +924,7 @@ def edge_moments(fe: FlatEdges, logP: torch.Tensor, empty: torch.Tensor, whole: 
     # the per-polygon sums in one pass (rows: r g, r m_k g_l, r), each in edge order
     sums = ds.new_zeros(7, B).index_add(1, pair, torch.stack([r * g0, r * g1, rm0 * g0, rm0 * g1, rm1 * g0, rm1 * g1,
                                                                r.detach()]))
-    mean = -sums[:2].T
+    mean = (-sums[:2].T).contiguous()     # (B, 2) rows: the norm below reduces 2 adjacent numbers per polygon
     off = 0.5 * (sums[3] + sums[4])
     second = torch.stack([1.0 - 0.5 * (sums[2] + sums[2]), -off, -off, 1.0 - 0.5 * (sums[5] + sums[5])],
                          -1).reshape(B, 2, 2)
