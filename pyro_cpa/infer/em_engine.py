@@ -53,8 +53,9 @@ as much as the rest of the step together, so a step evaluates only what it must:
   θ_old → θ_new, with t0 = ``initial_step``; :attr:`EMStepResult.next_step_size` proposes the next step's t0: the
   length accepted after a backtrack, ``STEP_GROWTH`` (√2) times it (at most 1) after a first-trial acceptance, 1
   after a rejection. A joint M-step moves the partition, so its full step is often too long by a similar factor
-  from step to step (measured [1,64,64,64,10], N=1000: 1.0 backtrack per step from t = 1, 0.2 from the last
-  length): starting there saves the trials — each an E-step — that halving from 1 would spend. :func:`run_em` and
+  from step to step: starting from the last length saves the trials that halving from 1 would spend (measured
+  [1,64,64,64,10], N=1000, 20 steps: 2.4 → 1.3 exact evaluations per step, NLL/datum after 20 steps 2.2303 →
+  2.2383; [1,128,128,2]: 1.35 → 1.15, 0.6116 → 0.6123). :func:`run_em` and
   :class:`~pyro_cpa.infer.em.EM` thread it; every accepted trial passes the same exact monotonicity check.
 * *Pairs that carry mass*: every evaluation integrates only the (datum, region) pairs that the certified
   upper bound log κ + min_j log Φ(d_j) keeps within ``prune_tol`` nats of the datum's log p(x)

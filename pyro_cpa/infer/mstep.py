@@ -395,7 +395,7 @@ def _damped_prox_solve_dense_kron(G, M: torch.Tensor, B: torch.Tensor, w_old: to
 
 def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, *,
                  rcond: float = DEFAULT_RCOND, dense_max: int = DEFAULT_DENSE_MAX,
-                 solver: str = "auto", cg_iters: int = CG_ITERS,
+                 solver: str = "auto", cg_iters: int | None = None,
                  cg_gain_rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximiser of Q over layer l's (W_l, v_l), the other layers and σx² fixed (module docstring): exact in
     every direction whose Jacobi-scaled curvature exceeds ``rcond`` (:func:`_damped_prox_solve`).
@@ -417,14 +417,16 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
         raise PyroCPAError(f"solver must be 'auto', 'dense', 'factored' or 'cg', got {solver!r}")
     if l == len(maps) - 1:
         return _update_output_layer(maps, net, stats, rcond)
-    Pt, F, FL, B, Wt_old, lam_x = _hidden_normal_equations(maps, l, net, stats, obs_var)
+    Pt, F, FL, B, Wt_old, lam_x, slopes = _hidden_normal_equations(maps, l, net, stats, obs_var)
     R, S, (n_out, n_in) = stats.Z.shape[0], stats.Z.shape[-1] - 1, maps[l][0].shape
     a, bdim, D = n_out, n_in + 1, F.shape[1]
     n, m = a * bdim, R * D * (S + 1)
     if solver == "cg" or (solver == "auto" and min(n, m) >= CG_AUTO_MIN_UNKNOWNS):
         Phi, Psi, d = _layer_factors(Pt, F, lam_x, stats)
-        Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, cg_iters,
-                                 CG_GAIN_RTOL if cg_gain_rtol is None else cg_gain_rtol)
+        # the last hidden layer: F_ω = W_L diag(slopes_ω), so Φ_ω = diag(slopes_ω) W_Lᵀ Λ^{1/2} (one shared factor)
+        shared = (slopes[l].expand(R, a), maps[-1][0].T * lam_x.sqrt()) if l == len(maps) - 2 else None
+        Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, CG_ITERS if cg_iters is None else cg_iters,
+                                 CG_GAIN_RTOL if cg_gain_rtol is None else cg_gain_rtol, shared=shared)
         return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
     if min(n, m) > dense_max:
         raise PyroCPAError(
@@ -486,7 +488,8 @@ def _update_output_layer(maps: list, net, stats: EStepStats, rcond: float) -> tu
 
 def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor):
     """Hidden layer l's normal equations K vec W̃ = vec B (module docstring) by their pieces:
-    (P̃ (R, n_in+1, S+1), F (R, D, n_out), ΛF, B (n_out, n_in+1), W̃_old, Λ's diagonal (D,))."""
+    (P̃ (R, n_in+1, S+1), F (R, D, n_out), ΛF, B (n_out, n_in+1), W̃_old, Λ's diagonal (D,), the frozen slopes of
+    every hidden layer [(R, n_k)])."""
     W = maps[l][0]
     n_out, n_in = W.shape
     R = stats.Z.shape[0]
@@ -500,7 +503,7 @@ def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var
     Rw = (stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)) @ Pt.transpose(-1, -2)  # (R, D, n_in+1)
     FL = F * lam_x.unsqueeze(-1)  # Λ F, (R, D, n_out)
     B = torch.einsum("rdk,rdj->kj", FL, Rw)  # Σ Fᵀ Λ R, (n_out, n_in+1)
-    return Pt, F, FL, B, Wt_old, lam_x
+    return Pt, F, FL, B, Wt_old, lam_x, rm.slopes
 
 
 def _layer_factors(Pt: torch.Tensor, F: torch.Tensor, lam_x: torch.Tensor, stats: EStepStats):
@@ -514,7 +517,7 @@ def _layer_factors(Pt: torch.Tensor, F: torch.Tensor, lam_x: torch.Tensor, stats
 
 
 def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B: torch.Tensor, w_old: torch.Tensor,
-                        rcond: float, iters: int, gain_rtol: float) -> torch.Tensor:
+                        rcond: float, iters: int, gain_rtol: float, shared=None) -> torch.Tensor:
     r"""Truncated conjugate gradients for the damped layer step, K = Σ_ω (Φ_ωΦ_ωᵀ) ⊗ (Ψ_ωΨ_ωᵀ) given by its factors
     Φ (R, a, D), Ψ (R, b, k), d = diag K (a, b), B and w_old (a, b).
 
@@ -532,6 +535,10 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
     ~ε‖K̃‖‖p‖² with ‖K̃‖ <= a·b in the scaled units, is far below it for λ >= ``DEFAULT_RCOND``-sized dampings). The iteration count depends only on those products' results, so equal statistics give
     equal steps. Dead coordinates (zero rows of K and B) have r̃ = 0 and a zero row of K̃ exactly and keep their
     old values bit-for-bit.
+
+    ``shared = (σ (R, a), C (a, D))`` states Φ_ω = diag(σ_ω) C (the last hidden layer: C = W_Lᵀ Λ^{1/2}, σ_ω its frozen
+    slopes); the products then take two plain products with C instead of the two batched ones,
+    Φ_ωᵀ U_ω = Cᵀ (σ_ω ∘ U_ω) (the same maths; measured [1,128,128,2], R = 300: 0.77 → 0.3 ms per product).
     """
     if iters < 1:
         raise PyroCPAError(f"cg_iters must be >= 1, got {iters}")
@@ -542,6 +549,7 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
     live = (Phi != 0).flatten(1).any(1) & (Psi != 0).flatten(1).any(1)   # regions with a nonzero term of K
     if not bool(live.all()):
         Phi, Psi = Phi[live], Psi[live]
+        shared = None if shared is None else (shared[0][live], shared[1])
     if Phi.shape[0] == 0:   # K = 0 and B = 0 exactly: no region carries a term, nothing moves
         return w_old.clone()
     s = _jacobi_scale(d)
@@ -553,9 +561,17 @@ def _cg_prox_solve_kron(Phi: torch.Tensor, Psi: torch.Tensor, d: torch.Tensor, B
     Psi_rows = Psi.transpose(-1, -2).reshape(R * k, b)         # [(ω,t), j]
     PhiT = Phi.transpose(-1, -2)
 
-    def K(Y):   # Σ_ω Φ_ω (Φ_ωᵀ Y Ψ_ω) Ψ_ωᵀ: two plain products and two batched (R, ·, ·) ones
-        g = PhiT @ (Y @ Psi_cols).reshape(a, R, k).transpose(0, 1)                 # (R, D, k)
-        return (Phi @ g).transpose(0, 1).reshape(a, R * k) @ Psi_rows
+    if shared is None:
+        def K(Y):   # Σ_ω Φ_ω (Φ_ωᵀ Y Ψ_ω) Ψ_ωᵀ: two plain products and two batched (R, ·, ·) ones
+            g = PhiT @ (Y @ Psi_cols).reshape(a, R, k).transpose(0, 1)                 # (R, D, k)
+            return (Phi @ g).transpose(0, 1).reshape(a, R * k) @ Psi_rows
+    else:
+        sig = shared[0].T.unsqueeze(-1)                                    # [i, ω, 1]
+        C, CT = shared[1], shared[1].T.contiguous()                        # (a, D), (D, a)
+
+        def K(Y):   # the same with Φ_ω = diag(σ_ω) C: four plain products
+            g = CT @ ((Y @ Psi_cols).reshape(a, R, k) * sig).reshape(a, R * k)        # [d, (ω,t)]
+            return ((C @ g).reshape(a, R, k) * sig).reshape(a, R * k) @ Psi_rows
 
     r = s * (B - K(w_old))
     if not (bool(torch.isfinite(d).all()) and bool(torch.isfinite(r).all())):
