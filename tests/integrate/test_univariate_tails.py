@@ -264,3 +264,24 @@ def test_exp_floored_is_exp_above_the_floor_and_exactly_zero_below():
     out = exp_floored(below)
     assert (out == 0).all() and not torch.signbit(out).any()
     assert torch.isnan(exp_floored(torch.tensor([float("nan")]))).all()
+
+
+def test_interval_stats_values_do_not_depend_on_the_batch():
+    """Each interval's (log P, mean, variance) and interval_log_mass's log P depend on that interval alone, to the
+    last bit, whatever the batch around it (sizes 1, 2, 3, 7 and the whole grid, every regime mixed): a product
+    evaluated as a matrix-vector product for a batch of one (the narrow quadrature in a (10, n) layout) rounds
+    differently and fails this."""
+    A, B = _grid()
+    g = torch.Generator().manual_seed(11)
+    perm = torch.randperm(len(A), generator=g)
+    a, b = torch.tensor(A)[perm], torch.tensor(B)[perm]
+    a, b = torch.cat([a, torch.tensor([1.0, INF])]), torch.cat([b, torch.tensor([1.0, INF])])   # empty too
+    full = interval_stats(a, b)
+    mass = interval_log_mass(a, b)
+    assert torch.equal(mass, full[0])
+    for size in (1, 2, 3, 7):
+        parts = [interval_stats(a[i:i + size], b[i:i + size]) for i in range(0, a.shape[0], size)]
+        for k in range(3):
+            assert torch.equal(torch.cat([p[k] for p in parts]), full[k]), (size, k)
+        masses = [interval_log_mass(a[i:i + size], b[i:i + size]) for i in range(0, a.shape[0], size)]
+        assert torch.equal(torch.cat(masses), mass), size
