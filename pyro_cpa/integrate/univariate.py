@@ -405,7 +405,7 @@ def _signed_mixture(alpha: torch.Tensor, beta: torch.Tensor, moments: bool = Tru
     2|a| + ``_FAR_WIDTH``: e is exactly 0 either way, which gives the one-sided answer. ``moments=False``: log P
     alone, (1, n), by the same operations (the same value; no V, r, mean or variance work)."""
     n = alpha.shape[0]
-    flip = (alpha + beta) < 0         # the sign of a rounded sum is exact
+    flip = (alpha + beta) < 0.0       # the sign of a rounded sum is exact
     a = torch.where(flip, -beta, alpha)
     b = torch.where(flip, -alpha, beta)
     abs_a = a.abs()
@@ -413,17 +413,16 @@ def _signed_mixture(alpha: torch.Tensor, beta: torch.Tensor, moments: bool = Tru
     lam, r, V, log_q, log_phi = _tail_functions(torch.cat([abs_a, b]), moments)
     # a < 0 < b somewhere? Else the reflection's branch is never selected and is skipped (the same values)
     straddle = float((a.detach() if a.requires_grad else a).amin()) < 0
-    neg = a < 0 if straddle else None
-    r_a, V_a = (r[:n], V[:n]) if moments else (None, None)
-    lam_a, log_q_a = lam[:n], log_q[:n]
+    neg = a < 0.0 if straddle else None
+    (r_a, r_b), (V_a, V_b) = (r.split(n), V.split(n)) if moments else ((None, None), (None, None))
+    lam_a, lam_b = lam.split(n)
+    log_q_a = log_q[:n]
     if straddle:
         lam_a, r_a, V_a, log_q_a = _reflect_negative(a, lam_a, r_a, V_a, log_q_a, log_phi[:n], neg)
-    lam_b = lam[n:]
     w = b - a
     e = exp_floored(torch.addcmul(_const(0.0, a), a + b, w, value=-0.5)) * lam_a / lam_b   # −(a + b)(b − a)/2
     if not moments:
         return (log_q_a + torch.log1p(-e)).unsqueeze(0)
-    r_b, V_b = r[n:], V[n:]
     om = 1.0 - e
     wr = w + r_b
     mean = torch.addcdiv(a, torch.addcmul(r_a, e, wr, value=-1.0), om)           # a + (r_a − e wr)/(1 − e)
@@ -454,17 +453,18 @@ def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tens
     last subtraction loses at most a few bits and log(1 − e) is well conditioned, so no E[u²] − E[u]², no
     exp(log φ − log P) (which loses α²·eps) and no difference of tail masses remains. Narrow intervals
     (half-width·max(1, |midpoint|) <= 1) use a 10-node Gauss–Legendre rule around the midpoint
-    (:func:`_narrow_stats`; it needs no reflection: it takes the width β − α and the signed α + β). The regimes are
-    decided from β − α and |α + β| (the reflection keeps the first and takes α + β to |α + β|), and only the wide
-    intervals are reflected (in :func:`_signed_mixture`, where α + β < 0). Infinite end points are allowed; the whole line gives (0, 0, 1). Measured against
-    mpmath: ≤ 1e-14 relative for log P and ≤ 1e-13 for the variance and for E[u] − (nearer end point) on end
-    points in [−1e4, 1e4] and widths 1e-12..∞. Empty intervals (α >= β) return log P = -inf, mean 0 and
-    variance 0. A given ``log_mass`` is returned as it is (its -inf entries mark empty intervals). Autograd
-    gives finite gradients in every branch (each branch is evaluated on sanitised inputs).
+    (:func:`_narrow_stats`; it needs no reflection: it takes the width β − α and the signed α + β). The regimes
+    are decided from β − α and |α + β| (the reflection keeps the first and takes α + β to |α + β|), and only the
+    wide intervals are reflected (in :func:`_signed_mixture`, where α + β < 0). Infinite end points are allowed;
+    the whole line gives (0, 0, 1). Measured against mpmath: ≤ 1e-14 relative for log P and ≤ 1e-13 for the
+    variance and for E[u] − (nearer end point) on end points in [−1e4, 1e4] and widths 1e-12..∞. Empty intervals
+    (α >= β) return log P = -inf, mean 0 and variance 0. A given ``log_mass`` is returned as it is (its -inf
+    entries mark empty intervals). Autograd gives finite gradients in every branch (each branch is evaluated on
+    sanitised inputs). Each interval's values depend on that interval alone, to the last bit, whatever the batch.
 
     Cost: the narrow and the other finite intervals are evaluated on their own entries (two index lists, their
     gathers and one ``index_copy_`` each into a (3, n) result), each by a fixed number of tensor operations
-    whatever the regime (41 to 113 per call; :func:`interval_log_mass` 34 to 87); the one-sided functions of both
+    whatever the regime (40 to 108 per call; :func:`interval_log_mass` 33 to 84); the one-sided functions of both
     end points of the wide intervals come from one table evaluation (:func:`_signed_mixture`; the reflection of
     a < 0 only when some interval straddles 0), and no ``exp`` is left to underflow (``EXP_FLOOR``).
     """
@@ -481,7 +481,7 @@ def interval_log_mass(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
 _ARANGE: dict = {}
 _ARANGE_MAX = 1 << 20
-"""The cached index ranges of :func:`_indices` (one per device) grow up to this many entries (8 MB of int64)."""
+"""The cached index ranges of :func:`_indices` ((device, n) -> arange(n); at most 16 of up to this many entries)."""
 
 
 def _indices(mask: torch.Tensor) -> torch.Tensor:
@@ -490,13 +490,14 @@ def _indices(mask: torch.Tensor) -> torch.Tensor:
     n = mask.shape[0]
     if n > _ARANGE_MAX:
         return torch.arange(n, device=mask.device).masked_select(mask)
-    key = mask.device
+    key = (mask.device, n)
     rng = _ARANGE.get(key)
-    if rng is None or rng.shape[0] < n:
+    if rng is None:
+        if len(_ARANGE) >= 16:
+            _ARANGE.clear()
         with torch.inference_mode(False):    # a normal tensor, whatever the caller's mode
-            rng = _ARANGE[key] = torch.arange(min(_ARANGE_MAX, max(n, 2 * (0 if rng is None else rng.shape[0]),
-                                                                   1024)), device=mask.device)
-    return rng[:n].masked_select(mask)
+            rng = _ARANGE[key] = torch.arange(n, device=mask.device)
+    return rng.masked_select(mask)
 
 
 def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None, moments: bool):
@@ -517,7 +518,7 @@ def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | 
     width = beta - alpha                                 # > 0 exactly when α < β (NaN when both are the same ∞)
     total = alpha + beta                                 # NaN only for the whole line (−∞, ∞) (or (∞, −∞))
     spread = width * total.abs().clamp_min(2.0)          # 4·half·max(1, |mid|); NaN for the whole line
-    narrow = (spread <= 4.0 * _MOMENT_NARROW) & (width > 0)   # half·max(1, |mid|) <= 1; an infinite end: False
+    narrow = (spread <= 4.0 * _MOMENT_NARROW) & (width > 0.0)   # half·max(1, |mid|) <= 1; an infinite end: False
     wide = spread > 4.0 * _MOMENT_NARROW                 # implies α < β and not the whole line
     if given:
         live = ~torch.isneginf(log_mass.reshape(-1))
@@ -527,7 +528,7 @@ def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | 
     if sum(idx.numel() for idx, _, _ in groups) == alpha.shape[0]:
         out = alpha.new_empty((3 if moments else 1,) + alpha.shape)        # every entry is overwritten below
     else:  # the empty and whole-line answers; from the width β − α, so that autograd sees both inputs
-        whole = torch.isnan(total) & (width > 0)         # α = −∞, β = ∞
+        whole = torch.isnan(total) & (width > 0.0)       # α = −∞, β = ∞
         if given:
             whole = whole & live
         base = torch.where(narrow | wide, width, 0.0)
