@@ -414,16 +414,16 @@ def _signed_mixture(alpha: torch.Tensor, beta: torch.Tensor, moments: bool = Tru
     # a < 0 < b somewhere? Else the reflection's branch is never selected and is skipped (the same values)
     straddle = float((a.detach() if a.requires_grad else a).amin()) < 0
     neg = a < 0.0 if straddle else None
-    (r_a, r_b), (V_a, V_b) = (r.split(n), V.split(n)) if moments else ((None, None), (None, None))
-    lam_a, lam_b = lam.split(n)
-    log_q_a = log_q[:n]
+    # slices, not Tensor.split (its Python wrapper costs more than two slices)
+    r_a, r_b, V_a, V_b = (r[:n], r[n:], V[:n], V[n:]) if moments else (None, None, None, None)
+    lam_a, lam_b, log_q_a = lam[:n], lam[n:], log_q[:n]
     if straddle:
         lam_a, r_a, V_a, log_q_a = _reflect_negative(a, lam_a, r_a, V_a, log_q_a, log_phi[:n], neg)
     w = b - a
     e = exp_floored(torch.addcmul(_const(0.0, a), a + b, w, value=-0.5)) * lam_a / lam_b   # −(a + b)(b − a)/2
     if not moments:
         return (log_q_a + torch.log1p(-e)).unsqueeze(0)
-    om = 1.0 - e
+    om = torch.rsub(e, 1.0)          # 1 − e (not the Python-level Tensor.__rsub__)
     wr = w + r_b
     mean = torch.addcdiv(a, torch.addcmul(r_a, e, wr, value=-1.0), om)           # a + (r_a − e wr)/(1 − e)
     if straddle:
@@ -464,7 +464,7 @@ def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tens
 
     Cost: the narrow and the other finite intervals are evaluated on their own entries (two index lists, their
     gathers and one ``index_copy_`` each into a (3, n) result), each by a fixed number of tensor operations
-    whatever the regime (40 to 108 per call; :func:`interval_log_mass` 33 to 84); the one-sided functions of both
+    whatever the regime (40 to 111 per call; :func:`interval_log_mass` 33 to 85); the one-sided functions of both
     end points of the wide intervals come from one table evaluation (:func:`_signed_mixture`; the reflection of
     a < 0 only when some interval straddles 0), and no ``exp`` is left to underflow (``EXP_FLOOR``).
     """

@@ -122,7 +122,7 @@ def test_s1_kernel_against_quadrature():
 
 MAX_ESTEP_OPS = 175
 """Tensor operations (torch dispatcher calls, views included) of one E-step on the circle, N = 500, R = 16:
-measured 161 since the third round of issue 12 (interval regimes without reflecting every entry, Z/X/q as strided
+measured 164 since the third round of issue 12 (interval regimes without reflecting every entry, Z/X/q as strided
 views), 175 after the second (no reflection when no interval straddles 0, a 7-term tail table, fewer views), 207
 after the first, 396 before. A bound on the count, not on seconds: a per-call cost that does
 not depend on the machine's load."""
