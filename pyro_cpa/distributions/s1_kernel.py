@@ -107,12 +107,12 @@ def s1_setup(mg, regions) -> tuple[S1Regions, int]:
     are then the same, so is the check that they are representable
     (:meth:`~pyro_cpa.distributions.CPAMarginal._params`).
     """
-    from .cpa_marginal import _check_representable
-
     scales = (mg.obs_scale, mg.prior_scale)
     key, value = _MEMO
     if key is not None and key[0] is regions and key[1] == mg.dtype and all(map(_same_values, scales, key[2])):
         return value
+    from .cpa_marginal import _check_representable
+
     with torch.no_grad():
         A, b, H, c = mg._region_params()
         obs_var, prior_var = mg._variances()
