@@ -211,13 +211,18 @@ def _chunk_stats(mg, xc, oc, wc, obs_var):
     lp = terms.logsumexp(-1)
     e0 = (terms - lp.unsqueeze(-1)).exp()  # pruned pairs: exp(-inf) = 0
     live = torch.isfinite(terms)  # pruned pairs (log mass -inf by construction) carry no moments
-    m = torch.where(live.unsqueeze(-1), mom.mean, torch.zeros_like(mom.mean))
-    C = torch.where(live[..., None, None], mom.covariance, torch.zeros_like(mom.covariance))
-    n, R, S = m.shape
+    n, R, S = mom.mean.shape
     D, K = xc.shape[-1], S + 1
-    mt = torch.cat([m, torch.ones_like(m[..., :1])], -1)  # (n, R, S+1)
-    Zn = mt.unsqueeze(-1) * mt.unsqueeze(-2)
-    Zn[..., :S, :S] += C  # E[z̃ z̃ᵀ | x_n, ω]
+    # E[z̃ z̃ᵀ | x_n, ω] (n, R, K, K) = m̃ m̃ᵀ + [[C, 0], [0, 0]], m̃ = (m, 1), built from (n, R) planes (one stack):
+    # broadcast products and masks over trailing dims of size S, K were several times slower; same values
+    zero = torch.zeros((), dtype=terms.dtype, device=terms.device)
+    m = [torch.where(live, mom.mean[..., k], zero) for k in range(S)]
+    C = mom.covariance
+    one = torch.ones_like(m[0])
+    Zn = torch.stack([m[k] * m[l] + torch.where(live, C[..., k, l], zero) if k < S and l < S
+                      else (m[k] if k < S else m[l] if l < S else one) for k in range(K) for l in range(K)],
+                     -1).reshape(n, R, K, K)
+    mt = Zn[..., S, :]  # (n, R, S+1): m̃
     ew = e0 if wc is None else e0 * wc.unsqueeze(-1)  # s_x,n e0_nω
     Zc = torch.einsum("nr,nrkl->rkl", ew, Zn)
     x0 = torch.where(oc, xc, torch.zeros_like(xc))
