@@ -87,8 +87,8 @@ from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..geometry.regions import DEFAULT_MAX_REGIONS
 from ..nn.network import as_cpa_network
 from .estep import EStepStats, e_step, local_e_step_stats, weighted_log_prob
-from .mstep import (DEFAULT_RCOND, expected_complete_loglik, frozen_region_maps, m_step, prior_expansion,
-                    surrogate_of_region_maps, update_layer, update_variances)
+from .mstep import (DEFAULT_RCOND, RegionMapsMemo, expected_complete_loglik, frozen_region_maps, m_step,
+                    prior_expansion, surrogate_of_region_maps, update_layer, update_variances)
 
 MONOTONE_TOL = 1e-12
 #: Growth of the ``"joint"`` / gradient line search's first trial length after a step that accepted its first trial
@@ -193,11 +193,12 @@ def _gradient_m_step(decoder, net, stats: EStepStats, obs_scale, prior_scale, *,
 
 
 def _q_and_scale(maps, net, stats: EStepStats, obs_var: torch.Tensor, prior_var: torch.Tensor,
-                 want_scale: bool) -> tuple[float, float | None]:
+                 want_scale: bool, memo: RegionMapsMemo | None = None) -> tuple[float, float | None]:
     """(Q, its rounding scale or None): the frozen-pattern surrogate
     (:func:`~pyro_cpa.infer.mstep.expected_complete_loglik`) of ``maps`` and, if ``want_scale``, :func:`_q_scale`,
-    from one computation of the frozen region maps."""
-    rm = frozen_region_maps(maps, net.activations, stats.patterns)
+    from one computation of the frozen region maps (taken from ``memo`` when given)."""
+    rm = (memo.get(maps, stats.patterns) if memo is not None
+          else frozen_region_maps(maps, net.activations, stats.patterns))
     q = float(surrogate_of_region_maps(rm.A, rm.b, stats, obs_var, prior_var))
     return q, (_q_scale(rm, stats, obs_var, prior_var) if want_scale else None)
 
@@ -684,12 +685,13 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
         nll, sx, sz = nll_before, sx_old, sz_old
         total_bt, moved, q_gain, certified = 0, False, 0.0, 0
         run = None  # certified blocks not yet evaluated: (parameters, σx, σz before them, summed Q gain, Q's scale)
+        memo = RegionMapsMemo(net.activations)   # Q before a block and the block's update share the region maps
 
         def q_at(st, sx, sz, want_scale: bool):
             """(Q, its rounding scale if ``want_scale``) at the decoder's parameters and (σx, σz)."""
             with torch.no_grad():
                 maps = [(W.detach(), v.detach()) for W, v in net.affine_maps(dtype)]
-                return _q_and_scale(maps, net, st, (sx ** 2).expand(D), (sz ** 2).expand(S), want_scale)
+                return _q_and_scale(maps, net, st, (sx ** 2).expand(D), (sz ** 2).expand(S), want_scale, memo)
 
         def propose(block, st, sx, sz, want_scale: bool):
             """Write the block's maximiser of Q (statistics ``st``) into the decoder; (σx, σz) candidates and
@@ -700,12 +702,14 @@ def _em_step(decoder, obs_scale, prior_scale, x, *, obs_noise, update_prior_scal
             if block == "variances":
                 new_ov, new_pv = update_variances(maps, net, st, obs_var, prior_var, obs_noise=obs_noise,
                                                   update_prior_scale=update_prior_scale,
-                                                  update_obs_scale=update_obs_scale, min_obs_var=min_obs_var)
+                                                  update_obs_scale=update_obs_scale, min_obs_var=min_obs_var,
+                                                  rm=memo.get(maps, st.patterns))
                 sx_c, sz_c = to_scale(new_ov), new_pv.sqrt()
             elif block == "px":
                 net.set_affine_maps(prior_expansion(maps, st, prior_var))
             else:
-                maps[block] = update_layer(maps, block, net, st, obs_var, rcond=rcond, solver=layer_solver)
+                maps[block] = update_layer(maps, block, net, st, obs_var, rcond=rcond, solver=layer_solver,
+                                           rm=memo.get(maps, st.patterns))
                 net.set_affine_maps(maps)
             return sx_c, sz_c, (None if block == "px" else q_at(st, sx_c, sz_c, want_scale))
 
