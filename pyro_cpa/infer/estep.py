@@ -213,24 +213,26 @@ def _chunk_stats(mg, xc, oc, wc, obs_var):
     live = torch.isfinite(terms)  # pruned pairs (log mass -inf by construction) carry no moments
     n, R, S = mom.mean.shape
     D, K = xc.shape[-1], S + 1
-    # E[z̃ z̃ᵀ | x_n, ω] (n, R, K, K) = m̃ m̃ᵀ + [[C, 0], [0, 0]], m̃ = (m, 1), built from (n, R) planes (one stack):
-    # broadcast products and masks over trailing dims of size S, K were several times slower; same values
+    # E[z̃ z̃ᵀ | x_n, ω] = m̃ m̃ᵀ + [[C, 0], [0, 0]], m̃ = (m, 1), as its S² + S + 1 distinct (n, R) planes P (one
+    # stack: m_k m_l + C_kl row-major, then m̃); broadcast products and masks over trailing dims of size S, K, and the
+    # (n, R, K, K) tensor itself, were several times slower. Zn_kl = P_idx[k,l] (the values of the (n, R, K, K) version: the sum over n is one batched product either way)
     zero = torch.zeros((), dtype=terms.dtype, device=terms.device)
     m = [torch.where(live, mom.mean[..., k], zero) for k in range(S)]
     C = mom.covariance
-    one = torch.ones_like(m[0])
-    Zn = torch.stack([m[k] * m[l] + torch.where(live, C[..., k, l], zero) if k < S and l < S
-                      else (m[k] if k < S else m[l] if l < S else one) for k in range(K) for l in range(K)],
-                     -1).reshape(n, R, K, K)
-    mt = Zn[..., S, :]  # (n, R, S+1): m̃
+    P = torch.stack([m[k] * m[l] + torch.where(live, C[..., k, l], zero) for k in range(S) for l in range(S)]
+                    + m + [torch.ones_like(m[0])], -1)
+    idx = torch.tensor([k * S + l if k < S and l < S else S * S + min(k, l) for k in range(K) for l in range(K)],
+                       device=terms.device)
+    mt = P[..., S * S:]  # (n, R, S+1): m̃
     ew = e0 if wc is None else e0 * wc.unsqueeze(-1)  # s_x,n e0_nω
-    Zc = torch.einsum("nr,nrkl->rkl", ew, Zn)
+    Zc = torch.einsum("nr,nrk->rk", ew, P).index_select(-1, idx).reshape(R, K, K)
     x0 = torch.where(oc, xc, torch.zeros_like(xc))
     Xc = (x0.T @ (ew.unsqueeze(-1) * mt).reshape(n, R * K)).reshape(D, R, K).transpose(0, 1)
     qc = ew.T @ x0.square()
     if not bool(oc.all()):
         mis = (~oc).to(xc.dtype)
         At = torch.cat([A, b.unsqueeze(-1)], -1)  # (R, D, S+1), the old parameters
+        Zn = P.index_select(-1, idx).reshape(n, R, K, K)
         Y = (mis.T @ (ew[..., None, None] * Zn).reshape(n, R * K * K)).reshape(D, R, K, K)
         Y = Y.transpose(0, 1)  # (R, D, K, K): Σ_n s_x e0 mis_nd E[z̃ z̃ᵀ | x_n, ω]
         Xc = Xc + torch.einsum("rdk,rdkl->rdl", At, Y)
