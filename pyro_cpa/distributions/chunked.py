@@ -66,6 +66,14 @@ FLAT_PAIRS = 2 ** 13
 benchmarks/run.py's [2, 16, 16, 2], i.e. ~4·10⁴ edge integrals per call of the edge quadrature, where it is fastest
 per edge (larger calls leave the cache: measured 1.0 s for all 2.3·10⁶ at once vs 0.63 s in calls of ~2.5·10⁴)."""
 
+FALLBACK_BATCHES = 8
+"""Batches of the S = 2 flat-edge path whose untrusted flux masses (~0.5 % of the pairs on benchmarks/run.py's
+[2, 16, 16, 2]) get their fallback in one call before their moments (:func:`fallback_pair_log_mass`): one call per
+batch cost ~1 ms, mostly fixed (measured: 71 calls, 3,012 pairs, 0.07 s per E-step there). The group's edges
+(:class:`~pyro_cpa.integrate.bivariate.FlatEdges`, 64 B per edge, a few edges per pair) are held meanwhile: a few
+hundred bytes per pair, ~20 MB at 8 batches of :data:`FLAT_PAIRS`. Values do not depend on it (each pair's
+value depends on that pair alone)."""
+
 
 class RegionParams(NamedTuple):
     """The differentiable inputs of the marginal given the partition.
@@ -305,41 +313,51 @@ def flat_pair_edges(tmpl: EdgeTemplate, pairs: torch.Tensor, rows: torch.Tensor,
     return FlatEdges(pe, ds, Gs, e, tmpl.t_lo.index_select(0, t) - shift, tmpl.t_hi.index_select(0, t) - shift, P)
 
 
-def flat_batch_moments(poly: RegionPolygons, tmpl: EdgeTemplate, pairs: torch.Tensor, R: int, loc: torch.Tensor,
-                       scale_tril: torch.Tensor, d: torch.Tensor, d_min: torch.Tensor, need_moments: bool,
-                       centred_covariance: bool) -> PolytopeMoments:
-    """:func:`~pyro_cpa.integrate.integrate_whitened` of the S = 2 pairs ``pairs`` (flat n·R + ω indices into
-    ``loc`` (n·R, 2), ``d`` (n·R, F), ``d_min`` (n·R,) = min_j d_j; ``scale_tril`` (R, 2, 2)) of regions without
-    parallel lines, without autograd, on their existing edges alone (:func:`flat_pair_edges`): the flux mass
-    (:func:`~pyro_cpa.integrate.bivariate.flux_log_mass`) and the edge moments
-    (:func:`~pyro_cpa.integrate.bivariate.edge_moments`) share the edges; the few pairs that need a fallback (the
-    mass's or the centred moments') get their padded edges (:func:`pair_edges`) and the functions
-    :func:`~pyro_cpa.integrate.bivariate.std_moments_2d` calls. The same formulas and decisions as
-    ``integrate_whitened(..., edges=pair_edges(...))``: masses equal to the last bit, moments to rounding (their
-    edge sums are taken per pair in edge order). Returns the moments and the pairs (flat indices) whose moments
-    must be replaced by :func:`centred_pair_moments` (for a whole chunk at once) — without ``need_moments``, the
-    pairs whose mass must be replaced by :func:`fallback_pair_log_mass` (their flux mass is not trusted; the few
-    of a whole chunk in one call)."""
+class FlatMass(NamedTuple):
+    """The flux mass of a batch of S = 2 pairs (:func:`flat_batch_mass`): their edges ``fe``, regions ``rows``,
+    ``empty`` / ``whole`` polygons, ``log_mass`` (B,) (0 on whole, −inf on empty polygons) and ``rest`` the batch
+    positions whose flux mass is not trusted (neither empty nor whole): their log_mass must be replaced by
+    :func:`fallback_pair_log_mass` (for many batches at once) before :func:`flat_batch_moments`."""
+
+    fe: FlatEdges
+    rows: torch.Tensor
+    empty: torch.Tensor
+    whole: torch.Tensor
+    log_mass: torch.Tensor
+    rest: torch.Tensor
+
+
+def flat_batch_mass(poly: RegionPolygons, tmpl: EdgeTemplate, pairs: torch.Tensor, R: int, loc: torch.Tensor,
+                    d: torch.Tensor, d_min: torch.Tensor, need_normals: bool) -> FlatMass:
+    """log P of the S = 2 pairs ``pairs`` (flat n·R + ω indices into ``loc`` (n·R, 2), ``d`` (n·R, F), ``d_min``
+    (n·R,) = min_j d_j) of regions without parallel lines, without autograd, on their existing edges alone
+    (:func:`flat_pair_edges`; their normals too when ``need_normals``, for :func:`flat_batch_moments`): the flux
+    mass (:func:`~pyro_cpa.integrate.bivariate.flux_log_mass`), with the pairs whose value is not trusted left to
+    :func:`fallback_pair_log_mass` (the few of many batches in one call). The same formulas and decisions as
+    ``integrate_whitened(..., edges=pair_edges(...))``: masses equal to the last bit."""
     rows = pairs % R
-    fe = flat_pair_edges(tmpl, pairs, rows, loc, d, need_normals=need_moments)
+    fe = flat_pair_edges(tmpl, pairs, rows, loc, d, need_normals=need_normals)
     empty, whole = poly.edges.empty.index_select(0, rows), poly.edges.whole.index_select(0, rows)
     logP, ok = flux_log_mass(fe, d_min.index_select(0, pairs) > 0)
-
-    def padded(sub):
-        pr = pairs.index_select(0, sub)
-        return pair_edges(poly, rows.index_select(0, sub), loc.index_select(0, pr), d.index_select(0, pr))[:6]
-
     rest = (~empty & ~whole & ~ok).nonzero().squeeze(-1)
-    if need_moments and rest.numel():
-        logP = logP.index_put((rest,), log_mass_fallback(padded(rest), rest))
     logP = torch.where(whole, torch.zeros_like(logP), logP)
     logP = torch.where(empty, torch.full_like(logP, -math.inf), logP)
-    if not need_moments:   # the fallback masses are left to the caller (fallback_pair_log_mass, once per chunk)
-        return PolytopeMoments(logP, None, None, torch.zeros_like(logP)), pairs.index_select(0, rest)
-    m_u, _, cov_u, redo = edge_moments(fe, logP, empty | torch.isneginf(logP), whole,
+    return FlatMass(fe, rows, empty, whole, logP, rest)
+
+
+def flat_batch_moments(fm: FlatMass, pairs: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor,
+                       centred_covariance: bool) -> tuple[PolytopeMoments, torch.Tensor]:
+    """:func:`~pyro_cpa.integrate.integrate_whitened` of the pairs ``pairs`` of :func:`flat_batch_mass`'s ``fm``
+    (its ``log_mass`` complete: the ``rest`` replaced by their fallback masses; ``loc`` (n·R, 2), ``scale_tril``
+    (R, 2, 2)): the edge moments (:func:`~pyro_cpa.integrate.bivariate.edge_moments`) on the mass's edges. The
+    same formulas and decisions as ``integrate_whitened(..., edges=pair_edges(...))``: moments to rounding (their
+    edge sums are taken per pair in edge order). Returns the moments and the pairs (flat indices) whose moments
+    must be replaced by :func:`centred_pair_moments` (for a whole chunk at once)."""
+    logP = fm.log_mass
+    m_u, _, cov_u, redo = edge_moments(fm.fe, logP, fm.empty | torch.isneginf(logP), fm.whole,
                                        cov_max_amp=DEFAULT_COV_MAX_AMP if centred_covariance else None)
     return _to_z(PolytopeMoments(logP, m_u, cov_u, torch.zeros_like(logP)), _rows2(loc, pairs),
-                 scale_tril.index_select(0, rows)), pairs.index_select(0, redo.nonzero().squeeze(-1))
+                 scale_tril.index_select(0, fm.rows)), pairs.index_select(0, redo.nonzero().squeeze(-1))
 
 
 def _to_z(std: PolytopeMoments, loc: torch.Tensor, L: torch.Tensor) -> PolytopeMoments:
@@ -465,14 +483,27 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
             own = poly.per_pair.index_select(0, flat % R)
             plain, flat = flat[~own], flat[own]
             redo = []
-            for first in range(0, plain.numel(), FLAT_PAIRS):
-                idx = plain[first:first + FLAT_PAIRS]
-                mom, rd = flat_batch_moments(poly, tmpl, idx, R, loc_flat, L_flat, d_flat, d_min, need_moments,
-                                             centred_covariance)
-                for k in out:
-                    out[k].index_put_((idx,), getattr(mom, k))
-                redo.append(rd)
-                batches.append(_Batch(idx + start * R, F, None))
+            idxs = [plain[first:first + FLAT_PAIRS] for first in range(0, plain.numel(), FLAT_PAIRS)]
+            for g in range(0, len(idxs), FALLBACK_BATCHES if need_moments else 1):
+                grp = idxs[g:g + FALLBACK_BATCHES] if need_moments else idxs[g:g + 1]
+                fms = [flat_batch_mass(poly, tmpl, idx, R, loc_flat, d_flat, d_min, need_moments) for idx in grp]
+                rest = [idx.index_select(0, fm.rest) for idx, fm in zip(grp, fms)]
+                if not need_moments:   # the fallback masses: once per chunk, below
+                    for idx, fm in zip(grp, fms):
+                        out["log_mass"].index_put_((idx,), fm.log_mass)
+                    redo.extend(rest)
+                else:                  # the fallback masses of these batches in one call, then the moments
+                    rest_all = torch.cat(rest)
+                    if rest_all.numel():
+                        fb = fallback_pair_log_mass(poly, rest_all, R, loc_flat, d_flat)
+                        for fm, part in zip(fms, fb.split([r.numel() for r in rest])):
+                            fm.log_mass.index_put_((fm.rest,), part)
+                    for idx, fm in zip(grp, fms):
+                        mom, rd = flat_batch_moments(fm, idx, loc_flat, L_flat, centred_covariance)
+                        for k in out:
+                            out[k].index_put_((idx,), getattr(mom, k))
+                        redo.append(rd)
+                batches.extend(_Batch(idx + start * R, F, None) for idx in grp)
             # the batches' flagged pairs, all at once: centred moments (need_moments), else fallback masses
             redo = torch.cat(redo) if redo else plain
             if redo.numel() and need_moments:

@@ -1,7 +1,8 @@
 """The S = 2 flat-edge path's batching (issue 12): the pairs whose flux mass is not trusted get their fallback mass
-once per chunk (chunked.fallback_pair_log_mass), the edge quadrature evaluates its rules in row blocks
-(edge_flux.NODE_BLOCK), and 2-element rows are gathered as complex scalars (chunked._rows2). None of these may
-change a bit: each pair's value depends on that pair alone, whatever the batch and block sizes."""
+once per chunk (mass alone) or per chunked.FALLBACK_BATCHES batches (with the moments), by
+chunked.fallback_pair_log_mass; the edge quadrature evaluates its rules in row blocks (edge_flux.NODE_BLOCK), and
+2-element rows are gathered as complex scalars (chunked._rows2). None of these may change a bit: each pair's value
+depends on that pair alone, whatever the batch and block sizes."""
 import pytest
 import torch
 from torch import nn
@@ -35,8 +36,8 @@ def test_flat_path_values_do_not_depend_on_batch_or_block_size(need_moments, mon
     monkeypatch.setattr(chunked, "fallback_pair_log_mass", lambda poly, pairs, *a: spy.append(pairs.numel())
                         or real(poly, pairs, *a))
     ref = _evaluate(m, x, need_moments)
-    if not need_moments:   # the deferred fallback ran, once per pruning pass, on some pairs
-        assert spy and sum(spy) > 0 and len(spy) <= 2
+    # the deferred fallback ran on some pairs, once per pruning pass (one group of FALLBACK_BATCHES batches here)
+    assert spy and sum(spy) > 0 and len(spy) <= 2
     monkeypatch.setattr(chunked, "FLAT_PAIRS", 7)      # many batches, each with few pairs
     monkeypatch.setattr(ef, "NODE_BLOCK", 40)          # many row blocks in every rule evaluation
     small = _evaluate(m, x, need_moments)
@@ -60,14 +61,15 @@ def test_deferred_fallback_masses_equal_the_per_batch_fallback():
         tmpl = chunked.edge_template(poly)
         d, loc = wh.d.reshape(n * R, F), rg.loc.reshape(n * R, 2)
         pairs = torch.arange(n * R)[~poly.per_pair.repeat(n)]
-        mom, rest = chunked.flat_batch_moments(poly, tmpl, pairs, R, loc, rg.scale_tril, d, d.amin(-1), False, True)
+        fm = chunked.flat_batch_mass(poly, tmpl, pairs, R, loc, d, d.amin(-1), False)
+        rest = pairs.index_select(0, fm.rest)
         assert rest.numel() > 0
         deferred = chunked.fallback_pair_log_mass(poly, rest, R, loc, d)
         for k in range(rest.numel()):   # one pair at a time: the per-pair value
             one = rest[k:k + 1]
             edges = chunked.pair_edges(poly, one % R, loc.index_select(0, one), d.index_select(0, one))
             assert torch.equal(deferred[k:k + 1], chunked.log_mass_fallback(edges[:6], torch.arange(1)))
-        flux = mom.log_mass[torch.searchsorted(pairs, rest)]
+        flux = fm.log_mass.index_select(0, fm.rest)
         assert not torch.equal(flux, deferred)
 
 
