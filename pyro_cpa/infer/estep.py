@@ -215,7 +215,8 @@ def _chunk_stats(mg, xc, oc, wc, obs_var):
     D, K = xc.shape[-1], S + 1
     # E[z̃ z̃ᵀ | x_n, ω] = m̃ m̃ᵀ + [[C, 0], [0, 0]], m̃ = (m, 1), as its S² + S + 1 distinct (n, R) planes P (one
     # stack: m_k m_l + C_kl row-major, then m̃); broadcast products and masks over trailing dims of size S, K, and the
-    # (n, R, K, K) tensor itself, were several times slower. Zn_kl = P_idx[k,l] (the values of the (n, R, K, K) version: the sum over n is one batched product either way)
+    # (n, R, K, K) tensor itself, were several times slower. Zn_kl = P_idx[k,l] (the values of the (n, R, K, K)
+    # version: the sum over n is one batched product either way)
     zero = torch.zeros((), dtype=terms.dtype, device=terms.device)
     m = [torch.where(live, mom.mean[..., k], zero) for k in range(S)]
     C = mom.covariance
