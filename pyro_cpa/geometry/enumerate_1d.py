@@ -130,7 +130,6 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         c_r = r[rep_idx]
         c_e = torch.zeros(C, dtype=dt, device=_CPU).scatter_reduce(0, cid, (r - c_r[cid]).abs() + e, "amax")
         c_u = u[rep_idx]
-        c_int = ii[rep_idx]
         # merge the cluster breakpoints into the sorted list (they lie strictly between old ones)
         all_r = torch.cat([bps, c_r])
         all_e = torch.cat([berr, c_e])

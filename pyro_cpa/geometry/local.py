@@ -43,6 +43,7 @@ bound itself is ~1e-14 relative, far inside the margin). Only S <= 2 is supporte
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -448,7 +449,7 @@ class _RegionCache:
     its affine maps are equal (``torch.equal``) to those it was built with; any change of the weights rebuilds it.
     """
 
-    _store: "weakref.WeakKeyDictionary" = None
+    _store: weakref.WeakKeyDictionary | None = None
 
     def __init__(self, net: CPANetwork, tol: float):
         self.net, self.tol = net, tol
@@ -463,8 +464,6 @@ class _RegionCache:
 
     @classmethod
     def get(cls, net: CPANetwork, tol: float) -> "_RegionCache":
-        import weakref
-
         if cls._store is None:
             cls._store = weakref.WeakKeyDictionary()
         key = getattr(net, "module", net)
