@@ -325,7 +325,8 @@ def _edge_stats(t_lo: torch.Tensor, t_hi: torch.Tensor, exists: torch.Tensor):
     """``(log ΔΦ_i, μ_i)`` of the existing edges (:func:`interval_stats` of (t_lo, t_hi), evaluated on those
     entries only); 0 elsewhere."""
     idx = exists.reshape(-1).nonzero().squeeze(-1)
-    lm, mu, _ = interval_stats(t_lo.reshape(-1).index_select(0, idx), t_hi.reshape(-1).index_select(0, idx))
+    lm, mu, _ = interval_stats(t_lo.reshape(-1).index_select(0, idx), t_hi.reshape(-1).index_select(0, idx),
+                               variance=False)
     z = t_lo.new_zeros(t_lo.numel())
     return z.index_copy(0, idx, lm).reshape(t_lo.shape), z.index_copy(0, idx, mu).reshape(t_lo.shape)
 
@@ -915,7 +916,7 @@ def edge_moments(fe: FlatEdges, logP: torch.Tensor, empty: torch.Tensor, whole: 
     mean (``mean_max_amp``) must come from :func:`centred_moments` instead (see :func:`std_moments_2d`)."""
     B, pair = fe.B, fe.pair
     ds = fe.ds
-    lm, mu, _ = interval_stats(fe.t_lo, fe.t_hi)
+    lm, mu, _ = interval_stats(fe.t_lo, fe.t_hi, variance=False)
     lp = torch.where(empty, torch.zeros_like(logP), logP)
     r = torch.exp(-0.5 * ds * ds - LOG_SQRT_2PI + lm - lp.index_select(0, pair))
     g0, g1 = fe.Gs[:, 0], fe.Gs[:, 1]

@@ -369,7 +369,7 @@ def _narrow_constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.T
     return _GL_CACHE[key]
 
 
-def _narrow_stats(width: torch.Tensor, total: torch.Tensor, moments: bool = True) -> torch.Tensor:
+def _narrow_stats(width: torch.Tensor, total: torch.Tensor, rows: int = 3) -> torch.Tensor:
     """Log mass, mean and variance (stacked, (3, n)) of N(0, 1) on (a, b) by Gauss–Legendre, from the width b − a
     and a + b (either sign).
 
@@ -379,8 +379,8 @@ def _narrow_stats(width: torch.Tensor, total: torch.Tensor, moments: bool = True
     M_k = Σ w_i q(t_i) t_i^k (one (n, 10) @ (10, 3) product): log P = log(b − a) − log 2 + log φ(mid) + log M₀,
     E[t] = t̄ = M₁/M₀ and Var[u] = half² (M₂/M₀ − t̄²). The subtraction loses less than one bit: over the
     admissible (mid·half, half²), t̄² <= 0.27 M₂/M₀ (measured on a grid with 40 nodes). The log of the width is
-    taken on its own (half underflows to 0 for a width of one subnormal ulp). ``moments=False``: log P alone,
-    (1, n), from the same product (the same value). The products keep the data on the rows: the (10, n) layout
+    taken on its own (half underflows to 0 for a width of one subnormal ulp). ``rows`` = 1: log P alone, (1, n);
+    2: log P and the mean, (2, n); from the same product (the same values). The products keep the data on the rows: the (10, n) layout
     (n as the products' columns) was 35 µs faster at n = 6000 but rounds a single column (n = 1, a matrix-vector
     product) differently from a batch, so a value would depend on its batch (tests/distributions/
     test_flat_batching.py).
@@ -389,53 +389,63 @@ def _narrow_stats(width: torch.Tensor, total: torch.Tensor, moments: bool = True
     w2 = width * width
     m0, m1, m2 = (torch.exp(torch.stack([total * width, w2]).T @ T) @ W).unbind(1)   # κ M₀, κ M₁/2, κ M₂/4
     log_mass = torch.addcmul(torch.log(width) + torch.log(m0), total, total, value=-0.125)
-    if not moments:
+    if rows == 1:
         return log_mass.unsqueeze(0)
     tbar = m1 / m0                                                       # t̄/2
+    if rows == 2:
+        return torch.stack([log_mass, torch.addcmul(0.5 * total, width, tbar)])
     var = torch.addcmul(m2 / m0, tbar, tbar, value=-1.0) * w2
     return torch.stack([log_mass, torch.addcmul(0.5 * total, width, tbar), var])
 
 
-def _signed_mixture(alpha: torch.Tensor, beta: torch.Tensor, moments: bool = True) -> torch.Tensor:
+def _signed_mixture(alpha: torch.Tensor, beta: torch.Tensor, rows: int = 3) -> torch.Tensor:
     """Log mass, mean and variance (stacked, (3, n)) of N(0, 1) on (α, β), α < β, not the whole line and not
     narrow: the "[a, ∞) minus [b, ∞)" formulas of :func:`interval_stats` on the reflected interval (a, b) =
     (−β, −α) where α + β < 0 (i.e. |α| > |β|), else (α, β), so that |a| <= b <= ∞ and a is finite; the mean is
     reflected back. The one-sided functions of both end points come from one table evaluation
     (:func:`_tail_functions`). An end point b > 2|a| + ``_FAR_WIDTH`` (b = +∞ included) is replaced by
-    2|a| + ``_FAR_WIDTH``: e is exactly 0 either way, which gives the one-sided answer. ``moments=False``: log P
-    alone, (1, n), by the same operations (the same value; no V, r, mean or variance work)."""
+    2|a| + ``_FAR_WIDTH``: e is exactly 0 either way, which gives the one-sided answer. ``rows`` = 1: log P
+    alone, (1, n), by the same operations (the same value; no V, r, mean or variance work); 2: log P and the mean,
+    (2, n) (the same values; no V, variance, or reflected r: the mean of a straddling interval takes λ alone)."""
     n = alpha.shape[0]
     flip = (alpha + beta) < 0.0       # the sign of a rounded sum is exact
     a = torch.where(flip, -beta, alpha)
     b = torch.where(flip, -alpha, beta)
     abs_a = a.abs()
     b = torch.minimum(b, torch.add(_const(_FAR_WIDTH, a), abs_a, alpha=2.0))
-    lam, r, V, log_q, log_phi = _tail_functions(torch.cat([abs_a, b]), moments)
+    lam, r, V, log_q, log_phi = _tail_functions(torch.cat([abs_a, b]), rows == 3)
     # a < 0 < b somewhere? Else the reflection's branch is never selected and is skipped (the same values)
     straddle = float((a.detach() if a.requires_grad else a).amin()) < 0
     neg = a < 0.0 if straddle else None
     # slices, not Tensor.split (its Python wrapper costs more than two slices)
-    r_a, r_b, V_a, V_b = (r[:n], r[n:], V[:n], V[n:]) if moments else (None, None, None, None)
+    r_a, r_b = (r[:n], r[n:]) if rows > 1 else (None, None)
+    V_a, V_b = (V[:n], V[n:]) if rows == 3 else (None, None)
     lam_a, lam_b, log_q_a = lam[:n], lam[n:], log_q[:n]
     if straddle:
-        lam_a, r_a, V_a, log_q_a = _reflect_negative(a, lam_a, r_a, V_a, log_q_a, log_phi[:n], neg)
+        # rows 2: r_a stays unreflected; it only enters the mean where a >= 0 (the straddling mean is λ's below)
+        lam_a, r_n, V_a, log_q_a = _reflect_negative(a, lam_a, r_a if rows == 3 else None, V_a, log_q_a,
+                                                      log_phi[:n], neg)
+        if rows == 3:
+            r_a = r_n
     w = b - a
     e = exp_floored(torch.addcmul(_const(0.0, a), a + b, w, value=-0.5)) * lam_a / lam_b   # −(a + b)(b − a)/2
-    if not moments:
+    if rows == 1:
         return (log_q_a + torch.log1p(-e)).unsqueeze(0)
     om = torch.rsub(e, 1.0)          # 1 − e (not the Python-level Tensor.__rsub__)
     wr = w + r_b
     mean = torch.addcdiv(a, torch.addcmul(r_a, e, wr, value=-1.0), om)           # a + (r_a − e wr)/(1 − e)
     if straddle:
         mean = torch.where(neg, torch.addcmul(lam_a, e, lam_b, value=-1.0) / om, mean)
+    if rows == 2:
+        return torch.stack([log_q_a + torch.log1p(-e), torch.where(flip, -mean, mean)])
     D = wr - r_a                                      # = λ_b − λ_a (both signs of a: no cancellation beyond eps·|a|)
     eD = e * D
     var = torch.addcmul(torch.addcmul(V_a, e, V_b, value=-1.0), eD, D / om, value=-1.0) / om
     return torch.stack([log_q_a + torch.log1p(-e), torch.where(flip, -mean, mean), var])
 
 
-def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None = None,
+                   variance: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""``(log P, E[u | α<u<β], Var[u | α<u<β])`` for u ~ N(0, 1), batched, accurate in every regime.
 
     The interval is reflected (α, β) -> (−β, −α) when |α| > |β|, so that a = the end point nearer 0 and
@@ -467,8 +477,11 @@ def interval_stats(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tens
     whatever the regime (40 to 111 per call; :func:`interval_log_mass` 33 to 85); the one-sided functions of both
     end points of the wide intervals come from one table evaluation (:func:`_signed_mixture`; the reflection of
     a < 0 only when some interval straddles 0), and no ``exp`` is left to underflow (``EXP_FLOOR``).
+    ``variance=False``: log P and the mean alone (the variance returned as None), by the same operations on them
+    (the same values to the last bit) without the one-sided V, the variance or the reflection of r (callers that
+    need the mean alone, e.g. the edge sums of :func:`~pyro_cpa.integrate.bivariate.edge_moments`).
     """
-    return _interval(alpha, beta, log_mass, True)
+    return _interval(alpha, beta, log_mass, 3 if variance else 2)
 
 
 def interval_log_mass(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -476,7 +489,7 @@ def interval_log_mass(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     moments (same regimes and the same operations on the mass, so the same value; the narrow intervals' product
     and the one-sided table's rows of r only, no V, mean or variance). −inf for empty intervals (α >= β), 0 for
     the whole line. Accuracy as :func:`interval_stats` (≤ 1e-14 relative against mpmath, any regime)."""
-    return _interval(alpha, beta, None, False)
+    return _interval(alpha, beta, None, 1)
 
 
 _ARANGE: dict = {}
@@ -500,8 +513,9 @@ def _indices(mask: torch.Tensor) -> torch.Tensor:
     return rng.masked_select(mask)
 
 
-def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None, moments: bool):
-    """:func:`interval_stats` (``moments``) or :func:`interval_log_mass` (not ``moments``; ``log_mass`` None)."""
+def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | None, rows: int):
+    """:func:`interval_stats` (``rows`` 3; 2 without the variance) or :func:`interval_log_mass` (``rows`` 1;
+    ``log_mass`` None)."""
     if not alpha.is_floating_point():
         alpha = alpha.to(beta.dtype if beta.is_floating_point() else torch.get_default_dtype())
     if beta.dtype != alpha.dtype:
@@ -526,20 +540,20 @@ def _interval(alpha: torch.Tensor, beta: torch.Tensor, log_mass: torch.Tensor | 
     groups = [(_indices(sel), fn, args) for sel, fn, args in
               ((narrow, _narrow_stats, (width, total)), (wide, _signed_mixture, (alpha, beta)))]
     if sum(idx.numel() for idx, _, _ in groups) == alpha.shape[0]:
-        out = alpha.new_empty((3 if moments else 1,) + alpha.shape)        # every entry is overwritten below
+        out = alpha.new_empty((rows,) + alpha.shape)        # every entry is overwritten below
     else:  # the empty and whole-line answers; from the width β − α, so that autograd sees both inputs
         whole = torch.isnan(total) & (width > 0.0)       # α = −∞, β = ∞
         if given:
             whole = whole & live
         base = torch.where(narrow | wide, width, 0.0)
         lp0 = torch.where(whole, base, -math.inf)
-        out = torch.stack([lp0, base, torch.where(whole, 1.0, base)]) if moments else lp0.unsqueeze(0)
+        out = torch.stack([lp0, base, torch.where(whole, 1.0, base)][:rows])
     for idx, fn, args in groups:
         if idx.numel():   # fresh tensor: in place is safe
-            out.index_copy_(1, idx, fn(*(t.index_select(0, idx) for t in args), moments))
-    if not moments:
+            out.index_copy_(1, idx, fn(*(t.index_select(0, idx) for t in args), rows))
+    if rows == 1:
         return out.view(shape)
-    lp, mean, var = out.view((3,) + shape).unbind(0)
+    lp, mean, var = (*out.view((rows,) + shape).unbind(0), None)[:3]
     return log_mass if given else lp, mean, var
 
 

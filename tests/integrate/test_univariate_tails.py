@@ -285,3 +285,29 @@ def test_interval_stats_values_do_not_depend_on_the_batch():
             assert torch.equal(torch.cat([p[k] for p in parts]), full[k]), (size, k)
         masses = [interval_log_mass(a[i:i + size], b[i:i + size]) for i in range(0, a.shape[0], size)]
         assert torch.equal(torch.cat(masses), mass), size
+
+
+def test_interval_stats_without_variance_is_the_same_log_mass_and_mean():
+    """``variance=False`` (the edge sums of the S = 2 moments) gives log P and the mean of the full call to the
+    last bit in every regime (narrow, wide, straddling, one-sided, whole line, empty, a given log_mass), whatever
+    the batch around each interval, and finite gradients; the variance is None."""
+    A, B = _grid()
+    g = torch.Generator().manual_seed(12)
+    a = torch.cat([torch.tensor(A), torch.tensor([1.0, INF]), torch.randn(64, generator=g) * 5.0])
+    b = torch.cat([torch.tensor(B), torch.tensor([1.0, INF]), a[-64:] + 10.0 ** (torch.rand(64, generator=g) * 6 - 4)])
+    perm = torch.randperm(a.shape[0], generator=g)
+    a, b = a[perm], b[perm]
+    lp, m, v = interval_stats(a, b)
+    lp2, m2, v2 = interval_stats(a, b, variance=False)
+    assert v2 is None and torch.equal(lp2, lp) and torch.equal(m2, m)
+    lpg, mg, _ = interval_stats(a, b, lp, variance=False)
+    assert lpg is lp and torch.equal(mg, m)
+    for size in (1, 2, 3, 7):
+        parts = [interval_stats(a[i:i + size], b[i:i + size], variance=False) for i in range(0, a.shape[0], size)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), lp), size
+        assert torch.equal(torch.cat([p[1] for p in parts]), m), size
+    fin = torch.isfinite(a) & torch.isfinite(b) & (a < b)
+    ag, bg = a[fin].clone().requires_grad_(), b[fin].clone().requires_grad_()
+    lpg, mg, _ = interval_stats(ag, bg, variance=False)
+    ga, gb = torch.autograd.grad((lpg + mg).sum(), (ag, bg))
+    assert torch.isfinite(ga).all() and torch.isfinite(gb).all()
