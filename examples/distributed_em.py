@@ -161,15 +161,22 @@ def run(args) -> dict:
     return result
 
 
+#: Set in the ranks this script spawns itself (``_spawned``): they leave by ``os._exit`` after the barrier.
+_SELF_SPAWNED = False
+
+
 def leave_group() -> None:
     """Leave the process group cleanly: every rank reaches this point (a barrier, so no rank closes its
     connections while a peer still uses them), then the group is destroyed. Without the barrier a gloo rank that
-    tears down first can abort its peer ("terminate called without an active exception")."""
+    tears down first can abort its peer ("terminate called without an active exception"). A rank this script
+    spawned itself skips the destruction: it exits right after (``_spawned``), and gloo's teardown has aborted
+    such a rank after the barrier (seen once in CI); under torchrun the group is destroyed as it should be."""
     import gc
 
     gc.collect()
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if not _SELF_SPAWNED:
+        torch.distributed.destroy_process_group()
 
 
 def _no_out(args):
@@ -181,6 +188,8 @@ def _no_out(args):
 
 
 def _spawned(rank, world, init_file, args):
+    global _SELF_SPAWNED
+    _SELF_SPAWNED = True
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     init_distributed(args.backend or "gloo", args.timeout, init_method=f"file://{init_file}", rank=rank,
