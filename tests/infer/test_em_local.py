@@ -19,7 +19,7 @@ from torch.distributions import constraints
 from pyro_cpa.distributions import CPALikelihood, CPAMarginal
 from pyro_cpa.errors import PyroCPAError
 from pyro_cpa.infer import EM
-from pyro_cpa.infer.em_engine import EStepCache, em_step, run_em
+from pyro_cpa.infer.em_engine import em_step, run_em
 from pyro_cpa.infer.estep import e_step, local_e_step_stats
 from pyro_cpa.infer.structure import DataWeights
 

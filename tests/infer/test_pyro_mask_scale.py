@@ -5,7 +5,6 @@ Semantics under test (pyro_cpa.infer.structure): per datum, with s_z / s_x the l
 scale × mask, the evidence term is L_n = s_z log ∫ p(z) p(x_n|z)^{s_x/s_z} dz (0 for a masked observation).
 References are independent: scipy quadrature over z (S = 1), and EM on the kept / duplicated data.
 """
-import copy
 import math
 
 import numpy as np

@@ -5,86 +5,25 @@ from __future__ import annotations
 
 import math
 
-import mpmath as mp
 import pytest
 import torch
 
 from pyro_cpa.integrate import bivariate as bv
 from pyro_cpa.integrate.bivariate import log_mass_2d, polygon_edges, std_moments_2d
+from polygon_reference import mp_polygon_moments, polygon
 
-REF_DPS = 30
 # log P: relative error of P (absolute in log P), beyond the rounding of log P itself (~eps |log P|)
 TOL_LOG_MASS = 3e-15
 TOL_MEAN = 3e-15          # |Δ mean| / (1 + |mean|)
 TOL_COV = 1e-13           # ‖Δ Cov‖₂ / ‖Cov‖₂ (well-conditioned polygons: the vertices' rounding is ~eps |c| / ρ)
 
 
-def _polygon(vertices):
-    """(G, d) of the convex polygon with these counter-clockwise vertices (unit outward normals)."""
-    G, d = [], []
-    k = len(vertices)
-    for i in range(k):
-        (x0, y0), (x1, y1) = vertices[i], vertices[(i + 1) % k]
-        n = (y1 - y0, -(x1 - x0))
-        nn = math.hypot(*n)
-        G.append((n[0] / nn, n[1] / nn))
-        d.append((n[0] * x0 + n[1] * y0) / nn)
-    return torch.tensor(G, dtype=torch.float64), torch.tensor(d, dtype=torch.float64)
-
-
 def _triangle(centre, radius, rot):
     """Equilateral triangle: centre (R cos a, R sin a), circumradius ``radius``, rotated by ``rot``."""
     R, a = centre
     cx, cy = R * math.cos(a), R * math.sin(a)
-    return _polygon([(cx + radius * math.cos(rot + 2 * math.pi * k / 3), cy + radius * math.sin(rot + 2 * math.pi * k / 3))
+    return polygon([(cx + radius * math.cos(rot + 2 * math.pi * k / 3), cy + radius * math.sin(rot + 2 * math.pi * k / 3))
                      for k in range(3)])
-
-
-def _mp_interval(a, b):
-    """(Φ(b) − Φ(a), ∫_a^b y φ(y) dy, ∫_a^b y² φ(y) dy) in mpmath (reflected: no 1 − 1 cancels)."""
-    P = mp.ncdf(-a) - mp.ncdf(-b) if a + b > 0 else mp.ncdf(b) - mp.ncdf(a)
-    pa, pb = mp.npdf(a), mp.npdf(b)
-    return P, pa - pb, P + a * pa - b * pb
-
-
-def _mp_moments(G, d):
-    """(log P, mean, covariance) of N(0, I₂) on the bounded polygon {G u <= d}, the float inputs taken exactly:
-    x-slices between the vertices' x (where the slice bounds are linear), tanh-sinh per piece, the slice's
-    y-moments in closed form; integrands scaled to O(1) (mp.quad's stopping rule is absolute). No row with g_2 = 0."""
-    with mp.workdps(REF_DPS):
-        rows = [(mp.mpf(g0), mp.mpf(g1), mp.mpf(c)) for (g0, g1), c in zip(G.tolist(), d.tolist())]
-        xs = []
-        for i in range(len(rows)):
-            for k in range(i + 1, len(rows)):
-                (a0, a1, ad), (b0, b1, bd) = rows[i], rows[k]
-                det = a0 * b1 - a1 * b0
-                x, y = (ad * b1 - a1 * bd) / det, (a0 * bd - ad * b0) / det
-                if all(g0 * x + g1 * y <= c + (1 + abs(c)) * mp.mpf(10) ** (5 - REF_DPS) for g0, g1, c in rows):
-                    xs.append(x)
-        xs = sorted(xs)
-
-        def bounds(x):
-            lo, hi = -mp.inf, mp.inf
-            for g0, g1, c in rows:
-                y = (c - g0 * x) / g1
-                lo, hi = (lo, min(hi, y)) if g1 > 0 else (max(lo, y), hi)
-            return lo, hi
-
-        xm = (xs[0] + xs[-1]) / 2
-        scale = mp.npdf(xm) * mp.npdf(sum(bounds(xm)) / 2)
-
-        def f(x, k):
-            lo, hi = bounds(x)
-            if not lo < hi:
-                return mp.mpf(0)
-            P, m1, m2 = _mp_interval(lo, hi)
-            return mp.npdf(x) / scale * (P, x * P, m1, x * x * P, x * m1, m2)[k]
-
-        I = [mp.quad(lambda x: f(x, k), xs) for k in range(6)]
-        mx, my = I[1] / I[0], I[2] / I[0]
-        cov = [[I[3] / I[0] - mx * mx, I[4] / I[0] - mx * my], [I[4] / I[0] - mx * my, I[5] / I[0] - my * my]]
-        return (float(mp.log(I[0]) + mp.log(scale)), torch.tensor([float(mx), float(my)], dtype=torch.float64),
-                torch.tensor([[float(v) for v in r] for r in cov], dtype=torch.float64))
 
 
 def _cubature(G, d, need_moments):
@@ -118,7 +57,7 @@ def test_cubature_meets_its_error_model_at_the_tier_limits(need_moments, tier, R
     G, d = _triangle((R, 0.4), rho, 0.3)
     n, lp, mean, cov, (a, c) = _cubature(G, d, need_moments)
     assert n == tier
-    ref = _mp_moments(G, d)
+    ref = mp_polygon_moments(G, d)
     _check(lp.item(), mean, cov, ref)
     # the test can fail: fewer nodes than the tier's do not meet the tolerances
     lp2, mean2, cov2 = bv._cubature(*a, c, fewer, need_moments)
@@ -142,20 +81,20 @@ def test_log_mass_of_small_triangles_refused_by_the_flux_formula():
     assert not ok.any()                                  # the fallback is exercised
     lp = log_mass_2d(G, d)
     for k, (Gk, dk) in enumerate(tri):
-        ref = _mp_moments(Gk, dk)[0]
+        ref = mp_polygon_moments(Gk, dk)[0]
         assert abs(lp[k].item() - ref) <= TOL_THIN_LOG_MASS
 
 
 def test_moments_of_small_far_polygons_take_the_cubature():
     # a small triangle 8 units out and a small pentagon 5 units out: E[uuᵀ] − E[u]E[u]ᵀ cancels (cov_max_amp)
     G1, d1 = _triangle((8.0, 0.7), 0.05, 0.2)
-    G2, d2 = _polygon([(5.0 + 0.04 * math.cos(0.3 + 1.2566 * k), 0.5 + 0.03 * math.sin(0.3 + 1.2566 * k))
+    G2, d2 = polygon([(5.0 + 0.04 * math.cos(0.3 + 1.2566 * k), 0.5 + 0.03 * math.sin(0.3 + 1.2566 * k))
                        for k in range(5)])
     for G, d in ((G1, d1), (G2, d2)):
         r = std_moments_2d(G, d)
         lam = torch.linalg.eigvalsh(r.covariance)[0]
         assert (1 + r.mean.norm() ** 2) / lam > bv.DEFAULT_COV_MAX_AMP      # the centred fallback is exercised
-        lr, mr, cr = _mp_moments(G, d)
+        lr, mr, cr = mp_polygon_moments(G, d)
         assert abs(r.log_mass.item() - lr) <= TOL_THIN_LOG_MASS
         assert (r.mean - mr).norm() <= TOL_MEAN * (1 + mr.norm())
         assert torch.linalg.matrix_norm(r.covariance - cr, ord=2) <= TOL_THIN_COV * torch.linalg.matrix_norm(cr, ord=2)

@@ -234,7 +234,6 @@ def test_random_rotated_boxes_vs_1d_products():
     r = std_moments_2d(G, d)
     # conditioning: the rounded normals move a side of a box of width w at distance |d| by ~eps |d|, i.e. a
     # relative change ~eps·|d|/w of the mass (1e-9 for w = 1e-6 at |d| = 30)
-    fin = torch.isfinite(d)
     cond = torch.tensor([16 * EPS * (1 + b[1].abs().max().item()) / b[5] for b in boxes])
     err = (r.log_mass - lp).abs()
     assert bool((err <= 1e-12 + BOX_RTOL * lp.abs() + cond).all()), float((err - cond).max())
