@@ -107,7 +107,7 @@ def main(args) -> list[dict]:
     add("box3d", len(boxes), float((err / (1 + lp.abs())).max()), "1e-10 rel + eps·|d|/width", int((err > tol).sum()), t0)
     # ---- mpmath quadrature on random cells (finite mass, not far out)
     t0 = time.perf_counter()
-    n = errs = fails = 0
+    n = fails = 0
     worst = 0.0
     for kind, G, d in T.cases_2d(4 * args.mpmath, seed=args.seed + 1)[: args.mpmath * 4: 4]:
         lpv = log_mass_2d(G, d)

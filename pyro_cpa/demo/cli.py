@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import dataclasses
 import json
 import os
@@ -51,11 +52,7 @@ def config_from_args(args) -> DemoConfig:
 
 
 def _have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def main(argv=None) -> dict:

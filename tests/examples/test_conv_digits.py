@@ -23,11 +23,12 @@ def test_conv_digits_quick(tmp_path, capsys):
     pytest.importorskip("sklearn")
     mod = _load_example()
     args = mod.parse_args(["--quick", "--out", str(tmp_path)])
-    r = mod.main(args)
+    result = mod.main(args)
     out = capsys.readouterr().out
     assert "loglik test" in out and "EM (exact)" in out and "VAE (AmortizedNormal)" in out
 
     saved = json.loads((tmp_path / "conv_digits.json").read_text())
+    assert saved == json.loads(json.dumps(result))                  # main returns what it saves
     assert saved["n_train"] == args.train and saved["n_test"] == args.test and saved["D"] == 64
     # one hidden ReLU layer of C·9 units, each a line in the latent plane: an arrangement of 9C lines in general
     # position (for the --quick seed the closest pair intersection is 0.018 from a third line and the smallest
