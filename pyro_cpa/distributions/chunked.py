@@ -42,8 +42,9 @@ from torch.autograd.function import once_differentiable
 
 from .._threads import with_library_threads
 from ..integrate import PolytopeMoments, integrate_whitened, std_moments, whiten
-from ..integrate.bivariate import (DEFAULT_COV_MAX_AMP, DEFAULT_PARALLEL_TOL, FlatEdges, PolygonEdges, centred_moments,
-                                   edge_moments, flux_log_mass, log_mass_fallback, polygon_edges, translate_edges)
+from ..integrate.bivariate import (DEFAULT_COV_MAX_AMP, DEFAULT_PARALLEL_TOL, FlatEdges, PolygonEdges, _pairs_of,
+                                   centred_moments, edge_moments, flux_log_mass, log_mass_fallback, polygon_edges,
+                                   translate_edges)
 from .region_gaussians import RegionGaussians, affine_gaussians, region_gaussians
 
 DENSE_ELEMENTS = 2 ** 21
@@ -366,7 +367,7 @@ def _to_z(std: PolytopeMoments, loc: torch.Tensor, L: torch.Tensor) -> PolytopeM
     (B,) planes: batched 2×2 matrix products cost ~5x more per pair)."""
     (l00, l01), (l10, l11) = L[..., 0, :].unbind(-1), L[..., 1, :].unbind(-1)
     m0, m1 = std.mean.unbind(-1)
-    mean = torch.stack([loc[..., 0] + (l00 * m0 + l01 * m1), loc[..., 1] + (l10 * m0 + l11 * m1)], -1)
+    mean = _pairs_of(loc[..., 0] + (l00 * m0 + l01 * m1), loc[..., 1] + (l10 * m0 + l11 * m1))
     (c00, c01), (c10, c11) = std.covariance[..., 0, :].unbind(-1), std.covariance[..., 1, :].unbind(-1)
     p00, p01 = l00 * c00 + l01 * c10, l00 * c01 + l01 * c11            # L Cov[u]
     p10, p11 = l10 * c00 + l11 * c10, l10 * c01 + l11 * c11
@@ -490,7 +491,7 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
                 rest = [idx.index_select(0, fm.rest) for idx, fm in zip(grp, fms)]
                 if not need_moments:   # the fallback masses: once per chunk, below
                     for idx, fm in zip(grp, fms):
-                        out["log_mass"].index_put_((idx,), fm.log_mass)
+                        out["log_mass"].index_copy_(0, idx, fm.log_mass)
                     redo.extend(rest)
                 else:                  # the fallback masses of these batches in one call, then the moments
                     rest_all = torch.cat(rest)
@@ -500,8 +501,8 @@ def evaluate_chunk(params: RegionParams, xc: torch.Tensor, oc: torch.Tensor | No
                             fm.log_mass.index_put_((fm.rest,), part)
                     for idx, fm in zip(grp, fms):
                         mom, rd = flat_batch_moments(fm, idx, loc_flat, L_flat, centred_covariance)
-                        for k in out:
-                            out[k].index_put_((idx,), getattr(mom, k))
+                        for k in ("log_mass", "mean", "covariance"):   # (the standard error is 0, as initialised)
+                            out[k].index_copy_(0, idx, getattr(mom, k))
                         redo.append(rd)
                 batches.extend(_Batch(idx + start * R, F, None) for idx in grp)
             # the batches' flagged pairs, all at once: centred moments (need_moments), else fallback masses

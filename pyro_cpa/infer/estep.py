@@ -49,6 +49,7 @@ import torch
 
 from .._threads import with_library_threads
 from ..errors import PyroCPAError
+from ..integrate import PolytopeMoments
 from ..integrate.univariate import _const
 
 
@@ -206,8 +207,20 @@ def _use_s1_kernel(marginal) -> bool:
 def _chunk_stats(mg, xc, oc, wc, obs_var):
     """(Z, X, q, log p) of one chunk by the generic pair machinery (:meth:`CPAMarginal._pairs`, any S,
     missing coordinates); ``wc`` the weights s_x,n (None: 1)."""
+    from ..distributions.chunked import chunk_rows, evaluate_chunk
+
+    params = mg._params()
+    A, b = params.A, params.b
+    observed = None if bool(oc.all()) else oc
+    rows = chunk_rows(A.shape[0], A.shape[1], params.H.shape[1], A.shape[2], mg.chunk_size)
     # the statistics sum E[z̃z̃ᵀ] = C + m mᵀ: the centred covariance quadrature buys nothing here
-    terms, _, mom, _, (A, b, _, _) = mg._pairs(xc, need_moments=True, centred_covariance=False)
+    res = [evaluate_chunk(params, xc[i:i + rows], None if observed is None else observed[i:i + rows], i,
+                          prune_tol=mg.prune_tol, need_moments=True, mc_kwargs=mg.mc_kwargs, centred_covariance=False)
+           for i in range(0, xc.shape[0], rows)]
+    # (the pairs of CPAMarginal._pairs, without its copies: one pruning chunk is used as it is)
+    cat = (lambda parts: parts[0]) if len(res) == 1 else torch.cat      # noqa: E731
+    terms = cat([r.terms for r in res])
+    mom = PolytopeMoments(None, cat([r.mom.mean for r in res]), cat([r.mom.covariance for r in res]), None)
     lp = terms.logsumexp(-1)
     e0 = (terms - lp.unsqueeze(-1)).exp()  # pruned pairs: exp(-inf) = 0
     live = torch.isfinite(terms)  # pruned pairs (log mass -inf by construction) carry no moments

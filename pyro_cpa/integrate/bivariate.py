@@ -724,6 +724,14 @@ def _log_mass_flux(ds, t_lo, t_hi, exists, real, min_h=DEFAULT_FLUX_MIN_H, max_a
     return flux_log_mass(fe, inside, min_h=min_h, max_amp=max_amp)
 
 
+def _pairs_of(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.stack([a, b], -1)`` for 1-D float64/float32 a, b (the same values): the interleaving as the real view
+    of ``torch.complex(a, b)`` (~4x faster than torch's stack along a last dimension of 2)."""
+    if a.dtype not in (torch.float64, torch.float32) or b.dtype != a.dtype or a.requires_grad or b.requires_grad:
+        return torch.stack([a, b], -1)
+    return torch.view_as_real(torch.complex(a, b))
+
+
 def flux_log_mass(fe: FlatEdges, inside: torch.Tensor, *, min_h: float = DEFAULT_FLUX_MIN_H,
                   max_amp: float = DEFAULT_FLUX_MAX_AMP):
     r"""log P by the flux (divergence) formula with relative-accurate edge integrals, from the existing edges
@@ -744,14 +752,17 @@ def flux_log_mass(fe: FlatEdges, inside: torch.Tensor, *, min_h: float = DEFAULT
     if bool(zero.any()):
         through = zero & (t_lo <= 0) & (t_hi >= 0)
         on_bnd = ds.new_zeros(B).index_add(0, fe.pair, through.to(dtype)) > 0
-    # half intervals 0 <= p < q <= inf of each edge (t >= 0 and the mirror of t <= 0)
-    p = torch.stack([t_lo.clamp(min=0), (-t_hi).clamp(min=0)], -1)       # (E, 2)
-    q = torch.stack([t_hi.clamp(min=0), (-t_lo).clamp(min=0)], -1)
-    valid = (h > 0).unsqueeze(-1) & (q > p)
+    # half intervals 0 <= p < q <= inf of each edge (t >= 0 and the mirror of t <= 0), (E, 2) interleaved
+    p = _pairs_of(t_lo.clamp(min=0), (-t_hi).clamp(min=0))
+    q = _pairs_of(t_hi.clamp(min=0), (-t_lo).clamp(min=0))
+    valid = q > p
+    pos = h > 0
+    if not bool(pos.all()):
+        valid &= pos.unsqueeze(-1)
     idx = valid.reshape(-1).nonzero().squeeze(-1)
     pi = p.reshape(-1).index_select(0, idx)
     qi = q.reshape(-1).index_select(0, idx)
-    fi = torch.div(idx, 2, rounding_mode="floor")
+    fi = idx >> 1                                                        # the edge: idx // 2 (idx >= 0)
     bi = fe.pair.index_select(0, fi)
     di = ds.index_select(0, fi)
     hi = di.abs()
@@ -934,13 +945,13 @@ def edge_moments(fe: FlatEdges, logP: torch.Tensor, empty: torch.Tensor, whole: 
     second = torch.where(empty.unsqueeze(-1).unsqueeze(-1), zero, second)
     cov = second - mean.unsqueeze(-1) * mean.unsqueeze(-2)
     # covariance: E[uuᵀ] − E[u]E[u]ᵀ where that subtraction is well conditioned, the centred computation otherwise
-    cd_ = cov.detach()                                   # decisions only: no gradient through them
-    a, b, c = cd_[..., 0, 0], cd_[..., 0, 1], cd_[..., 1, 1]
-    lam_min = 0.5 * (a + c) - torch.sqrt(0.25 * (a - c) ** 2 + b * b)
     mnorm = mean.detach().norm(dim=-1)
     if cov_max_amp is None:
         redo_cov = torch.zeros_like(empty)
     else:
+        cd_ = cov.detach()                               # decisions only: no gradient through them
+        a, b, c = cd_[..., 0, 0], cd_[..., 0, 1], cd_[..., 1, 1]
+        lam_min = 0.5 * (a + c) - torch.sqrt(0.25 * (a - c) ** 2 + b * b)
         redo_cov = ~(lam_min * cov_max_amp > 1.0 + mnorm * mnorm)
     redo_mean = sums[6] > mean_max_amp * (1.0 + mnorm)      # −Σ r_i g_i cancels (small polygons)
     return mean, second, cov, ~empty & ~whole & (redo_cov | redo_mean)

@@ -420,7 +420,7 @@ def log_edge_flux(h: torch.Tensor, p: torch.Tensor, q: torch.Tensor, *, tol: flo
         _count["nodes"] = _count.get("nodes", 0) + nodes
         _count["edges"] = _count.get("edges", 0) + h.shape[0]
     integral = torch.zeros_like(p)
-    if owners:
-        integral = integral.index_add(0, torch.cat(owners), torch.cat(vals))
+    for owner, val in zip(owners, vals):    # per edge: its pieces in order, the subtracted piece, the tails (+, −)
+        integral.index_add_(0, owner, val)
     # (an integral that underflows to 0 only occurs for h <~ 1e-300, where the result is not trusted anyway)
     return torch.log(torch.clamp(integral, min=_DIV_TINY))
