@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from ..errors import PyroCPAError
 from .distributed import comm_for, empty_shard_structure, guard, resolve_group
 from .em_engine import DEFAULT_MIN_OBS_SCALE, EMStepResult, EStepCache, _total_nll, em_step
-from .structure import full_data_structure, trace_model
+from .structure import full_data_structure
 
 
 def _store_links(module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -140,8 +140,8 @@ class EM:
             structure = empty_shard_structure(self.model, args, kwargs, e)
         if structure.latent is None:
             raise PyroCPAError("EM needs a model with a latent site and a CPALikelihood observation")
-        obs_fn = trace_model(self.model, *args, **kwargs).nodes[structure.observed]["fn"] \
-            if structure.x.numel() else None   # an empty shard (distributed) was traced on a stand-in
+        # the model's own run (full_data_structure's first trace); an empty shard (distributed) was traced on a stand-in
+        obs_fn = structure.observed_fn if structure.x.numel() else None
         if obs_fn is not None and obs_fn.batch_shape.numel() > structure.x.shape[:-1].numel():
             raise PyroCPAError(
                 f"EM: the observed site '{structure.observed}' has batch shape {tuple(obs_fn.batch_shape)} but its "

@@ -493,14 +493,19 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
         raise PyroCPAError(f"solver must be 'auto', 'dense', 'factored' or 'cg', got {solver!r}")
     if l == len(maps) - 1:
         return _update_output_layer(maps, net, stats, rcond, rm)
-    Pt, F, FL, B, Wt_old, lam_x, slopes = _hidden_normal_equations(maps, l, net, stats, obs_var, rm)
     R, S, (n_out, n_in) = stats.Z.shape[0], stats.Z.shape[-1] - 1, maps[l][0].shape
-    a, bdim, D = n_out, n_in + 1, F.shape[1]
+    a, bdim, D = n_out, n_in + 1, maps[-1][0].shape[0]
     n, m = a * bdim, R * D * (S + 1)
-    if solver == "cg" or (solver == "auto" and min(n, m) >= CG_AUTO_MIN_UNKNOWNS):
+    cg = solver == "cg" or (solver == "auto" and min(n, m) >= CG_AUTO_MIN_UNKNOWNS)
+    Pt, F, FL, B, Wt_old, lam_x, slopes = _hidden_normal_equations(maps, l, net, stats, obs_var, rm, rhs=not cg)
+    if cg:
         # regions sharing layer l's input map (equal patterns before l) share one P̃ in the CG products
         groups = _input_groups(stats.patterns, l, R, Pt.device)
         Phi, Psi, d = _layer_factors(Pt, F, lam_x, stats, groups if groups[0].numel() < R else None)
+        if isinstance(Psi, GroupedInputs):   # B = Σ_g (Σ_{ω ∈ g} F_ωᵀΛ Y_ω) P̃_gᵀ: one product per group, not per region
+            B = _grouped_ops(Psi)[1](B.transpose(-1, -2) @ FL)
+        else:
+            B = torch.einsum("rdk,rdj->kj", FL, B @ Pt.transpose(-1, -2))
         # the last hidden layer: F_ω = W_L diag(slopes_ω), so Φ_ω = diag(slopes_ω) W_Lᵀ Λ^{1/2} (one shared factor)
         shared = (slopes[l].expand(R, a), maps[-1][0].T * lam_x.sqrt()) if l == len(maps) - 2 else None
         Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, CG_ITERS if cg_iters is None else cg_iters,
@@ -567,10 +572,12 @@ def _update_output_layer(maps: list, net, stats: EStepStats, rcond: float,
     return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
 
 
-def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, rm=None):
+def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, rm=None,
+                             rhs: bool = True):
     """Hidden layer l's normal equations K vec W̃ = vec B (module docstring) by their pieces:
     (P̃ (R, n_in+1, S+1), F (R, D, n_out), ΛF, B (n_out, n_in+1), W̃_old, Λ's diagonal (D,), the frozen slopes of
-    every hidden layer [(R, n_k)])."""
+    every hidden layer [(R, n_k)]). ``rhs=False``: instead of B, its per-region factors Y_ω = X_ω − c_ω s_ωᵀ
+    (R, D, S+1), B = Σ_ω F_ωᵀΛ Y_ω P̃_ωᵀ (for a grouped sum, :func:`_grouped_ops`)."""
     W = maps[l][0]
     n_out, n_in = W.shape
     R = stats.Z.shape[0]
@@ -581,9 +588,11 @@ def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var
     F = _output_jacobians(maps, rm.slopes, l, R)  # (R, D, n_out)
     m_l = rm.preactivations[l][1].expand(R, n_out)
     c = rm.b - torch.einsum("rdk,rk->rd", F, m_l)  # (R, D)
-    Rw = (stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)) @ Pt.transpose(-1, -2)  # (R, D, n_in+1)
+    Y = stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)  # (R, D, S+1)
     FL = F * lam_x.unsqueeze(-1)  # Λ F, (R, D, n_out)
-    B = torch.einsum("rdk,rdj->kj", FL, Rw)  # Σ Fᵀ Λ R, (n_out, n_in+1)
+    if not rhs:
+        return Pt, F, FL, Y, Wt_old, lam_x, rm.slopes
+    B = torch.einsum("rdk,rdj->kj", FL, Y @ Pt.transpose(-1, -2))  # Σ Fᵀ Λ R, (n_out, n_in+1)
     return Pt, F, FL, B, Wt_old, lam_x, rm.slopes
 
 
@@ -713,24 +722,36 @@ def _sq(t: torch.Tensor) -> float:
     return float(torch.dot(v, v))
 
 
+def _grouped_ops(Psi: GroupedInputs):
+    """(inputs, adjoint) of grouped input maps in the layout [ω, t, i] (units i innermost): inputs(Y) = (Y P̃_{g(ω)})ᵀ
+    per region (R, k, a) for Y (a, b), computed once per group (one product, G·a·b·k flops) and gathered; adjoint(H) =
+    Σ_ω H_ωᵀ P̃_{g(ω)}ᵀ = Σ_g (Σ_{ω ∈ g} H_ω)ᵀ P̃_gᵀ (a, b) for H (R, k, a), the transpose of ``inputs`` (a sum over each
+    group's regions, then one product)."""
+    P, index, _ = Psi
+    G, b, k = P.shape
+    P_rows = P.transpose(-1, -2).reshape(G * k, b)      # [(g,t), j]
+
+    def inputs(Y):
+        return (P_rows @ Y.T).reshape(G, k, -1).index_select(0, index)
+
+    def adjoint(H):
+        a = H.shape[-1]
+        return H.new_zeros(G, k, a).index_add_(0, index, H).reshape(G * k, a).T @ P_rows
+    return inputs, adjoint
+
+
 def _kron_product(Phi: torch.Tensor, Psi, shared=None):
     """Y ↦ K vec Y = Σ_ω Φ_ω (Φ_ωᵀ Y Ψ_ω) Ψ_ωᵀ (a, b) for :func:`_cg_prox_solve_kron` (its factors, same meaning)."""
     R, a, D = Phi.shape
     PhiT = Phi.transpose(-1, -2)
-    if isinstance(Psi, GroupedInputs):
-        P, index, Zt = Psi
-        G, b, k = P.shape
-        P_cols = P.permute(1, 0, 2).reshape(b, G * k)       # [j, (g,t)]
-        P_rows = P.transpose(-1, -2).reshape(G * k, b)      # [(g,t), j]
-    else:
-        b, k = Psi.shape[1:]
-        P_cols = Psi.permute(1, 0, 2).reshape(b, R * k)     # [j, (ω,t)]
-        P_rows = Psi.transpose(-1, -2).reshape(R * k, b)    # [(ω,t), j]
     if shared is not None:
         sig = shared[0].T.unsqueeze(-1)                     # [i, ω, 1]
         C, CT = shared[1], shared[1].T.contiguous()         # (a, D), (D, a)
 
     if not isinstance(Psi, GroupedInputs):
+        b, k = Psi.shape[1:]
+        P_cols = Psi.permute(1, 0, 2).reshape(b, R * k)     # [j, (ω,t)]
+        P_rows = Psi.transpose(-1, -2).reshape(R * k, b)    # [(ω,t), j]
         if shared is None:
             def K(Y):   # two plain products and two batched (R, ·, ·) ones
                 g = PhiT @ (Y @ P_cols).reshape(a, R, k).transpose(0, 1)                 # (R, D, k)
@@ -741,21 +762,21 @@ def _kron_product(Phi: torch.Tensor, Psi, shared=None):
                 return ((C @ g).reshape(a, R, k) * sig).reshape(a, R * k) @ P_rows
         return K
 
-    if shared is None:
-        Phi_rows = Phi.transpose(-1, -2)                    # [ω, d, i], a view
+    inputs, adjoint = _grouped_ops(Psi)
+    Zt = Psi.Z
+    k = Zt.shape[-1]
+    Phi_rows = Phi.transpose(-1, -2)                        # [ω, d, i], a view
+    if shared is not None:
+        sig_r = shared[0].unsqueeze(1)                      # [ω, 1, i]
 
-    def K(Y):   # Y P̃_g once per group; Φ_ωᵀ (·) Z̃_ω and Φ_ω (·) per region; the sum over a group's regions; · P̃_gᵀ
-        # layout [ω, t, i] (the units i innermost): the gather and the group sum move whole rows
-        U = (P_rows @ Y.T).reshape(G, k, a).index_select(0, index)                     # [ω, t, i]
+    def K(Y):   # Y P̃_g once per group; Φ_ωᵀ (·) Z̃_ω and Φ_ω (·) per region; Σ over regions through P̃_gᵀ
+        U = inputs(Y)                                                                   # [ω, t, i]
         if shared is None:
-            g = Zt @ (U @ Phi)                                                          # [ω, t, d]
-            h = g @ Phi_rows                                                            # [ω, t, i]
+            h = (Zt @ (U @ Phi)) @ Phi_rows                                             # [ω, t, i]
         else:
-            sig_r = shared[0].unsqueeze(1)                                              # [ω, 1, i]
             g = Zt @ ((U * sig_r).reshape(R * k, a) @ C).reshape(R, k, D)               # [ω, t, d]
             h = (g.reshape(R * k, D) @ CT).reshape(R, k, a) * sig_r                     # [ω, t, i]
-        V = h.new_zeros(G, k, a).index_add_(0, index, h)                                # Σ_{ω ∈ g}
-        return V.reshape(G * k, a).T @ P_rows
+        return adjoint(h)
     return K
 
 

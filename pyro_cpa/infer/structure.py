@@ -124,6 +124,8 @@ class CPAModelStructure:
         x: the observed values (batch + (D,)); NaN entries are missing coordinates.
         plates: names of the plates the latent (or observed) site lives in, outermost first.
         weights: per-datum :class:`DataWeights` (from the sites' masks and scales), flattened like ``x[..., 0]``.
+        observed_fn: the observed site's distribution in the trace read (for a subsampled data plate, that of the
+            model's own run, over its subsample), e.g. to check its batch shape against x without another trace.
     """
 
     latent: str | None
@@ -135,6 +137,7 @@ class CPAModelStructure:
     x: torch.Tensor
     plates: tuple[str, ...]
     weights: DataWeights
+    observed_fn: object = None
 
     @property
     def flat_x(self) -> torch.Tensor:
@@ -272,7 +275,7 @@ def read_structure(trace: poutine.Trace) -> CPAModelStructure:
     w_obs = _site_weight(site, batch, x)
     w_lat = w_obs.clone() if latent is None else _site_weight(trace.nodes[latent], batch, x)
     return CPAModelStructure(latent, obs_name, fn.network, obs_scale, param_name, prior_scale, x, plates,
-                             DataWeights(w_obs, w_lat))
+                             DataWeights(w_obs, w_lat), site["fn"])
 
 
 def trace_model(model, *args, subsample: dict | None = None, **kwargs) -> poutine.Trace:
@@ -315,4 +318,5 @@ def full_data_structure(model, *args, **kwargs) -> CPAModelStructure:
         structure = chunk
     structure.x = x_full
     structure.weights = DataWeights(w_obs, w_lat)
+    structure.observed_fn = proto.nodes[structure.observed]["fn"]
     return structure
