@@ -78,3 +78,34 @@ def test_complex_row_gather_equals_index_select():
     idx = torch.tensor([3, 0, 49, 3, 17])
     assert torch.equal(chunked._rows2(x, idx), x.index_select(0, idx))
     assert torch.equal(chunked._rows2(x.T.contiguous().T, idx), x.index_select(0, idx))   # non-contiguous input
+
+
+@pytest.mark.parametrize("dense_elements", [None, 2 ** 12])
+def test_estep_pairs_equal_those_of_the_marginal(dense_elements, monkeypatch):
+    """e_step integrates its pruning chunks by evaluate_chunk directly (no copies of the dense results): its statistics
+    equal, bitwise, those assembled from CPAMarginal._pairs (the concatenated chunks), with one pruning chunk and with
+    several (a small DENSE_ELEMENTS)."""
+    from pyro_cpa.infer import estep
+
+    m, x = _far_marginal()
+    if dense_elements is not None:
+        monkeypatch.setattr(chunked, "DENSE_ELEMENTS", dense_elements)
+    p = m._params()
+    R, D, S = p.A.shape
+    rows = chunked.chunk_rows(R, D, p.H.shape[1], S, m.chunk_size)
+    assert (rows < x.shape[0]) == (dense_elements is not None)        # several pruning chunks, or one
+    got = estep.e_step(m, x)
+    with torch.no_grad():
+        terms, _, mom, _, _ = m._pairs(x, need_moments=True, centred_covariance=False)
+    live = torch.isfinite(terms)
+    lp = terms.logsumexp(-1)
+    e0 = (terms - lp.unsqueeze(-1)).exp()
+    mean = torch.where(live.unsqueeze(-1), mom.mean, torch.zeros_like(mom.mean))
+    C = torch.where(live[..., None, None], mom.covariance, torch.zeros_like(mom.covariance))
+    assert torch.equal(got.loglik, lp)
+    # Z's last row and column: Σ_n e0 [m, 1]; its S × S block: Σ_n e0 (m mᵀ + C) (the same sums over n by another
+    # product, so to rounding)
+    torch.testing.assert_close(got.Z[:, :S, S], torch.einsum("nr,nrk->rk", e0, mean), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(got.Z[:, S, S], e0.sum(0), rtol=1e-13, atol=1e-15)
+    second = mean.unsqueeze(-1) * mean.unsqueeze(-2) + C
+    torch.testing.assert_close(got.Z[:, :S, :S], torch.einsum("nr,nrkl->rkl", e0, second), rtol=1e-13, atol=1e-15)
