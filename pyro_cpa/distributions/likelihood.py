@@ -64,9 +64,17 @@ class CPALikelihood(TorchDistribution):
         super().__init__(self._normal.batch_shape, self._normal.event_shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
+        """The same likelihood over ``batch_shape``: z and g(z) expanded (the decoder acts per datum, so g of the
+        expanded z is the expanded g(z): no second forward pass; Pyro's plates expand every site, even to its own
+        shape)."""
         batch_shape = torch.Size(batch_shape)
-        z = self.z.expand(batch_shape + self.z.shape[-1:])
-        return CPALikelihood(self.decoder, z, self.obs_scale, validate_args=False)
+        new = self._get_checked_instance(CPALikelihood, _instance)
+        new.network, new.decoder, new.obs_scale = self.network, self.decoder, self.obs_scale
+        new.z = self.z.expand(batch_shape + self.z.shape[-1:])
+        new.loc = self.loc.expand(batch_shape + self.loc.shape[-1:])
+        new._normal = Normal(new.loc, self.obs_scale.expand(new.loc.shape[-1:])).to_event(1)
+        super(CPALikelihood, new).__init__(new._normal.batch_shape, new._normal.event_shape, validate_args=False)
+        return new
 
     @property
     def mean(self):
