@@ -497,15 +497,13 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     a, bdim, D = n_out, n_in + 1, maps[-1][0].shape[0]
     n, m = a * bdim, R * D * (S + 1)
     cg = solver == "cg" or (solver == "auto" and min(n, m) >= CG_AUTO_MIN_UNKNOWNS)
-    Pt, F, FL, B, Wt_old, lam_x, slopes = _hidden_normal_equations(maps, l, net, stats, obs_var, rm, rhs=not cg)
+    # the CG path forms B from its per-region factors Y_ω after grouping the regions (_layer_rhs)
+    Pt, F, FL, B_or_Y, Wt_old, lam_x, slopes = _hidden_normal_equations(maps, l, net, stats, obs_var, rm, rhs=not cg)
     if cg:
         # regions sharing layer l's input map (equal patterns before l) share one P̃ in the CG products
         groups = _input_groups(stats.patterns, l, R, Pt.device)
         Phi, Psi, d = _layer_factors(Pt, F, lam_x, stats, groups if groups[0].numel() < R else None)
-        if isinstance(Psi, GroupedInputs):   # B = Σ_g (Σ_{ω ∈ g} F_ωᵀΛ Y_ω) P̃_gᵀ: one product per group, not per region
-            B = _grouped_ops(Psi)[1](B.transpose(-1, -2) @ FL)
-        else:
-            B = torch.einsum("rdk,rdj->kj", FL, B @ Pt.transpose(-1, -2))
+        B = _layer_rhs(Pt, FL, B_or_Y, Psi)
         # the last hidden layer: F_ω = W_L diag(slopes_ω), so Φ_ω = diag(slopes_ω) W_Lᵀ Λ^{1/2} (one shared factor)
         shared = (slopes[l].expand(R, a), maps[-1][0].T * lam_x.sqrt()) if l == len(maps) - 2 else None
         Wt = _cg_prox_solve_kron(Phi, Psi, d, B, Wt_old, rcond, CG_ITERS if cg_iters is None else cg_iters,
@@ -528,11 +526,11 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
             G = F.transpose(-1, -2) @ FL  # (R, n_out, n_out)
             G = 0.5 * (G + G.transpose(-1, -2))
         # K[(i,j),(k,l)] = Σ_ω G[i,k] M[l,j]  (row-major vec of W̃), one matmul over regions.
-        w = _damped_prox_solve_dense_kron(G, M, B, Wt_old, rcond)
+        w = _damped_prox_solve_dense_kron(G, M, B_or_Y, Wt_old, rcond)
     else:
         Phi, Psi, d = _layer_factors(Pt, F, lam_x, stats)
         Kw = _kron_apply(Phi, Psi, _kron_apply_t(Phi, Psi, Wt_old))
-        w = _damped_prox_solve_kron(Phi, Psi, d, B - Kw, Wt_old, rcond)
+        w = _damped_prox_solve_kron(Phi, Psi, d, B_or_Y - Kw, Wt_old, rcond)
     Wt = w.reshape(a, bdim)
     return Wt[:, :n_in].contiguous(), Wt[:, n_in].contiguous()
 
@@ -590,10 +588,18 @@ def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var
     c = rm.b - torch.einsum("rdk,rk->rd", F, m_l)  # (R, D)
     Y = stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)  # (R, D, S+1)
     FL = F * lam_x.unsqueeze(-1)  # Λ F, (R, D, n_out)
-    if not rhs:
-        return Pt, F, FL, Y, Wt_old, lam_x, rm.slopes
-    B = torch.einsum("rdk,rdj->kj", FL, Y @ Pt.transpose(-1, -2))  # Σ Fᵀ Λ R, (n_out, n_in+1)
-    return Pt, F, FL, B, Wt_old, lam_x, rm.slopes
+    return Pt, F, FL, _layer_rhs(Pt, FL, Y) if rhs else Y, Wt_old, lam_x, rm.slopes
+
+
+def _layer_rhs(Pt: torch.Tensor, FL: torch.Tensor, Y: torch.Tensor, Psi=None) -> torch.Tensor:
+    """B = Σ_ω F_ωᵀΛ Y_ω P̃_ωᵀ (n_out, n_in+1) from ΛF (R, D, n_out), Y_ω = X_ω − c_ω s_ωᵀ (R, D, S+1) and P̃ (R, n_in+1,
+    S+1) (:func:`_hidden_normal_equations`). With :class:`GroupedInputs` ``Psi``, B = Σ_g (Σ_{ω ∈ g} F_ωᵀΛ Y_ω) P̃_gᵀ: the
+    small (n_out, S+1) terms summed over each group's regions, then one product (:func:`_grouped_ops`), instead of one
+    (D, n_in+1) product per region (measured, one thread: [1,128,128,2] 0.58 -> 0.19 ms, [1,64,64,64,10] 0.7-0.8 ->
+    0.08-0.1 ms per layer)."""
+    if isinstance(Psi, GroupedInputs):
+        return _grouped_ops(Psi)[1](Y.transpose(-1, -2) @ FL)
+    return torch.einsum("rdk,rdj->kj", FL, Y @ Pt.transpose(-1, -2))
 
 
 class GroupedInputs(NamedTuple):
