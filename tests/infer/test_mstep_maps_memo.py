@@ -91,3 +91,23 @@ def test_em_steps_bitwise_equal_without_the_memo(schedule, monkeypatch):
     nll0, sx0, params0 = run()
     assert nll == nll0 and torch.equal(torch.as_tensor(sx), torch.as_tensor(sx0))
     assert all(torch.equal(p, p0) for p, p0 in zip(params, params0))
+
+
+def test_memo_recomputations_reuse_the_selections_and_skip_the_forms_with_the_same_bits():
+    _, net, st, _ = _setup([1, 6, 5, 4, 2])
+    maps = [(W.detach().clone(), v.detach().clone()) for W, v in net.affine_maps()]
+    memo = RegionMapsMemo(net.activations)
+    assert memo._static_selections
+    memo.get(maps, st.patterns)
+    for layer in (2, 0, 1, 3):   # recomputed from that layer on (from scratch for 0), selections taken from the memo
+        maps[layer] = (maps[layer][0] * 1.1, maps[layer][1] - 0.05)
+        rm = memo.get(maps, st.patterns)
+        ref = frozen_region_maps(maps, net.activations, st.patterns)
+        _same_maps(rm, ref)
+        for (M, m), (M2, m2) in zip(rm.preactivations, ref.preactivations):
+            assert torch.equal(M, M2) and torch.equal(m, m2)
+        assert all(torch.equal(a, b) for a, b in zip(rm.slopes, ref.slopes))
+        assert all(f is None for f in rm.forms) and all(f is not None for f in ref.forms)
+    # a learned slope (PReLU) is read from its parameter: its selections are never reused
+    prelu = as_cpa_network(nn.Sequential(nn.Linear(1, 4), nn.PReLU(), nn.Linear(4, 2)).double())
+    assert not RegionMapsMemo(prelu.activations)._static_selections
