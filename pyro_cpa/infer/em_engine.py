@@ -214,7 +214,7 @@ def _q_scale(rm, stats: EStepStats, obs_var: torch.Tensor, prior_var: torch.Tens
     N = stats.num_data
     log2pi = math.log(2 * math.pi)
     r = (stats.q.abs().sum(0) + 2 * torch.einsum("rdk,rdk->d", At, stats.X.abs())
-         + torch.einsum("rdk,rkl,rdl->d", At, stats.Z.abs(), At))
+         + torch.einsum("rdk,rdk->d", At @ stats.Z.abs(), At))
     zz = torch.diagonal(stats.Z[:, :S, :S], dim1=-2, dim2=-1).abs().sum(0)
     return 0.5 * float((N * (log2pi + obs_var.log()).abs() + r / obs_var).sum()
                        + (N * (log2pi + prior_var.log()).abs() + zz / prior_var).sum())

@@ -215,8 +215,10 @@ def _augmented(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def expected_sq_residual(A: torch.Tensor, b: torch.Tensor, stats: EStepStats) -> torch.Tensor:
     """r_d = Σ_n Σ_ω E[1_ω (x_nd − (A_ω z + b_ω)_d)² | x_n] for every coordinate d, shape (D,)."""
     At = _augmented(A, b)
+    # ã Z ã per region by one batched product and a two-operand sum (a three-operand einsum plans its contraction
+    # order at every call: ~0.1 ms, as much as the sums)
     return (stats.q.sum(0) - 2.0 * torch.einsum("rdk,rdk->d", At, stats.X)
-            + torch.einsum("rdk,rkl,rdl->d", At, stats.Z, At))
+            + torch.einsum("rdk,rdk->d", At @ stats.Z, At))
 
 
 def _as_var(value, size: int, like: torch.Tensor) -> torch.Tensor:
@@ -256,14 +258,18 @@ def surrogate_of_region_maps(A: torch.Tensor, b: torch.Tensor, stats: EStepStats
 
 
 # ---------------------------------------------------------------------------------------- layer solve
-def _output_jacobians(maps, slopes: list[torch.Tensor], l: int, R: int) -> torch.Tensor:
-    """F_ω (R, D, n_l): linear map from layer l's pre-activation to the output (frozen slopes)."""
+def _output_jacobians(maps, slopes: list[torch.Tensor], l: int, R: int, every: bool = False):
+    """F_ω (R, D, n_l): linear map from layer l's pre-activation to the output (frozen slopes), by
+    F = (…((I W_L) diag s_{L−1}) W_{L−1} …) diag s_l. ``every``: the list [F of layer k for k = l … L − 1], the
+    intermediates of that product (the same bits as one call per layer)."""
     W_last = maps[-1][0]
     D = W_last.shape[0]
     F = torch.eye(D, dtype=W_last.dtype, device=W_last.device).expand(R, D, D)
+    chain = []
     for k in range(len(maps) - 1, l, -1):
         F = (F @ maps[k][0]) * slopes[k - 1].unsqueeze(-2)
-    return F
+        chain.append(F)
+    return chain[::-1] if every else F
 
 
 def _jacobi_scale(d: torch.Tensor) -> torch.Tensor:
@@ -488,7 +494,7 @@ def _damped_prox_solve_dense_kron(G, M: torch.Tensor, B: torch.Tensor, w_old: to
 def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, *,
                  rcond: float = DEFAULT_RCOND, dense_max: int = DEFAULT_DENSE_MAX,
                  solver: str = "auto", cg_iters: int | None = None,
-                 cg_gain_rtol: float | None = None, rm=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 cg_gain_rtol: float | None = None, rm=None, F=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximiser of Q over layer l's (W_l, v_l), the other layers and σx² fixed (module docstring): exact in
     every direction whose Jacobi-scaled curvature exceeds ``rcond`` (:func:`_damped_prox_solve`).
 
@@ -506,7 +512,8 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     not apply).
 
     ``rm``: the frozen region maps of ``maps`` and ``stats.patterns`` when the caller has them
-    (:class:`RegionMapsMemo`); computed otherwise.
+    (:class:`RegionMapsMemo`); computed otherwise. ``F``: the output Jacobians F_ω of layer l under ``maps``
+    (:func:`_output_jacobians`) when the caller has them; computed otherwise.
     """
     if solver not in ("auto", "dense", "factored", "cg"):
         raise PyroCPAError(f"solver must be 'auto', 'dense', 'factored' or 'cg', got {solver!r}")
@@ -517,7 +524,8 @@ def update_layer(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tens
     n, m = a * bdim, R * D * (S + 1)
     cg = solver == "cg" or (solver == "auto" and min(n, m) >= CG_AUTO_MIN_UNKNOWNS)
     # the CG path forms B from its per-region factors Y_ω after grouping the regions (_layer_rhs)
-    Pt, F, FL, B_or_Y, Wt_old, lam_x, slopes = _hidden_normal_equations(maps, l, net, stats, obs_var, rm, rhs=not cg)
+    Pt, F, FL, B_or_Y, Wt_old, lam_x, slopes = _hidden_normal_equations(maps, l, net, stats, obs_var, rm, rhs=not cg,
+                                                                         F=F)
     if cg:
         # regions sharing layer l's input map (equal patterns before l) share one P̃ in the CG products
         groups = _input_groups(stats.patterns, l, R, Pt.device)
@@ -590,11 +598,12 @@ def _update_output_layer(maps: list, net, stats: EStepStats, rcond: float,
 
 
 def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var: torch.Tensor, rm=None,
-                             rhs: bool = True):
+                             rhs: bool = True, F=None):
     """Hidden layer l's normal equations K vec W̃ = vec B (module docstring) by their pieces:
     (P̃ (R, n_in+1, S+1), F (R, D, n_out), ΛF, B (n_out, n_in+1), W̃_old, Λ's diagonal (D,), the frozen slopes of
     every hidden layer [(R, n_k)]). ``rhs=False``: instead of B, its per-region factors Y_ω = X_ω − c_ω s_ωᵀ
-    (R, D, S+1), B = Σ_ω F_ωᵀΛ Y_ω P̃_ωᵀ (for a grouped sum, :func:`_grouped_ops`)."""
+    (R, D, S+1), B = Σ_ω F_ωᵀΛ Y_ω P̃_ωᵀ (for a grouped sum, :func:`_grouped_ops`). ``F``: the output Jacobians when
+    the caller has them (:func:`_output_jacobians`)."""
     W = maps[l][0]
     n_out, n_in = W.shape
     R = stats.Z.shape[0]
@@ -602,7 +611,8 @@ def _hidden_normal_equations(maps: list, l: int, net, stats: EStepStats, obs_var
     Pt, Wt_old, rm = _layer_inputs(maps, l, net, stats, rm)  # (R, n_in+1, S+1), (n_out, n_in+1)
     s = stats.Z[:, :, S]  # (R, S+1)
     lam_x = obs_var.reciprocal()  # (D,)
-    F = _output_jacobians(maps, rm.slopes, l, R)  # (R, D, n_out)
+    if F is None:
+        F = _output_jacobians(maps, rm.slopes, l, R)  # (R, D, n_out)
     m_l = rm.preactivations[l][1].expand(R, n_out)
     c = rm.b - torch.einsum("rdk,rk->rd", F, m_l)  # (R, D)
     Y = stats.X - c.unsqueeze(-1) * s.unsqueeze(-2)  # (R, D, S+1)
@@ -909,9 +919,14 @@ def m_step(net, patterns, stats: EStepStats, obs_var, prior_var, *, obs_noise: s
 
         q_trace = [Q()]
         for _ in range(sweeps):
+            # forward order: layer l's output Jacobians involve the layers after l only, which the sweep has not
+            # changed yet when it reaches l: all of them from one product chain at the start of the sweep
+            jac = (_output_jacobians(maps, memo.get(maps, patterns).slopes, 0, stats.Z.shape[0], every=True)
+                   if order == "forward" else None)
             for l in layers:
                 maps[l] = update_layer(maps, l, net, stats, obs_var, rcond=rcond, dense_max=dense_max, solver=solver,
-                                       rm=memo.get(maps, patterns))
+                                       rm=memo.get(maps, patterns), F=None if jac is None or l == len(maps) - 1
+                                       else jac[l])
             obs_var, prior_var = update_variances(maps, net, stats, obs_var, prior_var, obs_noise=obs_noise,
                                                   update_prior_scale=update_prior_scale,
                                                   update_obs_scale=update_obs_scale, min_obs_var=min_obs_var,
