@@ -103,7 +103,8 @@ class EM:
             is left out).
         **em_kwargs: further options of :func:`~pyro_cpa.infer.em_engine.em_step`
             (``max_backtracks``, ``schedule``, ``rcond``, ``max_regions``, ``layer_solver`` ("auto" takes a truncated CG
-            solve for wide hidden layers), ...).
+            solve for wide hidden layers), ``merge_certified`` (layerwise: one E-step fewer per step; default for
+            S = 2), ...).
     """
 
     def __init__(self, model, guide=None, *, obs_noise: str = "isotropic", m_step: str = "closed_form",

@@ -80,23 +80,60 @@ def test_em_bound_of_the_partition_preserving_blocks_against_quadrature():
     assert abs(nll_e + float(st.loglik.sum())) < 1e-9 * abs(nll_e)   # the E-step's NLL is the quadrature's
 
 
-def test_s2_step_runs_one_e_step_per_layer_and_stays_monotone_and_exact():
+@pytest.mark.parametrize("merge", [False, True])
+def test_s2_step_runs_one_e_step_per_layer_and_stays_monotone_and_exact(merge):
     """S = 2, [2, 8, 8, 3]: after the first step, 3 E-steps per step (2 verified hidden blocks, 1 end point)
-    instead of 5; the output layer and σx are accepted on the certificate."""
+    instead of 5; the output layer and σx are accepted on the certificate. Merged (the S = 2 default), the
+    certified run is verified with the first hidden block: 2 E-steps per step."""
     gen = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=0)
     torch.manual_seed(0)
     with torch.no_grad():
         x = CPAMarginal(gen, 0.3).sample((40,))
     dec = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=1)
-    sx, sz, hist = run_em(dec, torch.tensor(0.5), torch.tensor(1.0), x, 3)
+    sx, sz, hist = run_em(dec, torch.tensor(0.5), torch.tensor(1.0), x, 3, merge_certified=merge)
     assert not hist[0].e_step_reused and all(h.e_step_reused for h in hist[1:])
     for h in hist:
         assert h.nll_after <= h.nll_before + 1e-9 * abs(h.nll_before)
         assert h.certified_blocks == 2 and h.log_prob_evals == 0
-        # one E-step per verified trial (backtracks included), one for the end point, one unless reused
+        # one E-step per verified trial (backtracks included), one for the end point unless merged, one unless
+        # reused
         assert h.e_steps == len(h.nll_trials) + (0 if h.e_step_reused else 1)
-    assert any(h.e_steps == 3 and h.backtracks == 0 for h in hist[1:])
+    if merge:
+        assert all(h.merged_blocks == 1 for h in hist if h.backtracks == 0)
+        assert any(h.e_steps == 2 and h.backtracks == 0 for h in hist[1:])
+    else:
+        assert all(h.merged_blocks == 0 for h in hist)
+        assert any(h.e_steps == 3 and h.backtracks == 0 for h in hist[1:])
     assert all(b.nll_before == a.nll_after for a, b in zip(hist, hist[1:]))
+    assert abs(_nll(dec, sx, sz, x) - hist[-1].nll_after) < NLL_RTOL * abs(hist[-1].nll_after)
+
+
+def test_s2_merged_trial_rejected_falls_back_to_the_certified_end_point(monkeypatch):
+    """A merged trial (certified run + first hidden block, one E-step) that fails the monotonicity check: the step
+    evaluates the run's end point (accepted by its certificate), then the block on fresh statistics — still
+    monotone, the NLL reported exact, the wasted E-step counted as a backtrack."""
+    import pyro_cpa.infer.em_engine as engine
+
+    original = engine._Verifier.line_search
+
+    def reject_merged(self, nll_ref, *args, max_backtracks=None, **kwargs):
+        if max_backtracks == 0:   # only the merged trial asks for no halving: make it fail after evaluating it
+            nll_ref = -math.inf
+        return original(self, nll_ref, *args, max_backtracks=max_backtracks, **kwargs)
+
+    monkeypatch.setattr(engine._Verifier, "line_search", reject_merged)
+    gen = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x = CPAMarginal(gen, 0.3).sample((40,))
+    dec = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=1)
+    sx, sz, hist = run_em(dec, torch.tensor(0.5), torch.tensor(1.0), x, 3, merge_certified=True)
+    for h in hist:
+        assert h.nll_after <= h.nll_before + 1e-9 * abs(h.nll_before)
+        assert h.merged_blocks == 0 and h.backtracks >= 1 and h.certified_blocks == 2
+        # every trial an E-step: the rejected merged one, the run's end point, the two hidden blocks (+ backtracks)
+        assert h.e_steps == len(h.nll_trials) + (0 if h.e_step_reused else 1) and len(h.nll_trials) >= 4
+    assert hist[-1].nll_after < hist[0].nll_before - 1.0                               # it still makes progress
     assert abs(_nll(dec, sx, sz, x) - hist[-1].nll_after) < NLL_RTOL * abs(hist[-1].nll_after)
 
 

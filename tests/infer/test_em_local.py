@@ -151,7 +151,10 @@ def test_em_trainer_local_partition_with_mask_and_scale():
     for partition in ("global", "local"):
         pyro.clear_param_store()
         d = copy.deepcopy(dec)
-        em = EM(_model(d, mask, scale), partition=partition)
+        # unmerged schedule: the merged one (the S = 2 default) moves ~4x further in its first steps and amplifies
+        # 1e-15 differences of the data or statistics to ~1e-10 of the NLL within two steps (measured: x nudged by
+        # one ulp, global partition, 4e-11 and 8e-11) — a property of the EM map, not of the local integration
+        em = EM(_model(d, mask, scale), partition=partition, merge_certified=False)
         runs[partition] = ([em.step(x) for _ in range(2)], d, em.evaluate_loss(x))
     (lg, dg, eg), (ll, dl, el) = runs["global"], runs["local"]
     assert all(abs(a - b) <= NLL_RTOL * abs(a) for a, b in zip(lg, ll))
