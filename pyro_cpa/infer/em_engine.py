@@ -54,7 +54,8 @@ as much as the rest of the step together, so a step evaluates only what it must:
   L-layer decoder then runs L − 1 exact E-steps instead of L. Measured (N as said, 1 thread, 3 model seeds each,
   NLL/datum at the same wall-clock): S = 2 [2,8,8,3] N=300 per step 0.65 → 0.26 s (3 → 2 E-steps, and the
   trajectory kept smaller partitions: R ≈ 140–180 vs 240–280), after 10 steps 0.5153 / 0.5116 / 0.5144 in
-  2.7–2.9 s vs unmerged 0.5173 / 0.5142 / 0.5163 at the same time, every merged trial accepted; S = 1
+  2.7–2.9 s vs unmerged 0.5173 / 0.5142 / 0.5163 at the same time, every merged trial accepted; [2,16,16,2]
+  N=300, 6 steps: 0.4075 / 0.4016 / 0.3985 in 7.2–9.7 s vs unmerged 0.4061 / 0.4083 / 0.4089 at the same time; S = 1
   [1,8,8,2] N=500: at equal time worse in 2 of 3 seeds (0.5183 vs 0.5177, 0.5181 vs 0.5162 after ~1 s) —
   the stale first block loses more progress than the saved (cheap) S = 1 E-step buys — hence off for S = 1.
 * *Reused E-step* (``cache``, :class:`EStepCache`; :class:`~pyro_cpa.infer.em.EM` and :func:`run_em` pass
