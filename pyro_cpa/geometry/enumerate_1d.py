@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.activations import Elementwise
 from ..nn.network import CPANetwork
 from .maps import form_maps, push_step, select_maps
 from .regions import RegionEnumeration
@@ -92,9 +93,12 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         rtol = tol * (acc + 1)
         Mt, mt = push_step(net, l, P, p)                              # pre-activations (I, n_l, 1), (I, n_l)
         Mat, mat = push_step(net, l, Pa, pa, absolute=True)
-        Mf, m = form_maps(act, Mt, mt)                                # forms (I, n, 1), (I, n)
-        Maf, ma = form_maps(act, Mat, mat, absolute=True)
-        M, Ma = Mf[..., 0], Maf[..., 0]
+        if _units_are_forms(act):     # the forms are the units (t − (−0.0) = t, |t|⁺ + 0 = |t|⁺ for |t|⁺ >= +0)
+            M, m, Ma, ma = Mt[..., 0], mt, Mat[..., 0], mat
+        else:
+            Mf, m = form_maps(act, Mt, mt)                            # forms (I, n, 1), (I, n)
+            Maf, ma = form_maps(act, Mat, mat, absolute=True)
+            M, Ma = Mf[..., 0], Maf[..., 0]
         n = M.shape[1]
         sloped = M.abs() > rtol * Ma
         Msafe = torch.where(sloped, M, torch.ones_like(M))
@@ -106,10 +110,14 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         at_lo = root <= lo + (elo + err)        # the root lies on or left of the interval
         at_hi = root >= hi - (ehi + err)        # on or right of it
         inside = sloped & ~at_lo & ~at_hi
-        # sign of t on an interval the unit does not split
-        mid = _interior_of(lo[:, 0], hi[:, 0])[:, None]
+        # sign of t on an interval the unit does not split (the interval's midpoint decides only where the root
+        # lies on both of its ends; q_flat is read where the form is sloped)
         q_const = m >= -rtol * ma
-        q_flat = torch.where(at_lo & at_hi, M * mid + m >= -rtol * (ma + Ma * mid.abs()), at_lo == (M > 0))
+        q_flat = at_lo == (M > 0)
+        both = at_lo & at_hi & sloped
+        if bool(both.any()):
+            mid = _interior_of(lo[:, 0], hi[:, 0])[:, None]
+            q_flat = torch.where(both, M * mid + m >= -rtol * (ma + Ma * mid.abs()), q_flat)
         q_base = torch.where(sloped, q_flat, q_const)                # (I, n)
 
         ii, jj = torch.nonzero(inside, as_tuple=True)               # row-major: by interval, then unit
@@ -147,12 +155,18 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
         KB = torch.full((I, n), -1, dtype=torch.long, device=_CPU)
         KB[ii, jj] = new_pos[cid]
         child = torch.arange(bps.numel() + 1, device=_CPU)[:, None]
-        kb = KB[parent]
-        Mp = M[parent]
-        q = torch.where(kb >= 0, (child > kb) == (Mp > 0), q_base[parent])
-        patterns = [pt[parent] for pt in patterns] + [q]
-        P, p, sel = select_maps(act, q, Mt[parent], mt[parent])
-        Pa, pa, _ = select_maps(act, q, Mat[parent], mat[parent], absolute=True, sel=sel)
+        kb = KB.index_select(0, parent)
+        Mp = M.index_select(0, parent)
+        q = torch.where(kb >= 0, (child > kb) == (Mp > 0), q_base.index_select(0, parent))
+        patterns = [pt.index_select(0, parent) for pt in patterns] + [q]
+        # the selection of a one-kink layer: piece 1 where q, else piece 0 (act.select's gather, the same values)
+        sel = None
+        if _units_are_forms(act):
+            slopes, offs = act.slopes_and_offsets(dt, _CPU)
+            sel = (None, torch.where(q, slopes[1], slopes[0]), torch.where(q, offs[1], offs[0]))
+        P, p, sel = select_maps(act, q, Mt.index_select(0, parent), mt.index_select(0, parent), sel=sel)
+        Pa, pa, _ = select_maps(act, q, Mat.index_select(0, parent), mat.index_select(0, parent), absolute=True,
+                                sel=sel)
         offset += n
         if progress is not None:
             progress(bps.numel() + 1)
@@ -171,6 +185,13 @@ def enumerate_breakpoints(net: CPANetwork, max_regions: int, tol: float = DEFAUL
     lo = torch.cat([-inf, bps])
     hi = torch.cat([bps, inf])
     return RegionEnumeration(patterns=patterns, facets=facets, interior_points=_interior_of(lo, hi)[:, None])
+
+
+def _units_are_forms(act) -> bool:
+    """Whether the forms of ``act`` are its units themselves (one kink at 0 per unit, no second term): then
+    :func:`~pyro_cpa.geometry.maps.form_maps` returns t + (−0.0) (the same bits) and |t|⁺ + 0.0 (the same bits:
+    absolute-value accumulations are sums of non-negative terms, never −0.0), so it need not run."""
+    return isinstance(act, Elementwise) and act.kinks == (0.0,)
 
 
 def _interior_of(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
