@@ -469,7 +469,8 @@ def bench_em(rows, quick):
 def bench_em_cost(rows, quick):
     """Seconds per EM step beside one E-step at the same parameters (the issue's EM-cost and wide-layer rows): the
     median over the states the timed steps reach (the partition grows during the first steps: R 181 -> ~270 on
-    [1,64,64,64,10], so an E-step at the start understates the E-step of the states the steps work at).
+    [1,64,64,64,10], so an E-step at the start understates the E-step of the states the steps work at). The case
+    label's ``R=a-b``: regions at the start - the largest partition of the states reached.
 
     Decoders: pyro_cpa.nn.mlp, LeakyReLU(0.1). Data: N draws of the seed-0 decoder with σx = 0.3; the model starts
     from the seed-1 decoder (S=2: 119 regions, the issue's case) and σx = 0.5. S=2 [2,8,8,3]: one warm-up step,
