@@ -80,16 +80,21 @@ def test_em_bound_of_the_partition_preserving_blocks_against_quadrature():
     assert abs(nll_e + float(st.loglik.sum())) < 1e-9 * abs(nll_e)   # the E-step's NLL is the quadrature's
 
 
+def _s2_case():
+    """(40 data drawn from the seed-0 [2, 8, 8, 3] decoder with σx = 0.3, a fresh seed-1 decoder to fit)."""
+    gen = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x = CPAMarginal(gen, 0.3).sample((40,))
+    return x, mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=1)
+
+
 @pytest.mark.parametrize("merge", [False, True])
 def test_s2_step_runs_one_e_step_per_layer_and_stays_monotone_and_exact(merge):
     """S = 2, [2, 8, 8, 3]: after the first step, 3 E-steps per step (2 verified hidden blocks, 1 end point)
     instead of 5; the output layer and σx are accepted on the certificate. Merged (the S = 2 default), the
     certified run is verified with the first hidden block: 2 E-steps per step."""
-    gen = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        x = CPAMarginal(gen, 0.3).sample((40,))
-    dec = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=1)
+    x, dec = _s2_case()
     sx, sz, hist = run_em(dec, torch.tensor(0.5), torch.tensor(1.0), x, 3, merge_certified=merge)
     assert not hist[0].e_step_reused and all(h.e_step_reused for h in hist[1:])
     for h in hist:
@@ -122,11 +127,7 @@ def test_s2_merged_trial_rejected_falls_back_to_the_certified_end_point(monkeypa
         return original(self, nll_ref, *args, max_backtracks=max_backtracks, **kwargs)
 
     monkeypatch.setattr(engine._Verifier, "line_search", reject_merged)
-    gen = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=0)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        x = CPAMarginal(gen, 0.3).sample((40,))
-    dec = mlp([2, 8, 8, 3], lambda: nn.LeakyReLU(0.1), seed=1)
+    x, dec = _s2_case()
     sx, sz, hist = run_em(dec, torch.tensor(0.5), torch.tensor(1.0), x, 3, merge_certified=True)
     for h in hist:
         assert h.nll_after <= h.nll_before + 1e-9 * abs(h.nll_before)
