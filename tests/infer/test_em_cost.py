@@ -113,6 +113,22 @@ def test_s2_step_runs_one_e_step_per_layer_and_stays_monotone_and_exact(merge):
     assert abs(_nll(dec, sx, sz, x) - hist[-1].nll_after) < NLL_RTOL * abs(hist[-1].nll_after)
 
 
+@pytest.mark.parametrize("px, order", [(True, "forward"), (False, "backward")])
+def test_s2_merged_step_with_px_or_backward_order_stays_monotone_and_exact(px, order):
+    """The merged run before the parameter-expanded block (px) or, in backward order, before the last hidden layer
+    (only σx is certifiable there): monotone, the NLL reported exact."""
+    x, dec = _s2_case()
+    sx, sz, hist = run_em(dec, torch.tensor(0.5), torch.tensor(1.0), x, 3, merge_certified=True, px=px,
+                          order=order)
+    for h in hist:
+        assert h.nll_after <= h.nll_before + 1e-9 * abs(h.nll_before)
+        assert h.certified_blocks == (2 if order == "forward" else 1)
+    assert any(h.merged_blocks == 1 for h in hist)               # the merged trial ran (and was accepted)
+    assert all(b.nll_before == a.nll_after for a, b in zip(hist, hist[1:]))
+    assert hist[-1].nll_after < hist[0].nll_before - 1.0
+    assert abs(_nll(dec, sx, sz, x) - hist[-1].nll_after) < NLL_RTOL * abs(hist[-1].nll_after)
+
+
 def test_s2_merged_trial_rejected_falls_back_to_the_certified_end_point(monkeypatch):
     """A merged trial (certified run + first hidden block, one E-step) that fails the monotonicity check: the step
     evaluates the run's end point (accepted by its certificate), then the block on fresh statistics — still
