@@ -207,6 +207,11 @@ def bench_integrals(rows, quick):
             print("integrals: S=3 rows skipped: pycddlib (cdd) is not installed, and the S=3 partition needs it")
             continue
         loc, L, H, c = _polytope_batch(S, n)
+        # warm-up (the rules' tables and node sets are built on first use, and glibc's malloc adapts its mmap
+        # threshold to the first large blocks freed): without it the median of the two timed calls of a 0.2 s row
+        # included the cold first call. S = 4 (seconds per call): on a slice.
+        w = n if S <= 3 else 16
+        gaussian_polytope_moments(loc[:w], L[:w], H[:w], c[:w])
         t = _timeit(lambda: gaussian_polytope_moments(loc, L, H, c), min_time=0.3, max_reps=5)
         k = 10 if S >= 3 else 30
         t_loop = _timeit(lambda: [gaussian_polytope_moments(loc[i], L[i], H[i], c[i]) for i in range(k)],
