@@ -15,6 +15,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from .._shapes import broadcast_shapes
 from ..errors import PyroCPAError, check_not_tracing
 from ..geometry.regions import DEFAULT_MAX_REGIONS, LinearRegions, cached_linear_regions
 from ..integrate import PolytopeMoments, gaussian_polytope_moments
@@ -268,7 +269,7 @@ class CPAMarginal(TorchDistribution):
                                        mc_kwargs=self.mc_kwargs)
         self.log_prob_stderr = err.reshape(x.shape[:-1]).detach().to(out)
         lp = lp.reshape(x.shape[:-1]).to(out)
-        return lp if not self.batch_shape else lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
+        return lp if not self.batch_shape else lp.expand(broadcast_shapes(lp.shape, self.batch_shape))
 
     def posterior(self, value: torch.Tensor) -> TruncatedGaussianMixture:
         """The exact posterior p(z | x) (NaN entries of x unobserved), batch shape ``value.shape[:-1]``.

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._shapes import broadcast_shapes
+
 
 class RegionGaussians(NamedTuple):
     """Outputs of :func:`region_gaussians` (N data, R regions, S latent dims).
@@ -67,7 +69,7 @@ def cholesky_solve_small(y: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """
     S = y.shape[-1]
     if S > SUBSTITUTION_MAX_S:
-        batch = torch.broadcast_shapes(y.shape[:-1], L.shape[:-2])
+        batch = broadcast_shapes(y.shape[:-1], L.shape[:-2])
         return torch.cholesky_solve(y.expand(batch + (S,)).unsqueeze(-1), L.expand(batch + (S, S))).squeeze(-1)
     z = []
     for i in range(S):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .._shapes import broadcast_shapes
 from ..errors import PyroCPAError
 
 #: Relative bisection tolerance: stop when hi − lo <= XTOL · max(1, |t|) (a few float64 ulps above 1e-16).
@@ -75,7 +76,7 @@ def mixture_marginal_quantiles(log_weights: torch.Tensor, loc: torch.Tensor, sca
     """
     w = log_weights.exp()  # batch + (K,)
     s = scale_tril.norm(dim=-1)  # batch + (K, S)
-    batch = torch.broadcast_shapes(w.shape[:-1], loc.shape[:-2], s.shape[:-2])
+    batch = broadcast_shapes(w.shape[:-1], loc.shape[:-2], s.shape[:-2])
     w = w.expand(batch + w.shape[-1:]).unsqueeze(-1)  # batch + (K, 1)
     loc, s = loc.expand(batch + loc.shape[-2:]), s.expand(batch + s.shape[-2:])
 

@@ -63,6 +63,7 @@ import torch
 from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.subsample_messenger import _Subsample
 
+from .._shapes import broadcast_shapes
 from ..errors import PyroCPAError
 from ..integrate import integrate_whitened, log_mass_upper_bound, whiten
 from .estep import weighted_log_prob
@@ -195,7 +196,7 @@ def gaussian_mixture_entropy(logits: torch.Tensor, loc: torch.Tensor, scale_tril
     if K == 1:
         H = 0.5 * S * (1 + math.log(2 * math.pi)) + torch.diagonal(scale_tril[..., 0, :, :], dim1=-2,
                                                                      dim2=-1).log().sum(-1)
-        H = H.expand(torch.broadcast_shapes(logits.shape[:-1], loc.shape[:-2], scale_tril.shape[:-3]))
+        H = H.expand(broadcast_shapes(logits.shape[:-1], loc.shape[:-2], scale_tril.shape[:-3]))
         return H, torch.zeros_like(H), "exact"
     if S == 1:
         H = _entropy_quadrature_1d(logits, loc[..., 0], scale_tril[..., 0, 0])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .._shapes import broadcast_shapes
 from .._threads import with_library_threads
 from ..errors import EmptyPolytopeError, PyroCPAError
 from .types import PolytopeMoments, StandardMoments
@@ -156,7 +157,7 @@ def integrate_whitened(loc: torch.Tensor, scale_tril: torch.Tensor, G: torch.Ten
     ``edges`` (S = 2 only): precomputed polygon edges of (G, d) with the full batch shape (see :func:`std_moments`).
     """
     S = loc.shape[-1]
-    batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1], loc.shape[:-1], scale_tril.shape[:-2])
+    batch = broadcast_shapes(G.shape[:-2], d.shape[:-1], loc.shape[:-1], scale_tril.shape[:-2])
     G = G.expand(batch + G.shape[-2:])
     d = d.expand(batch + d.shape[-1:])
     L = scale_tril.expand(batch + (S, S))

@@ -76,6 +76,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._shapes import broadcast_shapes
 from .edge_flux import log_edge_flux
 from .owens_t import DEFAULT_OWENS_T_NODES, owens_t
 from .types import StandardMoments
@@ -174,7 +175,7 @@ def polygon_edges(G: torch.Tensor, d: torch.Tensor, *, parallel_tol: float = DEF
     (Gs, ds = 0), tangents e (..., F, 2), edge parameter ranges (..., F) (safe values 0, 1 where the edge does
     not exist), the existence mask, and (...,) flags for an empty polygon and for the whole plane.
     """
-    batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+    batch = broadcast_shapes(G.shape[:-2], d.shape[:-1])
     F = G.shape[-2]
     n = math.prod(batch)
     out = _edges_flat(G.expand(batch + (F, 2)).reshape(n, F, 2), d.expand(batch + (F,)).reshape(n, F),
@@ -302,7 +303,7 @@ def _in_chunks(fn, G: torch.Tensor, d: torch.Tensor, chunk: int, edges: PolygonE
     """``fn(G, d, **kw)`` evaluated on chunks of the flattened batch (keeps the temporaries in cache);
     None when the batch fits in one chunk. ``fn`` returns a tensor (...,) or a :class:`StandardMoments`.
     Given ``edges`` (:class:`PolygonEdges` of the batch), each chunk gets its own as ``fn(..., edges=...)``."""
-    batch = d.shape[:-1] if G.shape[:-2] == d.shape[:-1] else torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+    batch = d.shape[:-1] if G.shape[:-2] == d.shape[:-1] else broadcast_shapes(G.shape[:-2], d.shape[:-1])
     F, S = G.shape[-2], G.shape[-1]
     n = math.prod(batch)
     if n <= chunk:
@@ -823,7 +824,7 @@ def log_mass_2d(G: torch.Tensor, d: torch.Tensor, *, switch_mass: float = DEFAUL
               _accept_owens=_accept_owens, _max_amp=_max_amp)
     edges = None if edges is None else edges.map(lambda x, k: x.detach())
     if torch.is_grad_enabled() and (G.requires_grad or d.requires_grad):
-        batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+        batch = broadcast_shapes(G.shape[:-2], d.shape[:-1])
         G, d = G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:])
         if edges is None:   # once, for the value and the gradient
             edges = polygon_edges(G.detach(), d.detach())

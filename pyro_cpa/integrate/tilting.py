@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._shapes import broadcast_shapes
 from ..errors import PyroCPAError
 from .types import StandardMoments
 
@@ -431,7 +432,7 @@ def _ascent(P, x: Tensor, mu: Tensor, tau: Tensor, iters: int) -> Tensor:
 def _flatten(G: Tensor, d: Tensor):
     if G.dim() < 2 or d.dim() < 1 or G.shape[-2] != d.shape[-1]:
         raise PyroCPAError(f"shape mismatch: G {tuple(G.shape)}, d {tuple(d.shape)}; expected (..., F, S), (..., F)")
-    batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+    batch = broadcast_shapes(G.shape[:-2], d.shape[:-1])
     F, S = G.shape[-2:]
     if S < 1:
         raise PyroCPAError("the latent dimension S must be at least 1")

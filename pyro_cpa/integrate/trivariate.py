@@ -68,6 +68,7 @@ import math
 
 import torch
 
+from .._shapes import broadcast_shapes
 from .bivariate import _decay_cuts, _in_chunks, DEFAULT_NUM_NODES as DEFAULT_NUM_NODES_2D, DEFAULT_S_CUTS, \
     DEFAULT_SWITCH_MASS, log_mass_2d, polygon_edges, std_moments_2d
 from .types import StandardMoments
@@ -276,7 +277,7 @@ def _by_row_count(fn, G: torch.Tensor, d: torch.Tensor, chunk: int, **kw):
     it came in. Polytopes with an always-violated zero row keep all their rows (see :func:`_compact_rows`).
     ``fn`` returns a tensor (n,) or a :class:`StandardMoments` of flat tensors.
     """
-    batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+    batch = broadcast_shapes(G.shape[:-2], d.shape[:-1])
     F = d.shape[-1]
     n = math.prod(batch)
     Gf = G.expand(batch + (F, 3)).reshape(n, F, 3)
@@ -584,7 +585,7 @@ def log_mass_3d(G: torch.Tensor, d: torch.Tensor, *, num_nodes: int = DEFAULT_NU
               num_nodes_2d=num_nodes_2d, ridge_levels=ridge_levels, slice_rel_tol=slice_rel_tol,
               flux_nodes=flux_nodes, flux_max_amp=flux_max_amp)
     if torch.is_grad_enabled() and (G.requires_grad or d.requires_grad):
-        batch = torch.broadcast_shapes(G.shape[:-2], d.shape[:-1])
+        batch = broadcast_shapes(G.shape[:-2], d.shape[:-1])
         return _LogMass3d.apply(G.expand(batch + G.shape[-2:]), d.expand(batch + d.shape[-1:]), kw)
     return _log_mass_3d_impl(G, d, **kw)
 
