@@ -103,7 +103,7 @@ import torch
 from ..errors import PyroCPAError, RegionBudgetExceeded
 from ..geometry.regions import DEFAULT_MAX_REGIONS
 from ..nn.network import as_cpa_network
-from .estep import EStepStats, e_step, local_e_step_stats, weighted_log_prob
+from .estep import EStepStats, e_step, local_e_step_stats, s1_block_stats, weighted_log_prob
 from .mstep import (DEFAULT_RCOND, RegionMapsMemo, expected_complete_loglik, frozen_region_maps, m_step,
                     prior_expansion, surrogate_of_region_maps, update_layer, update_variances)
 
@@ -395,15 +395,21 @@ def _block_e_step(marginal, x: torch.Tensor, weights=None, comm=None) -> EStepSt
                 acc.add(torch.stack([loglik[done:stop], loglik[done:stop].abs()], -1), start=E + 1)
             return stop
 
+        # S = 1, complete and unweighted: the blocks' statistics from the pair kernel run on groups of blocks
+        # (bitwise those of one e_step per block, estep.s1_block_stats), else one e_step per block
+        fused = s1_block_stats(marginal, x, STATS_BLOCK) if weights is None else None
         for b, start in enumerate(range(0, N, STATS_BLOCK)):
             sl = slice(start, start + STATS_BLOCK)
-            if counts[b] == 0:  # nothing in this block carries weight: it adds 0 to every statistic
-                continue
-            w = None if weights is None else DataWeights(weights.obs[sl], weights.latent[sl])
-            st = e_step(marginal, x[sl], chunk_size=STATS_BLOCK, weights=w)
-            rows.append(torch.cat([st.Z.reshape(-1), st.X.reshape(-1), st.q.reshape(-1),
-                                   st.Z.new_tensor([st.num_data])]))
-            loglik[sl] = st.loglik
+            if fused is not None:   # complete data: every block contributes
+                Zb, Xb, qb, lb, nb = next(fused)
+            else:
+                if counts[b] == 0:  # nothing in this block carries weight: it adds 0 to every statistic
+                    continue
+                w = None if weights is None else DataWeights(weights.obs[sl], weights.latent[sl])
+                st = e_step(marginal, x[sl], chunk_size=STATS_BLOCK, weights=w)
+                Zb, Xb, qb, lb, nb = st.Z, st.X, st.q, st.loglik, st.num_data
+            rows.append(torch.cat([Zb.reshape(-1), Xb.reshape(-1), qb.reshape(-1), Zb.new_tensor([nb])]))
+            loglik[sl] = lb
             if len(rows) == ADD_BLOCKS:
                 done = flush(min(N, start + STATS_BLOCK))
         flush(N)

@@ -175,6 +175,13 @@ def _s1_chunk_stats(regions, xc, wc):
     The per-pair work runs under ``torch.inference_mode`` (no autograd bookkeeping per operation: the statistics
     are constants of the M-step; measured ~12 % of the kernel's time on the circle); the returned tensors are formed
     outside it (the product, and a copy of log p), so they are ordinary tensors (in-place updates, autograd)."""
+    xx, E, lp = _s1_pair_weights(regions, xc, wc)
+    return (*_s1_sums(xx, E, xc.shape[1]), lp.clone())
+
+
+def _s1_pair_weights(regions, xc, wc):
+    """[x; x²; 1] (2D + 1, n), E = [e (m² + C), e m, e] (n, 3R) and log p (n,) of :func:`_s1_chunk_stats`
+    (inference tensors: per pair, elementwise, and per datum; no sum over data)."""
     from ..distributions.s1_kernel import s1_logsumexp, s1_pairs
 
     n, D = xc.shape
@@ -187,8 +194,13 @@ def _s1_chunk_stats(regions, xc, wc):
         if wc is not None:
             ew = ew * wc.unsqueeze(-1)                             # s_x,n e0_nω
         ewm = ew * m
-        R = ew.shape[1]
         E = torch.cat([torch.addcmul(ewm * m, ew, C), ewm, ew], 1)
+    return xx, E, lp
+
+
+def _s1_sums(xx, E, D: int):
+    """(Z, X, q) of :func:`_s1_chunk_stats` from its :func:`_s1_pair_weights` (the one product over data)."""
+    R = E.shape[1] // 3
     sums = xx @ E      # (2D + 1, 3R): rows x_d, x_d², 1; columns Σ e (m² + C), Σ e m, Σ e of each region
     s0, s1 = sums.stride()
     # views by their strides (one operation each): Z_ω = [[S2, S1], [S1, S0]] of the last row (S1 read twice, so
@@ -196,7 +208,44 @@ def _s1_chunk_stats(regions, xc, wc):
     Zc = sums.as_strided((R, 2, 2), (s1, R * s1, R * s1), 2 * D * s0).contiguous()
     Xc = sums.as_strided((R, D, 2), (s1, s0, R * s1), R * s1)
     qc = sums.as_strided((R, D), (s1, s0), D * s0 + 2 * R * s1)
-    return Zc, Xc, qc, lp.clone()
+    return Zc, Xc, qc
+
+
+def s1_block_stats(marginal, x: torch.Tensor, block: int):
+    """The E-step statistics of the consecutive blocks x[k·block:(k + 1)·block] of fully observed, unweighted
+    S = 1 data, one block after the other as (Z, X, q, log p, number of data): bitwise those of
+    ``e_step(marginal, block_data, chunk_size=block)`` for each block, with the per-pair kernel run on several
+    blocks at once (its per-call cost paid once per group of blocks: on the circle decoder, R = 18, the blocks of
+    256 data were ~5 tensor operations' worth of pairs each). Each pair's values depend on that pair alone and each
+    datum's e0 on its own row (:func:`_s1_pair_weights`), and each block's sums are the same product of the same
+    contiguous (2D + 1, n_b) and (n_b, 3R) matrices as in its own call. Groups hold whole blocks, at most
+    :func:`~pyro_cpa.distributions.s1_kernel.s1_rows` data (the kernel's memory bound).
+
+    Returns None (the caller loops over :func:`e_step`) where this path does not apply: S ≠ 1, missing data, or a
+    block larger than one kernel chunk (e_step would split it, and sum the parts)."""
+    from ..distributions.s1_kernel import s1_rows, s1_setup
+
+    if not _use_s1_kernel(marginal):
+        return None
+    x = marginal._check_x(x)
+    flat = x.reshape(-1, x.shape[-1])
+    N, D = flat.shape
+    if N == 0 or bool(torch.isnan(flat).any()):
+        return None
+    s1_regions, R = s1_setup(marginal, marginal.regions)
+    if s1_rows(R, D, block) < block:
+        return None
+    group = max(1, s1_rows(R, D, max(N, block)) // block) * block
+
+    def blocks():
+        with torch.no_grad():
+            for g0 in range(0, N, group):
+                xx, E, lp = _s1_pair_weights(s1_regions, flat[g0:g0 + group], None)
+                for b0 in range(0, xx.shape[1], block):
+                    sl = slice(b0, b0 + block)
+                    Zc, Xc, qc = _s1_sums(xx[:, sl].contiguous(), E[sl], D)
+                    yield Zc, Xc, qc, lp[sl].clone(), float(E[sl].shape[0])
+    return blocks()
 
 
 def _use_s1_kernel(marginal) -> bool:

@@ -163,3 +163,52 @@ def test_s1_kernel_reuses_region_constants_only_while_nothing_changed():
 
 def _fields(st):
     return st.Z, st.X, st.q, st.loglik
+
+
+@pytest.mark.parametrize("case", [0, 1])
+@pytest.mark.parametrize("dense_blocks", [None, 2])
+def test_s1_block_stats_are_bitwise_those_of_one_e_step_per_block(monkeypatch, case, dense_blocks):
+    """estep.s1_block_stats runs the pair kernel on groups of blocks; each block's statistics must be the bits of
+    its own e_step call (the EM engine's exact sums and the rank-independence of distributed EM rest on them).
+    N is not a multiple of the block; ``dense_blocks`` = 2 shrinks the kernel's memory bound to two blocks per group
+    (several groups, the last one partial)."""
+    from pyro_cpa.distributions import s1_kernel
+
+    mg, x = _marginals()[case]
+    block = 64
+    R, D = len(mg.regions), x.shape[1]
+    if dense_blocks is not None:
+        monkeypatch.setattr(s1_kernel, "DENSE_ELEMENTS", dense_blocks * block * R * (D + 3))
+    got = list(estep.s1_block_stats(mg, x, block))
+    assert len(got) == math.ceil(x.shape[0] / block) and x.shape[0] % block
+    for k, (Z, X, q, lp, n) in enumerate(got):
+        ref = e_step(mg, x[k * block:(k + 1) * block], chunk_size=block)
+        for a, b in ((Z, ref.Z), (X, ref.X), (q, ref.q), (lp, ref.loglik)):
+            assert torch.equal(a, b)
+        assert n == ref.num_data
+
+
+def test_s1_block_stats_declines_where_it_does_not_apply(monkeypatch):
+    from pyro_cpa.distributions import s1_kernel
+
+    mg, x = _marginals()[0]
+    missing = x.clone()
+    missing[3, 1] = float("nan")
+    assert estep.s1_block_stats(mg, missing, 64) is None                       # missing coordinates
+    two = CPAMarginal(mlp([2, 6, 2], nn.ReLU, seed=0), 0.5)
+    assert estep.s1_block_stats(two, x, 64) is None                            # S = 2
+    monkeypatch.setattr(s1_kernel, "DENSE_ELEMENTS", 8 * len(mg.regions) * (x.shape[1] + 3))
+    assert estep.s1_block_stats(mg, x, 64) is None                             # a block would be split
+
+
+def test_block_e_step_same_bits_with_and_without_grouped_blocks(monkeypatch):
+    from pyro_cpa.infer import em_engine
+
+    mg, x = _marginals()[0]
+    fast = em_engine._block_e_step(mg, x)
+    monkeypatch.setattr(em_engine, "s1_block_stats", lambda *args: None)
+    slow = em_engine._block_e_step(mg, x)
+    for name in ("Z", "X", "q", "loglik"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    assert (fast.num_data, fast.loglik_sum, fast.loglik_abs_sum) == (slow.num_data, slow.loglik_sum,
+                                                                       slow.loglik_abs_sum)
