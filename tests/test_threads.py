@@ -74,3 +74,21 @@ def test_log_prob_and_its_backward_run_single_threaded(monkeypatch, two_threads)
     lp.sum().backward()                  # the backward recomputes each batch: also on one thread
     assert len(seen) >= 2 and set(seen) == {1}
     assert torch.get_num_threads() == 2
+
+
+def test_em_block_e_step_runs_single_threaded(monkeypatch, two_threads):
+    """The EM engine's S = 1 block E-step (the pair kernel on groups of blocks, estep.s1_block_stats) takes its
+    products on one thread too, and gives the bits it gives on one thread."""
+    from pyro_cpa.infer import em_engine
+
+    seen = []
+    fn = estep._s1_pair_weights
+    monkeypatch.setattr(estep, "_s1_pair_weights",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or fn(*a, **k))
+    dist, x = CPAMarginal(make_decoder(0), 0.5), noisy_circle(700)
+    two = em_engine._block_e_step(dist, x)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    one = em_engine._block_e_step(dist, x)
+    for name in ("Z", "X", "q", "loglik"):
+        assert torch.equal(getattr(one, name), getattr(two, name)), name

@@ -238,14 +238,24 @@ def s1_block_stats(marginal, x: torch.Tensor, block: int):
     group = max(1, s1_rows(R, D, max(N, block)) // block) * block
 
     def blocks():
-        with torch.no_grad():
-            for g0 in range(0, N, group):
-                xx, E, lp = _s1_pair_weights(s1_regions, flat[g0:g0 + group], None)
-                for b0 in range(0, xx.shape[1], block):
-                    sl = slice(b0, b0 + block)
-                    Zc, Xc, qc = _s1_sums(xx[:, sl].contiguous(), E[sl], D)
-                    yield Zc, Xc, qc, lp[sl].clone(), float(E[sl].shape[0])
+        for g0 in range(0, N, group):
+            yield from _s1_group_blocks(s1_regions, flat[g0:g0 + group], block)
     return blocks()
+
+
+@with_library_threads
+def _s1_group_blocks(s1_regions, xg: torch.Tensor, block: int) -> list:
+    """The per-block results of :func:`s1_block_stats` for one group of data ``xg`` (one intra-op thread, as
+    :func:`e_step`: the products' rounding must not depend on the caller's thread count)."""
+    D = xg.shape[1]
+    out = []
+    with torch.no_grad():
+        xx, E, lp = _s1_pair_weights(s1_regions, xg, None)
+        for b0 in range(0, xx.shape[1], block):
+            sl = slice(b0, b0 + block)
+            Zc, Xc, qc = _s1_sums(xx[:, sl].contiguous(), E[sl], D)
+            out.append((Zc, Xc, qc, lp[sl].clone(), float(E[sl].shape[0])))
+    return out
 
 
 def _use_s1_kernel(marginal) -> bool:
