@@ -211,15 +211,22 @@ def _s1_sums(xx, E, D: int):
     return Zc, Xc, qc
 
 
+GROUP_PAIRS = 2 ** 15
+"""Pairs per call of the S = 1 pair kernel in :func:`s1_block_stats`: blocks are grouped up to this many pairs
+(at least one block per group). Grouping pays where a block's pairs are few (per-operation cost); beyond, larger
+temporaries fall out of cache. Measured (block E-step of the EM engine, blocks of 256, grouped vs one call per
+block): circle R = 16 1.34×, R = 20 1.1–1.27×, R = 33–58 1.2–1.3× at this cap; a cap of 2^16 was 0.85–0.89× for
+R = 33–75, and grouping 2 blocks of R = 181 or 265 0.6–0.67× (no cap)."""
+
+
 def s1_block_stats(marginal, x: torch.Tensor, block: int):
     """The E-step statistics of the consecutive blocks x[k·block:(k + 1)·block] of fully observed, unweighted
     S = 1 data, one block after the other as (Z, X, q, log p, number of data): bitwise those of
     ``e_step(marginal, block_data, chunk_size=block)`` for each block, with the per-pair kernel run on several
-    blocks at once (its per-call cost paid once per group of blocks: on the circle decoder, R = 18, the blocks of
-    256 data were ~5 tensor operations' worth of pairs each). Each pair's values depend on that pair alone and each
+    blocks at once (its per-call cost paid once per group of blocks, up to :data:`GROUP_PAIRS` pairs). Each pair's values depend on that pair alone and each
     datum's e0 on its own row (:func:`_s1_pair_weights`), and each block's sums are the same product of the same
     contiguous (2D + 1, n_b) and (n_b, 3R) matrices as in its own call. Groups hold whole blocks, at most
-    :func:`~pyro_cpa.distributions.s1_kernel.s1_rows` data (the kernel's memory bound).
+    :data:`GROUP_PAIRS` pairs and :func:`~pyro_cpa.distributions.s1_kernel.s1_rows` data (the kernel's memory bound).
 
     Returns None (the caller loops over :func:`e_step`) where this path does not apply: S ≠ 1, missing data, or a
     block larger than one kernel chunk (e_step would split it, and sum the parts)."""
@@ -235,7 +242,7 @@ def s1_block_stats(marginal, x: torch.Tensor, block: int):
     s1_regions, R = s1_setup(marginal, marginal.regions)
     if s1_rows(R, D, block) < block:
         return None
-    group = max(1, s1_rows(R, D, max(N, block)) // block) * block
+    group = max(1, min(s1_rows(R, D, max(N, block)), GROUP_PAIRS // R) // block) * block
 
     def blocks():
         for g0 in range(0, N, group):
