@@ -223,10 +223,11 @@ def s1_block_stats(marginal, x: torch.Tensor, block: int):
     """The E-step statistics of the consecutive blocks x[k·block:(k + 1)·block] of fully observed, unweighted
     S = 1 data, one block after the other as (Z, X, q, log p, number of data): bitwise those of
     ``e_step(marginal, block_data, chunk_size=block)`` for each block, with the per-pair kernel run on several
-    blocks at once (its per-call cost paid once per group of blocks, up to :data:`GROUP_PAIRS` pairs). Each pair's values depend on that pair alone and each
-    datum's e0 on its own row (:func:`_s1_pair_weights`), and each block's sums are the same product of the same
-    contiguous (2D + 1, n_b) and (n_b, 3R) matrices as in its own call. Groups hold whole blocks, at most
-    :data:`GROUP_PAIRS` pairs and :func:`~pyro_cpa.distributions.s1_kernel.s1_rows` data (the kernel's memory bound).
+    blocks at once (its per-call cost paid once per group of blocks). Each pair's values depend on that pair alone
+    and each datum's e0 on its own row (:func:`_s1_pair_weights`), and each block's sums are the same product of
+    the same contiguous (2D + 1, n_b) and (n_b, 3R) matrices as in its own call. Groups hold whole blocks, at most
+    :data:`GROUP_PAIRS` pairs and :func:`~pyro_cpa.distributions.s1_kernel.s1_rows` data (the kernel's memory
+    bound).
 
     Returns None (the caller loops over :func:`e_step`) where this path does not apply: S ≠ 1, missing data, or a
     block larger than one kernel chunk (e_step would split it, and sum the parts)."""
