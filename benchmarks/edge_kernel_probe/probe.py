@@ -127,16 +127,18 @@ def main(args):
             work[name]()
             timings[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in timings.items()}
-    print(f"exact log p, random [2, 16, 16, 2], sigma_x = 0.3, N = {args.n}: {len(calls)} edge calls, {edges} half-edges, "
-          f"{nodes} nodes ({nodes / edges:.2f} per half-edge); 1 torch thread, medians of {args.reps} interleaved runs")
+    print(f"exact log p, random [2, 16, 16, 2], sigma_x = 0.3, N = {args.n}: {len(calls)} edge calls, "
+          f"{edges} half-edges, {nodes} nodes ({nodes / edges:.2f} per half-edge); 1 torch thread, medians of "
+          f"{args.reps} interleaved runs")
     print(f"kernel build {t_build:.1f} s ({'cached' if t_build < 2 else 'compiled'}), flags {' '.join(FLAGS)}")
     for name in ("edges torch", "edges C++"):
         print(f"  {name:12s} {med[name] * 1e3:8.1f} ms  {med[name] / edges * 1e9:6.1f} ns/half-edge  "
               f"{med[name] / nodes * 1e9:5.2f} ns/node")
     for name in ("log p torch", "log p C++"):
         print(f"  {name:12s} {med[name]:8.3f} s")
-    print(f"  edge integrals {med['edges torch'] / med['edges C++']:.2f}x, log p {med['log p torch'] / med['log p C++']:.2f}x"
-          f"; outside the edges {med['log p C++'] - med['edges C++']:.3f} s")
+    print(f"  edge integrals {med['edges torch'] / med['edges C++']:.2f}x, "
+          f"log p {med['log p torch'] / med['log p C++']:.2f}x; outside the edges "
+          f"{med['log p C++'] - med['edges C++']:.3f} s")
     print(f"  max |Δ log I| {float((vt - vf).abs().max()):.1e}, bitwise equal {float((vt == vf).double().mean()):.3f}; "
           f"max |Δ log p| {float((lp_torch - lp_fused).abs().max()):.1e} nats")
 
